@@ -1,0 +1,192 @@
+//! ActionCache: results per instance, returned only when complete.
+//!
+//! Invariant: a GetActionResult hit names no blob that is absent from the
+//! CAS. Builds that never download outputs ("build without the bytes") rely
+//! on that; an entry whose blobs were evicted is removed and reported as
+//! NOT_FOUND, so the client re-executes instead of failing later.
+
+pub mod store;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message;
+use remote_apis::reapi::action_cache_server::ActionCache;
+use remote_apis::reapi::{ActionResult, GetActionResultRequest, Tree, UpdateActionResultRequest};
+use remote_apis::{Digest, DigestFunction};
+use tonic::{Code, Request, Response, Status};
+
+pub use store::{AcKey, AcStore, FsAcStore, MemoryAcStore};
+
+use crate::cas::parse_header;
+use crate::error::{Error, Result};
+use crate::store::Store;
+
+/// stdout/stderr up to this size are inlined when the client asks.
+const INLINE_LIMIT: u64 = 1 << 20;
+/// Trees larger than this are checked only by their own presence.
+const TREE_READ_LIMIT: u64 = 16 << 20;
+
+pub struct ActionCacheService {
+    results: Arc<dyn AcStore>,
+    cas: Store,
+}
+
+impl ActionCacheService {
+    pub fn new(results: Arc<dyn AcStore>, cas: Store) -> Self {
+        ActionCacheService { results, cas }
+    }
+
+    /// The result for `key` if it is stored and complete.
+    pub async fn lookup(&self, key: &AcKey, function: DigestFunction) -> Result<Option<ActionResult>> {
+        let Some(data) = self.results.get(key).await? else { return Ok(None) };
+        let Ok(result) = ActionResult::decode(data.as_ref()) else {
+            tracing::warn!("dropping an undecodable action cache entry");
+            self.results.remove(key).await?;
+            return Ok(None);
+        };
+        let referenced = match referenced_blobs(&self.cas, function, &result).await {
+            Ok(r) => r,
+            Err(e) if e.code == Code::NotFound => {
+                self.results.remove(key).await?;
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let missing = self.cas.find_missing(&referenced).await?;
+        if !missing.is_empty() {
+            tracing::debug!(missing = missing.len(), "action cache entry is incomplete; removing it");
+            self.results.remove(key).await?;
+            return Ok(None);
+        }
+        Ok(Some(result))
+    }
+
+    pub async fn store(&self, key: &AcKey, result: &ActionResult) -> Result<()> {
+        self.results.put(key, Bytes::from(result.encode_to_vec())).await
+    }
+
+    async fn inline(
+        &self,
+        result: &mut ActionResult,
+        req: &GetActionResultRequest,
+        function: DigestFunction,
+    ) -> Result<()> {
+        if req.inline_stdout && result.stdout_raw.is_empty() {
+            result.stdout_raw = self.small_blob(function, result.stdout_digest.as_ref()).await?;
+        }
+        if req.inline_stderr && result.stderr_raw.is_empty() {
+            result.stderr_raw = self.small_blob(function, result.stderr_digest.as_ref()).await?;
+        }
+        for file in &mut result.output_files {
+            if req.inline_output_files.contains(&file.path) && file.contents.is_empty() {
+                file.contents = self.small_blob(function, file.digest.as_ref()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn small_blob(&self, function: DigestFunction, d: Option<&remote_apis::reapi::Digest>) -> Result<Vec<u8>> {
+        let Some(d) = d else { return Ok(Vec::new()) };
+        let digest = Digest::from_proto(function, d)?;
+        if digest.size == 0 || digest.size > INLINE_LIMIT {
+            return Ok(Vec::new());
+        }
+        Ok(self.cas.get_bytes(&digest).await?.into())
+    }
+}
+
+/// Every blob an ActionResult depends on, including the files inside its
+/// output directories' Trees. NOT_FOUND if a Tree itself is gone.
+async fn referenced_blobs(cas: &Store, function: DigestFunction, result: &ActionResult) -> Result<Vec<Digest>> {
+    let mut out = Vec::new();
+    let mut add = |d: Option<&remote_apis::reapi::Digest>| -> Result<()> {
+        if let Some(d) = d {
+            out.push(Digest::from_proto(function, d)?);
+        }
+        Ok(())
+    };
+    for f in &result.output_files {
+        add(f.digest.as_ref())?;
+    }
+    add(result.stdout_digest.as_ref())?;
+    add(result.stderr_digest.as_ref())?;
+    let mut trees = Vec::new();
+    for dir in &result.output_directories {
+        add(dir.tree_digest.as_ref())?;
+        if let Some(d) = &dir.tree_digest {
+            trees.push(Digest::from_proto(function, d)?);
+        }
+    }
+    for tree_digest in trees {
+        if tree_digest.size > TREE_READ_LIMIT {
+            continue;
+        }
+        let data = cas.get_bytes(&tree_digest).await?;
+        let tree = Tree::decode(data.as_ref())
+            .map_err(|e| Error::invalid(format!("output tree {tree_digest} is not a Tree: {e}")))?;
+        for dir in tree.root.iter().chain(tree.children.iter()) {
+            for f in &dir.files {
+                if let Some(d) = &f.digest {
+                    out.push(Digest::from_proto(function, d)?);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Every digest in a result a client wants stored must parse.
+fn validate(function: DigestFunction, result: &ActionResult) -> Result<()> {
+    let check = |d: Option<&remote_apis::reapi::Digest>, field: &str| -> Result<()> {
+        match d {
+            Some(d) => Digest::from_proto(function, d).map(|_| ()).map_err(|e| Error::bad_field(field, e.0)),
+            None => Ok(()),
+        }
+    };
+    for (i, f) in result.output_files.iter().enumerate() {
+        check(f.digest.as_ref(), &format!("action_result.output_files[{i}].digest"))?;
+        if f.path.is_empty() {
+            return Err(Error::bad_field(&format!("action_result.output_files[{i}].path"), "is empty"));
+        }
+    }
+    for (i, d) in result.output_directories.iter().enumerate() {
+        check(d.tree_digest.as_ref(), &format!("action_result.output_directories[{i}].tree_digest"))?;
+    }
+    check(result.stdout_digest.as_ref(), "action_result.stdout_digest")?;
+    check(result.stderr_digest.as_ref(), "action_result.stderr_digest")?;
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl ActionCache for ActionCacheService {
+    async fn get_action_result(
+        &self,
+        request: Request<GetActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let req = request.into_inner();
+        let (instance, function) = parse_header(&req.instance_name, req.digest_function)?;
+        let action = Digest::from_field(function, req.action_digest.as_ref(), "action_digest")
+            .map_err(|e| Error::bad_field("action_digest", e.0))?;
+        let key = AcKey::new(&instance, &action);
+        let Some(mut result) = self.lookup(&key, function).await? else {
+            return Err(Error::not_found(format!("no complete action result for {action}")).into());
+        };
+        self.inline(&mut result, &req, function).await?;
+        Ok(Response::new(result))
+    }
+
+    async fn update_action_result(
+        &self,
+        request: Request<UpdateActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let req = request.into_inner();
+        let (instance, function) = parse_header(&req.instance_name, req.digest_function)?;
+        let action = Digest::from_field(function, req.action_digest.as_ref(), "action_digest")
+            .map_err(|e| Error::bad_field("action_digest", e.0))?;
+        let result = req.action_result.ok_or_else(|| Error::bad_field("action_result", "is missing"))?;
+        validate(function, &result)?;
+        self.store(&AcKey::new(&instance, &action), &result).await?;
+        Ok(Response::new(result))
+    }
+}

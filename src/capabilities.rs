@@ -1,0 +1,54 @@
+//! Capabilities: what this server really does, so clients can rely on it.
+
+use remote_apis::DigestFunction;
+use remote_apis::reapi::capabilities_server::Capabilities;
+use remote_apis::reapi::{
+    ActionCacheUpdateCapabilities, CacheCapabilities, GetCapabilitiesRequest, ServerCapabilities, compressor,
+    symlink_absolute_path_strategy,
+};
+use remote_apis::semver::SemVer;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+
+pub struct CapabilitiesService {
+    max_batch_bytes: u64,
+}
+
+impl CapabilitiesService {
+    pub fn new(max_batch_bytes: u64) -> Self {
+        CapabilitiesService { max_batch_bytes }
+    }
+
+    pub fn capabilities(&self) -> ServerCapabilities {
+        let version = |major, minor| SemVer { major, minor, patch: 0, prerelease: String::new() };
+        ServerCapabilities {
+            cache_capabilities: Some(CacheCapabilities {
+                digest_functions: DigestFunction::ALL.iter().map(|f| f.to_proto() as i32).collect(),
+                action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities { update_enabled: true }),
+                cache_priority_capabilities: None,
+                max_batch_total_size_bytes: self.max_batch_bytes as i64,
+                symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,
+                supported_compressors: vec![compressor::Value::Zstd as i32],
+                supported_batch_update_compressors: vec![compressor::Value::Zstd as i32],
+                ..Default::default()
+            }),
+            execution_capabilities: None,
+            deprecated_api_version: None,
+            low_api_version: Some(version(2, 0)),
+            high_api_version: Some(version(2, 3)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Capabilities for CapabilitiesService {
+    async fn get_capabilities(
+        &self,
+        request: Request<GetCapabilitiesRequest>,
+    ) -> Result<Response<ServerCapabilities>, Status> {
+        remote_apis::InstanceName::new(&request.get_ref().instance_name)
+            .map_err(|e| Error::bad_field("instance_name", e.0))?;
+        Ok(Response::new(self.capabilities()))
+    }
+}

@@ -1,0 +1,270 @@
+//! Configuration in two stages: [`FileConfig`] is what the user wrote
+//! (TOML, every key optional, unknown keys rejected); [`Config`] is what the
+//! program runs on, validated and resolved. Nothing outside this module and
+//! the factory in `server` reads the schema.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+pub const DEFAULT_ADDR: &str = "127.0.0.1:8980";
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub scheduler: SchedulerSection,
+    pub cas: CasSection,
+    pub worker: WorkerSection,
+    pub server: ServerSection,
+}
+
+/// `[scheduler]`: where the server listens and where clients and workers
+/// find it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerSection {
+    pub addr: String,
+}
+
+impl Default for SchedulerSection {
+    fn default() -> Self {
+        SchedulerSection { addr: DEFAULT_ADDR.to_string() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Filesystem,
+    Memory,
+}
+
+/// `[cas]`: blob and action-cache storage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CasSection {
+    /// Data directory; default `$XDG_CACHE_HOME/cargo-distbuild` or
+    /// `~/.cache/cargo-distbuild`.
+    pub root: Option<PathBuf>,
+    pub backend: Backend,
+    /// Budget for blobs; least recently used ones are evicted beyond it.
+    pub max_size: ByteSize,
+    /// Largest total of blob bytes in one batch request (advertised).
+    pub max_batch_size: ByteSize,
+    /// fsync every blob before it becomes visible (survives power loss).
+    pub fsync: bool,
+    /// How long an interrupted ByteStream upload can be resumed.
+    #[serde(with = "humantime_serde")]
+    pub upload_resume_window: Duration,
+}
+
+impl Default for CasSection {
+    fn default() -> Self {
+        CasSection {
+            root: None,
+            backend: Backend::Filesystem,
+            max_size: ByteSize::gib(10),
+            max_batch_size: ByteSize::mib(4),
+            fsync: false,
+            upload_resume_window: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `[worker]`: execution slots (used by the execution service and
+/// `cargo-distbuild worker`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSection {
+    /// Concurrent actions; default: the number of CPUs.
+    pub capacity: Option<usize>,
+    pub heartbeat_interval_secs: u64,
+    pub work_dir: Option<PathBuf>,
+}
+
+impl Default for WorkerSection {
+    fn default() -> Self {
+        WorkerSection { capacity: None, heartbeat_interval_secs: 10, work_dir: None }
+    }
+}
+
+/// `[server]`: process lifecycle.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// How long in-flight calls may run after SIGINT/SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection { shutdown_grace: Duration::from_secs(30) }
+    }
+}
+
+/// The validated configuration the server runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub backend: Backend,
+    pub max_size: u64,
+    pub max_batch_size: u64,
+    pub fsync: bool,
+    pub upload_resume_window: Duration,
+    pub shutdown_grace: Duration,
+    pub worker_capacity: usize,
+    pub heartbeat_interval: Duration,
+}
+
+impl FileConfig {
+    /// Reads a config file. A missing file is an error: the user named it.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Validates and resolves defaults that depend on the machine.
+    pub fn resolve(&self) -> anyhow::Result<Config> {
+        let listen = self
+            .scheduler
+            .addr
+            .parse::<SocketAddr>()
+            .with_context(|| format!("[scheduler] addr {:?} is not an IP:PORT address", self.scheduler.addr))?;
+        let max_batch_size = self.cas.max_batch_size.as_u64();
+        if max_batch_size < 64 * 1024 {
+            bail!("[cas] max_batch_size must be at least 64KiB");
+        }
+        if max_batch_size > 1 << 30 {
+            bail!("[cas] max_batch_size must be at most 1GiB");
+        }
+        if self.cas.max_size.as_u64() == 0 {
+            bail!("[cas] max_size must be larger than zero");
+        }
+        if self.worker.heartbeat_interval_secs == 0 {
+            bail!("[worker] heartbeat_interval_secs must be at least 1");
+        }
+        if self.worker.capacity == Some(0) {
+            bail!("[worker] capacity must be at least 1");
+        }
+        let data_dir = match &self.cas.root {
+            Some(p) => p.clone(),
+            None => default_data_dir(),
+        };
+        Ok(Config {
+            listen,
+            data_dir,
+            backend: self.cas.backend,
+            max_size: self.cas.max_size.as_u64(),
+            max_batch_size,
+            fsync: self.cas.fsync,
+            upload_resume_window: self.cas.upload_resume_window,
+            shutdown_grace: self.server.shutdown_grace,
+            worker_capacity: self
+                .worker
+                .capacity
+                .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+            heartbeat_interval: Duration::from_secs(self.worker.heartbeat_interval_secs),
+        })
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("cargo-distbuild");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".cache").join("cargo-distbuild"),
+        None => PathBuf::from("distbuild-data"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let c = FileConfig::parse("").unwrap().resolve().unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_ADDR);
+        assert_eq!(c.max_size, 10 << 30);
+        assert_eq!(c.max_batch_size, 4 << 20);
+        assert_eq!(c.backend, Backend::Filesystem);
+        assert!(c.worker_capacity >= 1);
+    }
+
+    #[test]
+    fn sizes_durations_and_seed_keys() {
+        let c = FileConfig::parse(
+            r#"
+            [scheduler]
+            addr = "0.0.0.0:9000"
+            [cas]
+            root = "/srv/distbuild"
+            max_size = "512MiB"
+            max_batch_size = "8MiB"
+            upload_resume_window = "2m"
+            backend = "memory"
+            [worker]
+            capacity = 3
+            heartbeat_interval_secs = 5
+            [server]
+            shutdown_grace = "5s"
+            "#,
+        )
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.data_dir, PathBuf::from("/srv/distbuild"));
+        assert_eq!(c.max_size, 512 << 20);
+        assert_eq!(c.max_batch_size, 8 << 20);
+        assert_eq!(c.upload_resume_window, Duration::from_secs(120));
+        assert_eq!(c.backend, Backend::Memory);
+        assert_eq!(c.worker_capacity, 3);
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_input_is_refused_with_the_key() {
+        let cases = [
+            ("[cas]\nmax_sise = \"1GiB\"", "unknown field"),
+            ("[nope]\n", "unknown field"),
+            ("[cas]\nmax_size = \"lots\"", "max_size"),
+            ("[cas]\nbackend = \"tape\"", "backend"),
+            ("[scheduler]\naddr = \"localhost\"", "addr"),
+            ("[cas]\nmax_batch_size = \"1KiB\"", "max_batch_size"),
+            ("[worker]\ncapacity = 0", "capacity"),
+            ("[server]\nshutdown_grace = \"soon\"", "shutdown_grace"),
+        ];
+        for (text, needle) in cases {
+            let err = FileConfig::parse(text).and_then(|f| f.resolve()).unwrap_err();
+            let msg = format!("{err:#}");
+            assert!(msg.contains(needle), "{text:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn deploy_examples_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                FileConfig::load(&path).and_then(|f| f.resolve()).unwrap_or_else(|e| panic!("{e:#}"));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "expected example configs in {}", dir.display());
+    }
+}

@@ -1,0 +1,13 @@
+//! cargo-distbuild: a Remote Execution API v2 server (CAS, ByteStream,
+//! ActionCache, Capabilities) with a filesystem or memory store, and the
+//! command line around it. See ARCHITECTURE.md for the map.
+
+pub mod ac;
+pub mod admin;
+pub mod capabilities;
+pub mod cas;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod server;
+pub mod store;

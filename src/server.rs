@@ -1,0 +1,145 @@
+//! Wires the services, storage and lifecycle together.
+//!
+//! [`run`] takes a bound listener and a shutdown future (the caller binds,
+//! so tests bind port 0 in-process). Shutdown order: stop accepting, let
+//! in-flight calls finish within the grace period, then drop storage (which
+//! removes temporary files of unfinished uploads).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use remote_apis::bytestream::byte_stream_server::ByteStreamServer;
+use remote_apis::reapi::action_cache_server::ActionCacheServer;
+use remote_apis::reapi::capabilities_server::CapabilitiesServer;
+use remote_apis::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::codec::CompressionEncoding;
+
+use crate::ac::{AcStore, ActionCacheService, FsAcStore, MemoryAcStore};
+use crate::admin::AdminService;
+use crate::admin::proto::admin_server::AdminServer;
+use crate::capabilities::CapabilitiesService;
+use crate::cas::{ByteStreamService, CasService};
+use crate::config::{Backend, Config};
+use crate::store::{self, Store, fs::FsStore, memory::MemoryStore};
+
+/// ActionCache entries kept by the memory backend.
+const MEMORY_AC_ENTRIES: usize = 1_000_000;
+
+/// The storage a server runs on.
+pub struct Stores {
+    pub cas: Store,
+    pub ac: Arc<dyn AcStore>,
+}
+
+/// The one factory from validated config to storage objects.
+pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
+    match config.backend {
+        Backend::Memory => Ok(Stores {
+            cas: store::cas(Arc::new(MemoryStore::new(config.max_size))),
+            ac: Arc::new(MemoryAcStore::new(MEMORY_AC_ENTRIES)),
+        }),
+        Backend::Filesystem => {
+            let dir = config.data_dir.clone();
+            let (max, fsync) = (config.max_size, config.fsync);
+            let (cas, ac) = tokio::task::spawn_blocking(move || {
+                anyhow::Ok((FsStore::open(&dir, max, fsync)?, FsAcStore::open(&dir)?))
+            })
+            .await?
+            .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+            Ok(Stores { cas: store::cas(Arc::new(cas)), ac: Arc::new(ac) })
+        }
+    }
+}
+
+/// gRPC receive limit: the advertised batch size plus room for the
+/// per-blob framing of a batch of many small blobs.
+pub fn grpc_message_limit(max_batch_bytes: u64) -> usize {
+    (2 * max_batch_bytes + (1 << 20)) as usize
+}
+
+/// Serves every service on `listener` until `shutdown` resolves.
+pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let stores = open_stores(&config).await?;
+    serve(listener, &config, stores, shutdown).await
+}
+
+/// Like [`run`], on storage the caller opened (tests share it across
+/// restarts or inspect it).
+pub async fn serve(
+    listener: TcpListener,
+    config: &Config,
+    stores: Stores,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let limit = grpc_message_limit(config.max_batch_size);
+    let Stores { cas, ac } = stores;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ContentAddressableStorageServer<CasService>>().await;
+    health.set_serving::<ByteStreamServer<ByteStreamService>>().await;
+    health.set_serving::<ActionCacheServer<ActionCacheService>>().await;
+    health.set_serving::<CapabilitiesServer<CapabilitiesService>>().await;
+
+    macro_rules! limits {
+        ($svc:expr) => {
+            $svc.max_decoding_message_size(limit)
+                .max_encoding_message_size(limit)
+                .accept_compressed(CompressionEncoding::Zstd)
+                .send_compressed(CompressionEncoding::Zstd)
+        };
+    }
+    let data_dir = match config.backend {
+        Backend::Filesystem => config.data_dir.display().to_string(),
+        Backend::Memory => String::new(),
+    };
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .add_service(health_service)
+        .add_service(limits!(CapabilitiesServer::new(CapabilitiesService::new(config.max_batch_size))))
+        .add_service(limits!(ContentAddressableStorageServer::new(CasService::new(cas.clone(), config.max_batch_size))))
+        .add_service(limits!(ByteStreamServer::new(ByteStreamService::new(cas.clone(), config.upload_resume_window))))
+        .add_service(limits!(ActionCacheServer::new(ActionCacheService::new(ac, cas.clone()))))
+        .add_service(limits!(AdminServer::new(AdminService::new(cas, config.backend, data_dir))));
+
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, backend = ?config.backend, data_dir = %config.data_dir.display(), "serving REAPI");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        let _ = stop_rx.await;
+    });
+    tokio::pin!(serving);
+    tokio::select! {
+        result = &mut serving => result?,
+        () = shutdown => {
+            tracing::info!(grace = ?config.shutdown_grace, "shutting down: finishing in-flight calls");
+            let _ = stop_tx.send(());
+            match tokio::time::timeout(config.shutdown_grace, &mut serving).await {
+                Ok(result) => result?,
+                Err(_) => tracing::warn!("grace period over; abandoning the calls still running"),
+            }
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,326 @@
+//! The filesystem store, the embedded default.
+//!
+//! Layout under the root:
+//!
+//! ```text
+//! cas/{function}/{hash[0..2]}/{hash}-{size}   committed blobs
+//! tmp/{uuid}                                  writes in progress
+//! ```
+//!
+//! A write goes to a fresh temporary file and is renamed into place on
+//! commit, so a crash, a failed verification or two concurrent uploads of the
+//! same blob never leave a torn or wrong file under `cas/`. The index of what
+//! is stored (and the least-recently-used order that eviction follows) lives
+//! in memory and is rebuilt from the directory at startup, oldest
+//! modification time first. A file whose length disagrees with the size in
+//! its name (a write torn by power loss without `fsync`) is dropped then.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use lru::LruCache;
+use parking_lot::Mutex;
+use remote_apis::{Digest, DigestFunction};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use super::memory::check_fits;
+use super::{BlobInfo, BlobSink, BlobStore, BlobStream, READ_CHUNK, Usage, range};
+use crate::error::{Error, Result};
+
+#[derive(Clone)]
+pub struct FsStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    root: PathBuf,
+    max_bytes: u64,
+    fsync: bool,
+    index: Mutex<Index>,
+}
+
+struct Index {
+    blobs: LruCache<Digest, SystemTime>,
+    used: u64,
+}
+
+impl FsStore {
+    /// Opens (creating if needed) a store under `root`, removes unfinished
+    /// writes left by a previous run and indexes what is there. Blocking:
+    /// call before serving.
+    pub fn open(root: &Path, max_bytes: u64, fsync: bool) -> Result<Self> {
+        let tmp = root.join("tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(format!("clearing {}", tmp.display()), e))?;
+        }
+        for dir in [root.join("cas"), tmp] {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        }
+        let mut found = scan(&root.join("cas"))?;
+        found.sort_by_key(|(_, mtime)| *mtime);
+        let mut index = Index { blobs: LruCache::unbounded(), used: 0 };
+        for (digest, mtime) in found {
+            index.used += digest.size;
+            index.blobs.put(digest, mtime);
+        }
+        let shared = Shared { root: root.to_path_buf(), max_bytes, fsync, index: Mutex::new(index) };
+        {
+            let mut index = shared.index.lock();
+            shared.evict_until_fits(&mut index, 0);
+        }
+        Ok(FsStore { shared: Arc::new(shared) })
+    }
+}
+
+/// Walks `cas/{function}/{xx}/` and returns every well-formed blob.
+fn scan(cas: &Path) -> Result<Vec<(Digest, SystemTime)>> {
+    let mut found = Vec::new();
+    let read_dir = |p: &Path| std::fs::read_dir(p).map_err(|e| Error::io(format!("reading {}", p.display()), e));
+    for function in DigestFunction::ALL {
+        let dir = cas.join(function.name());
+        if !dir.exists() {
+            continue;
+        }
+        for prefix in read_dir(&dir)? {
+            let prefix = prefix.map_err(|e| Error::io("scanning the store", e))?;
+            for entry in read_dir(&prefix.path())? {
+                let entry = entry.map_err(|e| Error::io("scanning the store", e))?;
+                let path = entry.path();
+                let Some(digest) = parse_file_name(function, &entry.file_name().to_string_lossy()) else {
+                    tracing::warn!(path = %path.display(), "ignoring a file that is not a blob");
+                    continue;
+                };
+                let meta = entry.metadata().map_err(|e| Error::io(format!("{}", path.display()), e))?;
+                if meta.len() != digest.size {
+                    tracing::warn!(path = %path.display(), "removing a blob whose length disagrees with its name");
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+                found.push((digest, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn parse_file_name(function: DigestFunction, name: &str) -> Option<Digest> {
+    let (hash, size) = name.split_once('-')?;
+    Digest::new(function, hash, size.parse().ok()?).ok()
+}
+
+impl Shared {
+    fn blob_path(&self, d: &Digest) -> PathBuf {
+        let hash = d.hash_hex();
+        self.root.join("cas").join(d.function.name()).join(&hash[..2]).join(format!("{hash}-{}", d.size))
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        self.root.join("tmp").join(uuid::Uuid::new_v4().to_string())
+    }
+
+    /// Evicts least-recently-used blobs until `incoming` more bytes fit.
+    /// Runs under the index lock, so a concurrent commit of an evicted
+    /// digest cannot have its fresh file deleted.
+    fn evict_until_fits(&self, index: &mut Index, incoming: u64) {
+        while index.used + incoming > self.max_bytes {
+            let Some((digest, _)) = index.blobs.pop_lru() else { break };
+            index.used -= digest.size;
+            let path = self.blob_path(&digest);
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %path.display(), error = %e, "evicting a blob");
+            }
+            tracing::debug!(%digest, "evicted");
+        }
+    }
+
+    /// Moves a complete, verified temporary file into place. Blocking.
+    fn install(&self, tmp: &Path, digest: &Digest) -> Result<()> {
+        let dest = self.blob_path(digest);
+        let mut index = self.index.lock();
+        if index.blobs.get(digest).is_some() {
+            drop(index);
+            let _ = std::fs::remove_file(tmp);
+            return Ok(());
+        }
+        self.evict_until_fits(&mut index, digest.size);
+        let parent = dest.parent().expect("blob paths have a parent");
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+        std::fs::rename(tmp, &dest).map_err(|e| Error::io(format!("renaming into {}", dest.display()), e))?;
+        index.used += digest.size;
+        index.blobs.put(*digest, SystemTime::now());
+        Ok(())
+    }
+
+    /// Marks a blob used; false if it is not indexed.
+    fn touch(&self, digest: &Digest) -> bool {
+        match self.index.lock().blobs.get_mut(digest) {
+            Some(at) => {
+                *at = SystemTime::now();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn forget(&self, digest: &Digest) {
+        let mut index = self.index.lock();
+        if index.blobs.pop(digest).is_some() {
+            index.used -= digest.size;
+        }
+    }
+}
+
+#[async_trait]
+impl BlobStore for FsStore {
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let now = SystemTime::now();
+        let mut index = self.shared.index.lock();
+        Ok(digests
+            .iter()
+            .filter(|d| match index.blobs.get_mut(*d) {
+                Some(at) => {
+                    *at = now;
+                    false
+                }
+                None => true,
+            })
+            .copied()
+            .collect())
+    }
+
+    async fn get(&self, digest: &Digest, offset: u64, limit: Option<u64>) -> Result<BlobStream> {
+        if !self.shared.touch(digest) {
+            return Err(Error::blob_not_found(digest));
+        }
+        let (start, end) = range(digest, offset, limit)?;
+        let path = self.shared.blob_path(digest);
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Removed behind our back: the index was wrong, not the client.
+                self.shared.forget(digest);
+                return Err(Error::blob_not_found(digest));
+            }
+            Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
+        };
+        if start > 0 {
+            file.seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(|e| Error::io(format!("seeking {}", path.display()), e))?;
+        }
+        let reader = file.take(end - start);
+        Ok(tokio_util::io::ReaderStream::with_capacity(reader, READ_CHUNK)
+            .map_err(move |e| Error::io(format!("reading {}", path.display()), e))
+            .boxed())
+    }
+
+    async fn put(&self, digest: &Digest) -> Result<Box<dyn BlobSink>> {
+        check_fits(digest, self.shared.max_bytes)?;
+        let tmp = self.shared.tmp_path();
+        let file =
+            tokio::fs::File::create(&tmp).await.map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        Ok(Box::new(FsSink {
+            file: Some(file),
+            tmp: TempPath(Some(tmp)),
+            digest: *digest,
+            shared: self.shared.clone(),
+        }))
+    }
+
+    async fn put_bytes(&self, digest: &Digest, data: Bytes) -> Result<()> {
+        check_fits(digest, self.shared.max_bytes)?;
+        if self.shared.touch(digest) {
+            return Ok(());
+        }
+        let shared = self.shared.clone();
+        let digest = *digest;
+        tokio::task::spawn_blocking(move || {
+            let tmp = TempPath(Some(shared.tmp_path()));
+            let path = tmp.path();
+            let mut file =
+                std::fs::File::create(path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+            file.write_all(&data).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+            if shared.fsync {
+                file.sync_data().map_err(|e| Error::io(format!("syncing {}", path.display()), e))?;
+            }
+            drop(file);
+            shared.install(path, &digest)?;
+            tmp.disarm();
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::internal(format!("writing a blob: {e}")))?
+    }
+
+    async fn list(&self, limit: usize) -> Result<Vec<BlobInfo>> {
+        let index = self.shared.index.lock();
+        Ok(index.blobs.iter().take(limit).map(|(d, at)| BlobInfo { digest: *d, last_access: *at }).collect())
+    }
+
+    fn usage(&self) -> Usage {
+        let index = self.shared.index.lock();
+        Usage { used_bytes: index.used, max_bytes: self.shared.max_bytes, blobs: index.blobs.len() as u64 }
+    }
+}
+
+/// A temporary file that is removed when dropped, unless disarmed.
+struct TempPath(Option<PathBuf>);
+
+impl TempPath {
+    fn path(&self) -> &Path {
+        self.0.as_deref().expect("armed")
+    }
+
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+struct FsSink {
+    file: Option<tokio::fs::File>,
+    tmp: TempPath,
+    digest: Digest,
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BlobSink for FsSink {
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        let file = self.file.as_mut().expect("open until commit");
+        file.write_all(&data).await.map_err(|e| Error::io(format!("writing {}", self.tmp.path().display()), e))
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<()> {
+        let mut file = self.file.take().expect("open until commit");
+        let path = self.tmp.path().to_path_buf();
+        let io = |e| Error::io(format!("finishing {}", path.display()), e);
+        file.flush().await.map_err(io)?;
+        if self.shared.fsync {
+            file.sync_data().await.map_err(io)?;
+        }
+        drop(file);
+        let FsSink { tmp, digest, shared, .. } = *self;
+        tokio::task::spawn_blocking(move || {
+            shared.install(tmp.path(), &digest)?;
+            tmp.disarm();
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::internal(format!("committing a blob: {e}")))?
+    }
+}

@@ -1,0 +1,136 @@
+//! A bounded in-memory store with least-recently-used eviction. Also the
+//! fake that tests run the services against.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use lru::LruCache;
+use parking_lot::Mutex;
+use remote_apis::Digest;
+
+use super::{BlobInfo, BlobSink, BlobStore, BlobStream, Usage, stream_bytes};
+use crate::error::{Error, Result};
+
+#[derive(Clone)]
+pub struct MemoryStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    max_bytes: u64,
+}
+
+struct Inner {
+    blobs: LruCache<Digest, (Bytes, SystemTime)>,
+    used: u64,
+}
+
+impl MemoryStore {
+    pub fn new(max_bytes: u64) -> Self {
+        let inner = Mutex::new(Inner { blobs: LruCache::unbounded(), used: 0 });
+        MemoryStore { shared: Arc::new(Shared { inner, max_bytes }) }
+    }
+}
+
+impl Shared {
+    fn insert(&self, digest: Digest, data: Bytes) -> Result<()> {
+        let size = data.len() as u64;
+        check_fits(&digest, self.max_bytes)?;
+        let mut inner = self.inner.lock();
+        if inner.blobs.get(&digest).is_some() {
+            return Ok(());
+        }
+        while inner.used + size > self.max_bytes {
+            match inner.blobs.pop_lru() {
+                Some((_, (old, _))) => inner.used -= old.len() as u64,
+                None => break,
+            }
+        }
+        inner.used += size;
+        inner.blobs.put(digest, (data, SystemTime::now()));
+        Ok(())
+    }
+}
+
+/// A blob larger than the whole budget can never be stored.
+pub(crate) fn check_fits(digest: &Digest, max_bytes: u64) -> Result<()> {
+    if digest.size > max_bytes {
+        return Err(Error::resource_exhausted(format!(
+            "blob {digest} is larger than the store's whole budget of {max_bytes} bytes"
+        )));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl BlobStore for MemoryStore {
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let mut inner = self.shared.inner.lock();
+        let now = SystemTime::now();
+        Ok(digests
+            .iter()
+            .filter(|d| match inner.blobs.get_mut(*d) {
+                Some(entry) => {
+                    entry.1 = now;
+                    false
+                }
+                None => true,
+            })
+            .copied()
+            .collect())
+    }
+
+    async fn get(&self, digest: &Digest, offset: u64, limit: Option<u64>) -> Result<BlobStream> {
+        let data = {
+            let mut inner = self.shared.inner.lock();
+            match inner.blobs.get_mut(digest) {
+                Some(entry) => {
+                    entry.1 = SystemTime::now();
+                    entry.0.clone()
+                }
+                None => return Err(Error::blob_not_found(digest)),
+            }
+        };
+        stream_bytes(data, offset, limit, digest)
+    }
+
+    async fn put(&self, digest: &Digest) -> Result<Box<dyn BlobSink>> {
+        check_fits(digest, self.shared.max_bytes)?;
+        Ok(Box::new(MemorySink { store: self.shared.clone(), digest: *digest, buf: BytesMut::new() }))
+    }
+
+    async fn put_bytes(&self, digest: &Digest, data: Bytes) -> Result<()> {
+        self.shared.insert(*digest, data)
+    }
+
+    async fn list(&self, limit: usize) -> Result<Vec<BlobInfo>> {
+        let inner = self.shared.inner.lock();
+        Ok(inner.blobs.iter().take(limit).map(|(d, (_, at))| BlobInfo { digest: *d, last_access: *at }).collect())
+    }
+
+    fn usage(&self) -> Usage {
+        let inner = self.shared.inner.lock();
+        Usage { used_bytes: inner.used, max_bytes: self.shared.max_bytes, blobs: inner.blobs.len() as u64 }
+    }
+}
+
+struct MemorySink {
+    store: Arc<Shared>,
+    digest: Digest,
+    buf: BytesMut,
+}
+
+#[async_trait]
+impl BlobSink for MemorySink {
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        self.buf.extend_from_slice(&data);
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.store.insert(self.digest, self.buf.freeze())
+    }
+}

@@ -1,0 +1,185 @@
+//! The same behaviour asked of every backend, plus what is specific to the
+//! filesystem store (atomic files, restart, torn files).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use remote_apis::{Digest, DigestFunction};
+use tonic::Code;
+
+use super::fs::FsStore;
+use super::memory::MemoryStore;
+use super::{Store, cas};
+
+fn blob(seed: u8, len: usize) -> (Digest, Bytes) {
+    let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+    (DigestFunction::Sha256.digest_of(&data), Bytes::from(data))
+}
+
+async fn backends(dir: &std::path::Path, max: u64) -> Vec<(&'static str, Store)> {
+    vec![
+        ("memory", cas(Arc::new(MemoryStore::new(max)))),
+        ("fs", cas(Arc::new(FsStore::open(dir, max, false).unwrap()))),
+    ]
+}
+
+#[tokio::test]
+async fn put_get_ranges_and_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, store) in backends(dir.path(), 1 << 30).await {
+        let (d, data) = blob(1, 3 << 20);
+        assert_eq!(store.find_missing(&[d]).await.unwrap(), vec![d], "{name}");
+        store.put_bytes(&d, data.clone()).await.unwrap();
+        assert!(store.find_missing(&[d]).await.unwrap().is_empty(), "{name}");
+        assert_eq!(store.get_bytes(&d).await.unwrap(), data, "{name}");
+
+        let mut part = Vec::new();
+        let mut s = store.get(&d, 1000, Some(5000)).await.unwrap();
+        while let Some(c) = futures::StreamExt::next(&mut s).await {
+            part.extend_from_slice(&c.unwrap());
+        }
+        assert_eq!(part, &data[1000..6000], "{name}");
+
+        let err = store.get(&d, d.size + 1, None).await.err().unwrap();
+        assert_eq!(err.code, Code::OutOfRange, "{name}");
+        let (absent, _) = blob(2, 10);
+        assert_eq!(store.get(&absent, 0, None).await.err().unwrap().code, Code::NotFound, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn writes_are_verified_and_leave_nothing_on_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, store) in backends(dir.path(), 1 << 30).await {
+        let (d, data) = blob(3, 1000);
+        // Wrong bytes for the digest.
+        let err = store.put_bytes(&d, Bytes::from(vec![0u8; 1000])).await.unwrap_err();
+        assert_eq!(err.code, Code::InvalidArgument, "{name}");
+        // Too many bytes through a sink.
+        let mut sink = store.put(&d).await.unwrap();
+        sink.write(data.clone()).await.unwrap();
+        assert_eq!(sink.write(Bytes::from_static(b"x")).await.unwrap_err().code, Code::InvalidArgument);
+        drop(sink);
+        // Too few.
+        let mut sink = store.put(&d).await.unwrap();
+        sink.write(data.slice(..10)).await.unwrap();
+        assert_eq!(sink.commit().await.unwrap_err().code, Code::InvalidArgument, "{name}");
+        assert_eq!(store.find_missing(&[d]).await.unwrap(), vec![d], "{name}: nothing stored");
+        // A non-empty upload to the empty digest is refused too.
+        let empty = DigestFunction::Sha256.empty();
+        assert!(store.put_bytes(&empty, Bytes::from_static(b"x")).await.is_err(), "{name}");
+    }
+    let leftovers = std::fs::read_dir(dir.path().join("tmp")).unwrap().count();
+    assert_eq!(leftovers, 0, "temporary files of failed writes are removed");
+}
+
+#[tokio::test]
+async fn empty_blob_is_always_present() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, store) in backends(dir.path(), 1 << 20).await {
+        for f in DigestFunction::ALL {
+            assert!(store.find_missing(&[f.empty()]).await.unwrap().is_empty(), "{name} {f}");
+            assert!(store.get_bytes(&f.empty()).await.unwrap().is_empty(), "{name} {f}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn least_recently_used_blobs_are_evicted_first() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, store) in backends(dir.path(), 3000).await {
+        let (a, da) = blob(10, 1000);
+        let (b, db) = blob(11, 1000);
+        let (c, dc) = blob(12, 1000);
+        let (e, de) = blob(13, 1000);
+        store.put_bytes(&a, da).await.unwrap();
+        store.put_bytes(&b, db).await.unwrap();
+        store.put_bytes(&c, dc).await.unwrap();
+        // Touch `a`, so `b` is now the least recently used.
+        assert!(store.find_missing(&[a]).await.unwrap().is_empty());
+        store.put_bytes(&e, de).await.unwrap();
+        assert_eq!(store.find_missing(&[a, b, c, e]).await.unwrap(), vec![b], "{name}");
+        assert!(store.usage().used_bytes <= 3000, "{name}");
+        // A blob larger than the whole budget is refused.
+        let (big, dbig) = blob(14, 4000);
+        assert_eq!(store.put_bytes(&big, dbig).await.unwrap_err().code, Code::ResourceExhausted, "{name}");
+    }
+    let files = walk(&dir.path().join("cas"));
+    assert_eq!(files.len(), 3, "evicted files are deleted: {files:?}");
+}
+
+#[tokio::test]
+async fn concurrent_identical_uploads_store_one_good_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, store) in backends(dir.path(), 1 << 30).await {
+        let (d, data) = blob(20, 2 << 20);
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (store, data) = (store.clone(), data.clone());
+                tokio::spawn(async move {
+                    let mut sink = store.put(&d).await?;
+                    for chunk in data.chunks(64 << 10) {
+                        sink.write(Bytes::copy_from_slice(chunk)).await?;
+                        tokio::task::yield_now().await;
+                    }
+                    sink.commit().await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(store.get_bytes(&d).await.unwrap(), data, "{name}");
+        assert_eq!(store.usage().used_bytes, d.size, "{name}: counted once");
+    }
+}
+
+#[tokio::test]
+async fn filesystem_store_survives_restart_and_drops_torn_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, da) = blob(30, 5000);
+    let (b, db) = blob(31, 5000);
+    {
+        let store = cas(Arc::new(FsStore::open(dir.path(), 1 << 20, true).unwrap()));
+        store.put_bytes(&a, da.clone()).await.unwrap();
+        store.put_bytes(&b, db).await.unwrap();
+        // An unfinished write left behind by a crash.
+        let _sink = store.put(&blob(32, 10).0).await.unwrap();
+        std::mem::forget(_sink);
+    }
+    // Power loss after the rename but before the data: a short file.
+    let b_path =
+        walk(&dir.path().join("cas")).into_iter().find(|p| p.to_string_lossy().contains(&b.hash_hex())).unwrap();
+    std::fs::write(&b_path, b"torn").unwrap();
+
+    let store = cas(Arc::new(FsStore::open(dir.path(), 1 << 20, false).unwrap()));
+    assert_eq!(store.get_bytes(&a).await.unwrap(), da);
+    assert_eq!(store.find_missing(&[a, b]).await.unwrap(), vec![b]);
+    assert!(!b_path.exists());
+    assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    assert_eq!(store.usage().used_bytes, 5000);
+}
+
+#[tokio::test]
+async fn a_file_deleted_behind_the_store_is_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = cas(Arc::new(FsStore::open(dir.path(), 1 << 20, false).unwrap()));
+    let (a, da) = blob(40, 100);
+    store.put_bytes(&a, da).await.unwrap();
+    for p in walk(&dir.path().join("cas")) {
+        std::fs::remove_file(p).unwrap();
+    }
+    assert_eq!(store.get(&a, 0, None).await.err().unwrap().code, Code::NotFound);
+    assert_eq!(store.find_missing(&[a]).await.unwrap(), vec![a]);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+        }
+    }
+    out
+}
