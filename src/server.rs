@@ -117,6 +117,8 @@ pub async fn serve(
         result = &mut serving => result?,
         () = shutdown => {
             tracing::info!(grace = ?config.shutdown_grace, "shutting down: finishing in-flight calls");
+            // Load balancers and probes see the server going away first.
+            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             let _ = stop_tx.send(());
             match tokio::time::timeout(config.shutdown_grace, &mut serving).await {
                 Ok(result) => result?,

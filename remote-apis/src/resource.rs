@@ -263,7 +263,7 @@ mod tests {
             ("blobs/abc/1".to_string(), "64 hex digits"),
             (format!("blobs/md5/{H}/1"), "md5"),
             (format!("compressed-blobs/brotli/{H}/1"), "brotli"),
-            (format!("compressed-blobs/zstd"), "ends before"),
+            ("compressed-blobs/zstd".to_string(), "ends before"),
             (format!("/blobs/{H}/1"), "empty path segment"),
             (format!("a//b/blobs/{H}/1"), "empty path segment"),
             (format!("blobs/{H}/1/extra"), "unexpected segments"),

@@ -1,0 +1,111 @@
+//! The command line against an in-process server.
+
+use std::process::Output;
+
+use crate::common::{TestServer, data, sha};
+
+async fn cli(args: Vec<String>) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"))
+        .args(args)
+        .env_remove("DISTBUILD_SERVER")
+        .env_remove("DISTBUILD_CONFIG")
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .output()
+        .await
+        .unwrap()
+}
+
+fn s(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+#[tokio::test]
+async fn cas_put_get_stat_list() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.bin");
+    let blob = data(1, 3_000_000);
+    std::fs::write(&input, &blob).unwrap();
+
+    let out = cli(s(&["cas", "put", input.to_str().unwrap(), "--server", &url])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let digest = sha(&blob).to_string();
+    assert!(stdout.starts_with(&digest), "{stdout}");
+
+    let copy = dir.path().join("copy.bin");
+    let out = cli(s(&["cas", "get", &digest, copy.to_str().unwrap(), "--server", &url])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&copy).unwrap(), blob.to_vec());
+
+    let out = cli(s(&["cas", "stat", &digest, "--server", &url])).await;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("present"));
+
+    let absent = sha(b"absent").to_string();
+    let out = cli(s(&["cas", "stat", &absent, "--server", &url])).await;
+    assert_eq!(out.status.code(), Some(1));
+
+    let missing_out = dir.path().join("nothing.bin");
+    let out = cli(s(&["cas", "get", &absent, missing_out.to_str().unwrap(), "--server", &url])).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("NotFound"), "{err}");
+    assert!(!missing_out.exists(), "a failed download leaves no file");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "nor a partial one");
+
+    let out = cli(s(&["cas", "list", "--server", &url])).await;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&sha(&blob).hash_hex()));
+}
+
+#[tokio::test]
+async fn errors_are_one_clear_line() {
+    let out = cli(s(&["cas", "stat", &sha(b"x").to_string(), "--server", "grpc://127.0.0.1:1"])).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("config.toml");
+    std::fs::write(&bad, "[cas]\nmax_sise = \"1GiB\"\n").unwrap();
+    let out = cli(s(&["server", "--config", bad.to_str().unwrap()])).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_sise"), "{err}");
+}
+
+#[tokio::test]
+async fn the_binary_serves_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"))
+        .args(["server", "--listen", &addr, "--data-dir", dir.path().to_str().unwrap()])
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("grpc://{addr}");
+    let blob = data(5, 1000);
+    let mut client = None;
+    for _ in 0..100 {
+        if let Ok(c) = remote_apis::client::CasClient::connect(&url, Default::default()).await {
+            client = Some(c);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let client = client.expect("the server came up");
+    client.upload_blobs(vec![(sha(&blob), blob)]).await.unwrap();
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "{status:?}");
+}

@@ -1,0 +1,10 @@
+//! Integration tests: the real server, in-process on an ephemeral port,
+//! driven by generated gRPC clients, the command line and real clients.
+
+mod ac;
+mod bazel;
+mod bytestream;
+mod cas;
+mod cli;
+mod common;
+mod server;
