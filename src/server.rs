@@ -99,6 +99,7 @@ pub async fn serve(
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
+        .max_frame_size(Some(1 << 20))
         .add_service(health_service)
         .add_service(limits!(CapabilitiesServer::new(CapabilitiesService::new(config.max_batch_size))))
         .add_service(limits!(ContentAddressableStorageServer::new(CasService::new(cas.clone(), config.max_batch_size))))

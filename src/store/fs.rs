@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cas/{function}/{hash[0..2]}/{hash}-{size}   committed blobs
-//! tmp/{uuid}                                  writes in progress
+//! cas/{function}/{hash[0..2]}/.tmp-{uuid}     writes in progress
 //! ```
 //!
 //! A write goes to a fresh temporary file and is renamed into place on
@@ -15,18 +15,17 @@
 //! modification time first. A file whose length disagrees with the size in
 //! its name (a write torn by power loss without `fsync`) is dropped then.
 
-use std::io::Write;
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use lru::LruCache;
 use parking_lot::Mutex;
 use remote_apis::{Digest, DigestFunction};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use super::memory::check_fits;
 use super::{BlobInfo, BlobSink, BlobStore, BlobStream, READ_CHUNK, Usage, range};
@@ -58,7 +57,13 @@ impl FsStore {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(format!("clearing {}", tmp.display()), e))?;
         }
-        for dir in [root.join("cas"), tmp] {
+        // Every prefix directory exists up front, so installing a blob is
+        // one rename with no directory checks.
+        let mut dirs = vec![tmp];
+        for function in DigestFunction::ALL {
+            dirs.extend((0..=255u8).map(|b| root.join("cas").join(function.name()).join(hex::encode([b]))));
+        }
+        for dir in dirs {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
         let mut found = scan(&root.join("cas"))?;
@@ -91,7 +96,13 @@ fn scan(cas: &Path) -> Result<Vec<(Digest, SystemTime)>> {
             for entry in read_dir(&prefix.path())? {
                 let entry = entry.map_err(|e| Error::io("scanning the store", e))?;
                 let path = entry.path();
-                let Some(digest) = parse_file_name(function, &entry.file_name().to_string_lossy()) else {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(TMP_PREFIX) {
+                    // An unfinished write from before a crash.
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+                let Some(digest) = parse_file_name(function, &name) else {
                     tracing::warn!(path = %path.display(), "ignoring a file that is not a blob");
                     continue;
                 };
@@ -119,8 +130,16 @@ impl Shared {
         self.root.join("cas").join(d.function.name()).join(&hash[..2]).join(format!("{hash}-{}", d.size))
     }
 
-    fn tmp_path(&self) -> PathBuf {
-        self.root.join("tmp").join(uuid::Uuid::new_v4().to_string())
+    /// A temporary file beside the blob's final place: the rename that
+    /// commits it stays inside one directory, and concurrent writes spread
+    /// over the prefix directories instead of contending for one.
+    fn tmp_path(&self, d: &Digest) -> PathBuf {
+        let hash = d.hash_hex();
+        self.root
+            .join("cas")
+            .join(d.function.name())
+            .join(&hash[..2])
+            .join(format!("{TMP_PREFIX}{}", uuid::Uuid::new_v4()))
     }
 
     /// Evicts least-recently-used blobs until `incoming` more bytes fit.
@@ -150,8 +169,6 @@ impl Shared {
             return Ok(());
         }
         self.evict_until_fits(&mut index, digest.size);
-        let parent = dest.parent().expect("blob paths have a parent");
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
         std::fs::rename(tmp, &dest).map_err(|e| Error::io(format!("renaming into {}", dest.display()), e))?;
         index.used += digest.size;
         index.blobs.put(*digest, SystemTime::now());
@@ -201,7 +218,11 @@ impl BlobStore for FsStore {
         }
         let (start, end) = range(digest, offset, limit)?;
         let path = self.shared.blob_path(digest);
-        let mut file = match tokio::fs::File::open(&path).await {
+        let opened = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || open_at(&path, start)).await
+        };
+        let file = match opened.map_err(|e| Error::internal(format!("opening a blob: {e}")))? {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // Removed behind our back: the index was wrong, not the client.
@@ -210,28 +231,19 @@ impl BlobStore for FsStore {
             }
             Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
         };
-        if start > 0 {
-            file.seek(std::io::SeekFrom::Start(start))
-                .await
-                .map_err(|e| Error::io(format!("seeking {}", path.display()), e))?;
-        }
-        let reader = file.take(end - start);
-        Ok(tokio_util::io::ReaderStream::with_capacity(reader, READ_CHUNK)
-            .map_err(move |e| Error::io(format!("reading {}", path.display()), e))
-            .boxed())
+        Ok(read_in_background(file, path, end - start))
     }
 
     async fn put(&self, digest: &Digest) -> Result<Box<dyn BlobSink>> {
         check_fits(digest, self.shared.max_bytes)?;
-        let tmp = self.shared.tmp_path();
-        let file =
-            tokio::fs::File::create(&tmp).await.map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
-        Ok(Box::new(FsSink {
-            file: Some(file),
-            tmp: TempPath(Some(tmp)),
-            digest: *digest,
-            shared: self.shared.clone(),
-        }))
+        let tmp = TempPath(Some(self.shared.tmp_path(digest)));
+        let (tx, rx) = tokio::sync::mpsc::channel(PIPELINE_DEPTH);
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let (shared, digest) = (self.shared.clone(), *digest);
+        tokio::task::spawn_blocking(move || {
+            let _ = done_tx.send(write_in_background(rx, tmp, &shared, &digest));
+        });
+        Ok(Box::new(FsSink { chunks: Some(tx), done: done_rx }))
     }
 
     async fn put_bytes(&self, digest: &Digest, data: Bytes) -> Result<()> {
@@ -242,7 +254,7 @@ impl BlobStore for FsStore {
         let shared = self.shared.clone();
         let digest = *digest;
         tokio::task::spawn_blocking(move || {
-            let tmp = TempPath(Some(shared.tmp_path()));
+            let tmp = TempPath(Some(shared.tmp_path(&digest)));
             let path = tmp.path();
             let mut file =
                 std::fs::File::create(path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
@@ -291,36 +303,110 @@ impl Drop for TempPath {
     }
 }
 
-struct FsSink {
-    file: Option<tokio::fs::File>,
+/// Names of writes in progress, beside committed blobs.
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Chunks in flight between a stream and the thread that does its file I/O.
+const PIPELINE_DEPTH: usize = 4;
+
+fn open_at(path: &Path, offset: u64) -> std::io::Result<std::fs::File> {
+    let mut file = std::fs::File::open(path)?;
+    if offset > 0 {
+        file.seek(std::io::SeekFrom::Start(offset))?;
+    }
+    Ok(file)
+}
+
+/// Streams `len` bytes of `file` from a blocking thread, a few chunks ahead
+/// of the consumer: sequential reads straight into the buffers that are sent,
+/// no copy and no task hop per chunk. Stops when the consumer goes away.
+fn read_in_background(file: std::fs::File, path: PathBuf, len: u64) -> BlobStream {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(PIPELINE_DEPTH);
+    tokio::task::spawn_blocking(move || {
+        let mut file = file;
+        let mut remaining = len;
+        while remaining > 0 {
+            let n = remaining.min(READ_CHUNK as u64);
+            let mut buf = Vec::with_capacity(n as usize);
+            let chunk = match (&mut file).take(n).read_to_end(&mut buf) {
+                Ok(got) if got as u64 == n => Ok(Bytes::from(buf)),
+                Ok(got) => Err(Error::internal(format!("{} is {got} bytes shorter than indexed", path.display()))),
+                Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+            };
+            let failed = chunk.is_err();
+            if tx.blocking_send(chunk).is_err() || failed {
+                return;
+            }
+            remaining -= n;
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
+}
+
+/// Writes the chunks of one upload to its temporary file and, when the
+/// channel closes after a commit request, installs it. Runs on a blocking
+/// thread; an upload abandoned midway drops `tmp`, which deletes the file.
+fn write_in_background(
+    mut rx: tokio::sync::mpsc::Receiver<Option<Bytes>>,
     tmp: TempPath,
-    digest: Digest,
-    shared: Arc<Shared>,
+    shared: &Shared,
+    digest: &Digest,
+) -> Result<()> {
+    let path = tmp.path().to_path_buf();
+    let mut file = std::fs::File::create(&path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+    loop {
+        match rx.blocking_recv() {
+            Some(Some(chunk)) => {
+                file.write_all(&chunk).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+            }
+            // Commit.
+            Some(None) => break,
+            // The sink was dropped without commit.
+            None => return Err(Error::new(tonic::Code::Aborted, "upload abandoned")),
+        }
+    }
+    if shared.fsync {
+        file.sync_data().map_err(|e| Error::io(format!("syncing {}", path.display()), e))?;
+    }
+    drop(file);
+    shared.install(&path, digest)?;
+    tmp.disarm();
+    Ok(())
+}
+
+/// The async side of an upload: hands chunks to the writer thread.
+struct FsSink {
+    /// `Some(chunk)` to write, `None` to commit.
+    chunks: Option<tokio::sync::mpsc::Sender<Option<Bytes>>>,
+    done: tokio::sync::oneshot::Receiver<Result<()>>,
 }
 
 #[async_trait]
 impl BlobSink for FsSink {
     async fn write(&mut self, data: Bytes) -> Result<()> {
-        let file = self.file.as_mut().expect("open until commit");
-        file.write_all(&data).await.map_err(|e| Error::io(format!("writing {}", self.tmp.path().display()), e))
+        let tx = self.chunks.as_ref().expect("open until commit");
+        if tx.send(Some(data)).await.is_err() {
+            // The writer stopped early: its result says why.
+            return Err(self.writer_error().await);
+        }
+        Ok(())
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
-        let mut file = self.file.take().expect("open until commit");
-        let path = self.tmp.path().to_path_buf();
-        let io = |e| Error::io(format!("finishing {}", path.display()), e);
-        file.flush().await.map_err(io)?;
-        if self.shared.fsync {
-            file.sync_data().await.map_err(io)?;
+        let tx = self.chunks.take().expect("open until commit");
+        if tx.send(None).await.is_err() {
+            return Err(self.writer_error().await);
         }
-        drop(file);
-        let FsSink { tmp, digest, shared, .. } = *self;
-        tokio::task::spawn_blocking(move || {
-            shared.install(tmp.path(), &digest)?;
-            tmp.disarm();
-            Ok(())
-        })
-        .await
-        .map_err(|e| Error::internal(format!("committing a blob: {e}")))?
+        drop(tx);
+        (&mut self.done).await.map_err(|_| Error::internal("the blob writer stopped"))?
+    }
+}
+
+impl FsSink {
+    async fn writer_error(&mut self) -> Error {
+        match (&mut self.done).await {
+            Ok(Err(e)) => e,
+            _ => Error::internal("the blob writer stopped"),
+        }
     }
 }

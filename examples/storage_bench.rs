@@ -1,0 +1,281 @@
+//! Storage benchmark: a real server process on loopback, measured from a
+//! client in this process. Run it through `scripts/bench-storage.sh`.
+//!
+//! Prints ByteStream upload and download throughput of one large blob,
+//! BatchUpdateBlobs of many small blobs, FindMissingBlobs latency, and the
+//! server's peak RSS while streaming, each beside a baseline measured in the
+//! same run on the same machine (plain file I/O on the same disk).
+//!
+//! Usage: storage_bench SERVER_BINARY [BLOB_MIB] [SMALL_BLOBS]
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use remote_apis::bytestream::ReadRequest;
+use remote_apis::bytestream::byte_stream_client::ByteStreamClient;
+use remote_apis::client::CasClient;
+use remote_apis::{Compressor, Digest, DigestFunction, InstanceName, ReadResource};
+
+struct Server {
+    child: Child,
+    _dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(binary: &str, backend: &str) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(binary)
+        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.path())
+        .args(["--max-size", "8GiB", "--backend", backend])
+        .env("DISTBUILD_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting the server binary");
+    Server { child, _dir: dir, url: format!("grpc://127.0.0.1:{port}") }
+}
+
+/// Peak resident set of `pid` since the last reset, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn reset_peak_rss(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+fn random_bytes(len: usize, seed: u64) -> Bytes {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out.into()
+}
+
+/// Rounds of each measurement; the median is reported.
+const ROUNDS: usize = 5;
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn mb_per_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64()
+}
+
+async fn connect(url: &str) -> CasClient {
+    for _ in 0..200 {
+        if let Ok(c) = CasClient::connect(url, InstanceName::default()).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the server did not come up at {url}");
+}
+
+/// Plain file write and read of the same bytes, on the disk the server uses.
+fn disk_baseline(data: &[u8]) -> (Duration, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baseline");
+    let t = Instant::now();
+    let mut f = std::fs::File::create(&path).unwrap();
+    for c in data.chunks(1 << 20) {
+        f.write_all(c).unwrap();
+    }
+    drop(f);
+    let write = t.elapsed();
+    let t = Instant::now();
+    let mut f = std::fs::File::open(&path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    while f.read(&mut buf).unwrap() > 0 {}
+    (write, t.elapsed())
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let binary = args.get(1).expect("usage: storage_bench SERVER_BINARY [BLOB_MIB] [SMALL_BLOBS]");
+    let blob_mib: usize = args.get(2).map_or(256, |s| s.parse().unwrap());
+    let small_count: usize = args.get(3).map_or(10_000, |s| s.parse().unwrap());
+
+    let mut big = random_bytes(blob_mib << 20, 42).to_vec();
+    let (disk_write, disk_read) = disk_baseline(&big);
+
+    // The same transfers against a memory store: the server's own cost,
+    // without the disk.
+    let mem = {
+        let server = start_server(binary, "memory");
+        let client = connect(&server.url).await;
+        stream_rounds(&server, &client, &mut big).await
+    };
+
+    let server = start_server(binary, "filesystem");
+    let pid = server.child.id();
+    let client = connect(&server.url).await;
+    let idle_rss = peak_rss(pid);
+    let can_reset = reset_peak_rss(pid);
+    let fs = stream_rounds(&server, &client, &mut big).await;
+    drop(big);
+
+    // Many small blobs through BatchUpdateBlobs, several rounds.
+    let mut batches = Vec::new();
+    let mut digests = Vec::new();
+    for round in 0..ROUNDS {
+        let small: Vec<(Digest, Bytes)> = (0..small_count)
+            .map(|i| {
+                let b = random_bytes(100 + (i * 37) % 900, (round * small_count + i) as u64 + 7);
+                (DigestFunction::Sha256.digest_of(&b), b)
+            })
+            .collect();
+        digests = small.iter().map(|(d, _)| *d).collect();
+        let t = Instant::now();
+        client.upload_blobs(small).await.unwrap();
+        batches.push(t.elapsed());
+    }
+    let batch = median(&mut batches);
+
+    // FindMissingBlobs over all of them (all present), repeated.
+    let mut latencies = Vec::new();
+    for _ in 0..21 {
+        let t = Instant::now();
+        let missing = client.find_missing(&digests).await.unwrap();
+        latencies.push(t.elapsed());
+        assert!(missing.is_empty());
+    }
+    latencies.sort();
+
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "cargo-distbuild storage benchmark ({} cores; medians of {ROUNDS} rounds)",
+        std::thread::available_parallelism().unwrap()
+    );
+    println!();
+    println!("{:<52} {:>12} {:>14} {:>8}", "measure", "result", "baseline", "target");
+    let row = |what: String, mbs: f64, base: f64, target: &str| {
+        println!("{what:<52} {mbs:>9.0} MB/s {base:>9.0} MB/s {target:>8}");
+    };
+    let (size, up, down) = (mem.size, mem.upload, mem.download);
+    row(
+        format!("ByteStream upload, {blob_mib} MiB, memory store"),
+        mb_per_s(size, up),
+        mb_per_s(size, disk_write),
+        ">= 500",
+    );
+    row(
+        format!("ByteStream upload, {blob_mib} MiB, filesystem store"),
+        mb_per_s(size, fs.upload),
+        mb_per_s(size, disk_write),
+        ">= 500",
+    );
+    row(
+        format!("ByteStream download, {blob_mib} MiB, memory store"),
+        mb_per_s(size, down),
+        mb_per_s(size, disk_read),
+        ">= 1000",
+    );
+    row(
+        format!("ByteStream download, {blob_mib} MiB, filesystem store"),
+        mb_per_s(size, fs.download),
+        mb_per_s(size, disk_read),
+        ">= 1000",
+    );
+    println!(
+        "{:<52} {:>9.0} /s {:>14} {:>8}",
+        format!("BatchUpdateBlobs, {small_count} blobs of 100-1000 B"),
+        small_count as f64 / batch.as_secs_f64(),
+        "",
+        ""
+    );
+    println!(
+        "{:<52} {:>9.2} ms {:>14} {:>8}",
+        format!("FindMissingBlobs, {small_count} digests (p50 of 21)"),
+        latencies[10].as_secs_f64() * 1e3,
+        "",
+        ""
+    );
+    println!(
+        "{:<52} {:>9.1} MiB {:>13} {:>8}",
+        "server peak RSS while streaming (filesystem store)",
+        mib(fs.peak_rss),
+        format!("idle {:.1} MiB", mib(idle_rss)),
+        "< 100"
+    );
+    if !can_reset {
+        println!("(could not reset the peak RSS counter; the figure is the process's lifetime peak)");
+    }
+}
+
+/// Reads a blob through ByteStream, counting bytes without keeping them.
+async fn download(url: &str, digest: Digest) -> u64 {
+    let channel = remote_apis::client::endpoint(url).unwrap().connect().await.unwrap();
+    let mut bs = ByteStreamClient::new(channel).max_decoding_message_size(64 << 20);
+    let name = ReadResource { instance: InstanceName::default(), compressor: Compressor::Identity, digest }.to_name();
+    let mut stream =
+        bs.read(ReadRequest { resource_name: name, read_offset: 0, read_limit: 0 }).await.unwrap().into_inner();
+    let mut n = 0u64;
+    while let Some(msg) = stream.message().await.unwrap() {
+        n += msg.data.len() as u64;
+    }
+    n
+}
+
+struct Streamed {
+    size: u64,
+    upload: Duration,
+    download: Duration,
+    peak_rss: u64,
+}
+
+/// Uploads and downloads a distinct blob per round. Dirty pages are flushed
+/// between rounds (outside the timing), so each round starts from the same
+/// state instead of paying for the previous round's writeback.
+async fn stream_rounds(server: &Server, client: &CasClient, big: &mut [u8]) -> Streamed {
+    let pid = server.child.id();
+    let (mut uploads, mut downloads, mut peak) = (Vec::new(), Vec::new(), 0);
+    let mut size = 0;
+    for round in 0..ROUNDS {
+        big[..8].copy_from_slice(&(round as u64 + 1000 * pid as u64).to_le_bytes());
+        let blob = Bytes::copy_from_slice(big);
+        let digest = DigestFunction::Sha256.digest_of(&blob);
+        size = digest.size;
+        let chunks: Vec<std::io::Result<Bytes>> =
+            (0..blob.len()).step_by(1 << 20).map(|at| Ok(blob.slice(at..(at + (1 << 20)).min(blob.len())))).collect();
+        drop(blob);
+        let _ = Command::new("sync").status();
+        reset_peak_rss(pid);
+        let t = Instant::now();
+        client.write_stream(digest, Compressor::Identity, futures::stream::iter(chunks)).await.unwrap();
+        uploads.push(t.elapsed());
+        peak = peak.max(peak_rss(pid));
+
+        reset_peak_rss(pid);
+        let t = Instant::now();
+        let received = download(&server.url, digest).await;
+        downloads.push(t.elapsed());
+        assert_eq!(received, digest.size, "downloaded size");
+        peak = peak.max(peak_rss(pid));
+    }
+    Streamed { size, upload: median(&mut uploads), download: median(&mut downloads), peak_rss: peak }
+}
