@@ -76,6 +76,9 @@ fn random_bytes(len: usize, seed: u64) -> Bytes {
 /// Rounds of each measurement; the median is reported.
 const ROUNDS: usize = 5;
 
+/// Bytes per WriteRequest, as the project's own client sends them.
+const UPLOAD_CHUNK: usize = remote_apis::client::CHUNK_SIZE;
+
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -260,8 +263,10 @@ async fn stream_rounds(server: &Server, client: &CasClient, big: &mut [u8]) -> S
         let blob = Bytes::copy_from_slice(big);
         let digest = DigestFunction::Sha256.digest_of(&blob);
         size = digest.size;
-        let chunks: Vec<std::io::Result<Bytes>> =
-            (0..blob.len()).step_by(1 << 20).map(|at| Ok(blob.slice(at..(at + (1 << 20)).min(blob.len())))).collect();
+        let chunks: Vec<std::io::Result<Bytes>> = (0..blob.len())
+            .step_by(UPLOAD_CHUNK)
+            .map(|at| Ok(blob.slice(at..(at + UPLOAD_CHUNK).min(blob.len()))))
+            .collect();
         drop(blob);
         let _ = Command::new("sync").status();
         reset_peak_rss(pid);

@@ -99,7 +99,11 @@ impl BlobStore for MemoryStore {
 
     async fn put(&self, digest: &Digest) -> Result<Box<dyn BlobSink>> {
         check_fits(digest, self.shared.max_bytes)?;
-        Ok(Box::new(MemorySink { store: self.shared.clone(), digest: *digest, buf: BytesMut::new() }))
+        Ok(Box::new(MemorySink {
+            store: self.shared.clone(),
+            digest: *digest,
+            buf: BytesMut::with_capacity(digest.size as usize),
+        }))
     }
 
     async fn put_bytes(&self, digest: &Digest, data: Bytes) -> Result<()> {
