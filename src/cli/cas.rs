@@ -23,7 +23,7 @@ pub enum CasCommand {
         #[arg(long)]
         blake3: bool,
     },
-    /// Download a blob (HASH/SIZE, or blake3:HASH/SIZE) into a file.
+    /// Download a blob (HASH/SIZE, or blake3:HASH/SIZE) into a file (`-`: stdout).
     Get { digest: Digest, out: PathBuf },
     /// Say whether the server has a blob.
     Stat { digest: Digest },
@@ -52,8 +52,10 @@ pub async fn run(cmd: CasCommand, server: &str, instance: &str) -> anyhow::Resul
         }
         CasCommand::Get { digest, out } => {
             let client = connect().await?.with_digest_function(digest.function);
-            download_atomically(&client, digest, &out).await?;
-            eprintln!("wrote {} bytes to {}", digest.size, out.display());
+            download_to(&client, digest, &out).await?;
+            if out.as_os_str() != "-" {
+                eprintln!("wrote {} bytes to {}", digest.size, out.display());
+            }
         }
         CasCommand::Stat { digest } => {
             let client = connect().await?.with_digest_function(digest.function);
@@ -100,15 +102,36 @@ pub async fn run(cmd: CasCommand, server: &str, instance: &str) -> anyhow::Resul
     Ok(ExitCode::SUCCESS)
 }
 
-/// Downloads next to `out` and renames, so a failed download leaves nothing.
-async fn download_atomically(client: &CasClient, digest: Digest, out: &std::path::Path) -> anyhow::Result<()> {
-    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+/// Where `cas get` writes: `-` is stdout; an existing device, FIFO or other
+/// non-regular file is written in place (renaming over `/dev/null` would
+/// replace the device); a regular file (also behind a symlink) is replaced
+/// atomically, so a failed download leaves the old contents or nothing.
+async fn download_to(client: &CasClient, digest: Digest, out: &std::path::Path) -> anyhow::Result<()> {
+    let read_err = |s| rpc_error(&format!("reading {digest}"), s);
+    if out.as_os_str() == "-" {
+        let mut stdout = tokio::io::stdout();
+        return client.download(digest, &mut stdout).await.map_err(read_err);
+    }
+    let target = match std::fs::metadata(out) {
+        Ok(meta) if !meta.is_file() && !meta.is_dir() => {
+            let mut file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .open(out)
+                .await
+                .with_context(|| format!("opening {}", out.display()))?;
+            return client.download(digest, &mut file).await.map_err(read_err);
+        }
+        Ok(meta) if meta.is_dir() => anyhow::bail!("{} is a directory", out.display()),
+        Ok(_) => std::fs::canonicalize(out).with_context(|| format!("resolving {}", out.display()))?,
+        Err(_) => out.to_path_buf(),
+    };
+    let dir = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     let tmp = dir.join(format!(".{}.distbuild-partial", uuid::Uuid::new_v4()));
     let result = async {
         let mut file = tokio::fs::File::create(&tmp).await.with_context(|| format!("creating {}", tmp.display()))?;
-        client.download(digest, &mut file).await.map_err(|s| rpc_error(&format!("reading {digest}"), s))?;
+        client.download(digest, &mut file).await.map_err(read_err)?;
         file.sync_all().await?;
-        tokio::fs::rename(&tmp, out).await.with_context(|| format!("writing {}", out.display()))
+        tokio::fs::rename(&tmp, &target).await.with_context(|| format!("writing {}", target.display()))
     }
     .await;
     if result.is_err() {

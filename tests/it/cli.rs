@@ -55,6 +55,24 @@ async fn cas_put_get_stat_list() {
     assert!(!missing_out.exists(), "a failed download leaves no file");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "nor a partial one");
 
+    // `-` is stdout; a symlink keeps pointing at its (replaced) target; a
+    // device such as /dev/null is written in place, never renamed over.
+    let out = cli(s(&["cas", "get", &digest, "-", "--server", &url])).await;
+    assert!(out.status.success());
+    assert_eq!(out.stdout, blob.to_vec());
+    let link = dir.path().join("link.bin");
+    std::os::unix::fs::symlink(&copy, &link).unwrap();
+    std::fs::write(&copy, b"old").unwrap();
+    let out = cli(s(&["cas", "get", &digest, link.to_str().unwrap(), "--server", &url])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read(&copy).unwrap(), blob.to_vec());
+    std::fs::remove_file(&link).unwrap();
+    let out = cli(s(&["cas", "get", &digest, "/dev/null", "--server", &url])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let null = std::fs::metadata("/dev/null").unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&null.file_type()), "/dev/null is still a device");
+
     let out = cli(s(&["cas", "list", "--server", &url])).await;
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(&sha(&blob).hash_hex()));
