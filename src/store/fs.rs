@@ -15,20 +15,21 @@
 //! modification time first. A file whose length disagrees with the size in
 //! its name (a write torn by power loss without `fsync`) is dropped then.
 
-use std::io::{Read, Seek, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
 use lru::LruCache;
 use parking_lot::Mutex;
 use remote_apis::{Digest, DigestFunction};
 
+mod stream;
+
 use super::memory::check_fits;
-use super::{BlobInfo, BlobSink, BlobStore, BlobStream, READ_CHUNK, Usage, range};
+use super::{BlobInfo, BlobSink, BlobStore, BlobStream, Usage, range};
 use crate::error::{Error, Result};
 
 #[derive(Clone)]
@@ -36,10 +37,10 @@ pub struct FsStore {
     shared: Arc<Shared>,
 }
 
-struct Shared {
+pub(super) struct Shared {
     root: PathBuf,
     max_bytes: u64,
-    fsync: bool,
+    pub(super) fsync: bool,
     index: Mutex<Index>,
 }
 
@@ -160,7 +161,7 @@ impl Shared {
     }
 
     /// Moves a complete, verified temporary file into place. Blocking.
-    fn install(&self, tmp: &Path, digest: &Digest) -> Result<()> {
+    pub(super) fn install(&self, tmp: &Path, digest: &Digest) -> Result<()> {
         let dest = self.blob_path(digest);
         let mut index = self.index.lock();
         if index.blobs.get(digest).is_some() {
@@ -220,7 +221,7 @@ impl BlobStore for FsStore {
         let path = self.shared.blob_path(digest);
         let opened = {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || open_at(&path, start)).await
+            tokio::task::spawn_blocking(move || stream::open_at(&path, start)).await
         };
         let file = match opened.map_err(|e| Error::internal(format!("opening a blob: {e}")))? {
             Ok(f) => f,
@@ -231,19 +232,20 @@ impl BlobStore for FsStore {
             }
             Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
         };
-        Ok(read_in_background(file, path, end - start))
+        Ok(stream::read(file, path, end - start))
     }
 
     async fn put(&self, digest: &Digest) -> Result<Box<dyn BlobSink>> {
         check_fits(digest, self.shared.max_bytes)?;
         let tmp = TempPath(Some(self.shared.tmp_path(digest)));
-        let (tx, rx) = tokio::sync::mpsc::channel(PIPELINE_DEPTH);
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let (shared, digest) = (self.shared.clone(), *digest);
-        tokio::task::spawn_blocking(move || {
-            let _ = done_tx.send(write_in_background(rx, tmp, &shared, &digest));
-        });
-        Ok(Box::new(FsSink { chunks: Some(tx), done: done_rx }))
+        let file = {
+            let path = tmp.path().to_path_buf();
+            tokio::task::spawn_blocking(move || std::fs::File::create(&path))
+                .await
+                .map_err(|e| Error::internal(format!("creating a blob file: {e}")))?
+                .map_err(|e| Error::io(format!("creating {}", tmp.path().display()), e))?
+        };
+        Ok(Box::new(stream::FsSink::new(file, tmp, self.shared.clone(), *digest)))
     }
 
     async fn put_bytes(&self, digest: &Digest, data: Bytes) -> Result<()> {
@@ -283,14 +285,14 @@ impl BlobStore for FsStore {
 }
 
 /// A temporary file that is removed when dropped, unless disarmed.
-struct TempPath(Option<PathBuf>);
+pub(super) struct TempPath(Option<PathBuf>);
 
 impl TempPath {
-    fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         self.0.as_deref().expect("armed")
     }
 
-    fn disarm(mut self) {
+    pub(super) fn disarm(mut self) {
         self.0 = None;
     }
 }
@@ -305,108 +307,3 @@ impl Drop for TempPath {
 
 /// Names of writes in progress, beside committed blobs.
 const TMP_PREFIX: &str = ".tmp-";
-
-/// Chunks in flight between a stream and the thread that does its file I/O.
-const PIPELINE_DEPTH: usize = 4;
-
-fn open_at(path: &Path, offset: u64) -> std::io::Result<std::fs::File> {
-    let mut file = std::fs::File::open(path)?;
-    if offset > 0 {
-        file.seek(std::io::SeekFrom::Start(offset))?;
-    }
-    Ok(file)
-}
-
-/// Streams `len` bytes of `file` from a blocking thread, a few chunks ahead
-/// of the consumer: sequential reads straight into the buffers that are sent,
-/// no copy and no task hop per chunk. Stops when the consumer goes away.
-fn read_in_background(file: std::fs::File, path: PathBuf, len: u64) -> BlobStream {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(PIPELINE_DEPTH);
-    tokio::task::spawn_blocking(move || {
-        let mut file = file;
-        let mut remaining = len;
-        while remaining > 0 {
-            let n = remaining.min(READ_CHUNK as u64);
-            let mut buf = Vec::with_capacity(n as usize);
-            let chunk = match (&mut file).take(n).read_to_end(&mut buf) {
-                Ok(got) if got as u64 == n => Ok(Bytes::from(buf)),
-                Ok(got) => Err(Error::internal(format!("{} is {got} bytes shorter than indexed", path.display()))),
-                Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
-            };
-            let failed = chunk.is_err();
-            if tx.blocking_send(chunk).is_err() || failed {
-                return;
-            }
-            remaining -= n;
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
-}
-
-/// Writes the chunks of one upload to its temporary file and, when the
-/// channel closes after a commit request, installs it. Runs on a blocking
-/// thread; an upload abandoned midway drops `tmp`, which deletes the file.
-fn write_in_background(
-    mut rx: tokio::sync::mpsc::Receiver<Option<Bytes>>,
-    tmp: TempPath,
-    shared: &Shared,
-    digest: &Digest,
-) -> Result<()> {
-    let path = tmp.path().to_path_buf();
-    let mut file = std::fs::File::create(&path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-    loop {
-        match rx.blocking_recv() {
-            Some(Some(chunk)) => {
-                file.write_all(&chunk).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
-            }
-            // Commit.
-            Some(None) => break,
-            // The sink was dropped without commit.
-            None => return Err(Error::new(tonic::Code::Aborted, "upload abandoned")),
-        }
-    }
-    if shared.fsync {
-        file.sync_data().map_err(|e| Error::io(format!("syncing {}", path.display()), e))?;
-    }
-    drop(file);
-    shared.install(&path, digest)?;
-    tmp.disarm();
-    Ok(())
-}
-
-/// The async side of an upload: hands chunks to the writer thread.
-struct FsSink {
-    /// `Some(chunk)` to write, `None` to commit.
-    chunks: Option<tokio::sync::mpsc::Sender<Option<Bytes>>>,
-    done: tokio::sync::oneshot::Receiver<Result<()>>,
-}
-
-#[async_trait]
-impl BlobSink for FsSink {
-    async fn write(&mut self, data: Bytes) -> Result<()> {
-        let tx = self.chunks.as_ref().expect("open until commit");
-        if tx.send(Some(data)).await.is_err() {
-            // The writer stopped early: its result says why.
-            return Err(self.writer_error().await);
-        }
-        Ok(())
-    }
-
-    async fn commit(mut self: Box<Self>) -> Result<()> {
-        let tx = self.chunks.take().expect("open until commit");
-        if tx.send(None).await.is_err() {
-            return Err(self.writer_error().await);
-        }
-        drop(tx);
-        (&mut self.done).await.map_err(|_| Error::internal("the blob writer stopped"))?
-    }
-}
-
-impl FsSink {
-    async fn writer_error(&mut self) -> Error {
-        match (&mut self.done).await {
-            Ok(Err(e)) => e,
-            _ => Error::internal("the blob writer stopped"),
-        }
-    }
-}

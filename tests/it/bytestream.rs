@@ -227,3 +227,25 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     out
 }
+
+/// Parked uploads must not pin server threads: more of them than the
+/// blocking pool has threads, and the server still serves.
+#[tokio::test]
+async fn many_parked_uploads_do_not_starve_the_server() {
+    let server = TestServer::start().await;
+    let blob = data(9, 600_000);
+    let d = sha(&blob);
+    for i in 0..600 {
+        let name = write_name(&d, Compressor::Identity, &format!("parked-{i}"));
+        assert!(write(&server, &name, vec![blob[..300_000].to_vec()], 0, false).await.is_err());
+    }
+    let other = data(10, 2 << 20);
+    let od = sha(&other);
+    let served = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        write(&server, &write_name(&od, Compressor::Identity, "after"), split(&other, 1 << 20), 0, true).await.unwrap();
+        read(&server, &read_name(&od, Compressor::Identity), 0, 0).await.unwrap()
+    })
+    .await
+    .expect("the server still serves with 600 parked uploads");
+    assert_eq!(served, other.to_vec());
+}

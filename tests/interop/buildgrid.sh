@@ -1,0 +1,299 @@
+#!/usr/bin/env bash
+# Interoperability test with a third-party REAPI client: BuildGrid's `bgd` CLI
+# and its generated Python protos (PyPI package `buildgrid`).
+#
+#   tests/interop/buildgrid.sh /path/to/cargo-distbuild
+#
+# Creates (or reuses) a Python 3.13 venv at $BGD_VENV (default
+# /tmp/distbuild-bgd-venv) with the pinned buildgrid, starts our server on a
+# free 127.0.0.1 port with a temporary data directory, runs real bgd upload /
+# download round trips, the action cache commands and reapi_client.py, then
+# stops the server. The last line is `N passed, M failed`; the exit status is
+# non-zero when anything failed.
+#
+# Environment: BGD_VENV (venv path), BGD_PYTHON (a python3.13 to build the
+# venv with; found via PATH or pyenv otherwise), DISTBUILD_LOG (server log
+# filter, default debug without h2 frame noise), KEEP_TMP=1 to keep the
+# temporary directory (server log, files) for inspection.
+set -uo pipefail
+
+BUILDGRID_VERSION=0.9.1
+ZSTANDARD_VERSION=0.25.0 # lets reapi_client.py exercise compressed-blobs/zstd
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+BIN="${1:-}"
+if [[ -z "$BIN" || ! -x "$BIN" ]]; then
+  echo "usage: $0 /path/to/cargo-distbuild   (binary not found or not executable: '${BIN}')" >&2
+  echo "0 passed, 1 failed"
+  exit 2
+fi
+BIN="$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")"
+VENV="${BGD_VENV:-/tmp/distbuild-bgd-venv}"
+
+PASSED=0
+FAILED=0
+pass() { PASSED=$((PASSED + 1)); echo "PASS $*"; }
+fail() { FAILED=$((FAILED + 1)); echo "FAIL $*"; }
+finish() {
+  echo "${PASSED} passed, ${FAILED} failed"
+  [[ $FAILED -eq 0 ]]
+  exit $?
+}
+
+# ------------------------------------------------------------------ the venv
+find_python() {
+  if [[ -n "${BGD_PYTHON:-}" ]]; then echo "$BGD_PYTHON"; return; fi
+  if command -v python3.13 >/dev/null 2>&1; then command -v python3.13; return; fi
+  local root="${PYENV_ROOT:-$HOME/.pyenv}" p
+  for p in "$root"/versions/3.13*/bin/python3; do
+    [[ -x "$p" ]] && { echo "$p"; return; }
+  done
+  return 1
+}
+
+venv_ok() {
+  [[ -x "$VENV/bin/python" && -x "$VENV/bin/bgd" ]] &&
+    "$VENV/bin/python" - "$BUILDGRID_VERSION" "$ZSTANDARD_VERSION" <<'EOF' 2>/dev/null
+import sys
+from importlib.metadata import version
+sys.exit(0 if (version("buildgrid"), version("zstandard")) == tuple(sys.argv[1:3]) else 1)
+EOF
+}
+
+if venv_ok; then
+  echo "using the venv at $VENV (buildgrid $BUILDGRID_VERSION)"
+else
+  PY="$(find_python)" || {
+    echo "no Python 3.13 found (buildgrid $BUILDGRID_VERSION needs it); set BGD_PYTHON" >&2
+    fail "python 3.13 available"
+    finish
+  }
+  echo "creating the venv at $VENV with $PY and installing buildgrid==$BUILDGRID_VERSION"
+  t0=$SECONDS
+  [[ -x "$VENV/bin/python" ]] || timeout 120 "$PY" -m venv "$VENV" || { fail "create venv"; finish; }
+  if timeout 900 "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+    "buildgrid==$BUILDGRID_VERSION" "zstandard==$ZSTANDARD_VERSION"; then
+    echo "installed in $((SECONDS - t0))s"
+  else
+    fail "pip install buildgrid==$BUILDGRID_VERSION"
+    finish
+  fi
+fi
+BGD="$VENV/bin/bgd"
+VPY="$VENV/bin/python"
+
+# ---------------------------------------------------------------- the server
+TMP="$(mktemp -d /tmp/distbuild-interop.XXXXXX)"
+SERVER_PID=""
+cleanup() {
+  if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill "$SERVER_PID" 2>/dev/null
+    for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$SERVER_PID" 2>/dev/null
+    wait "$SERVER_PID" 2>/dev/null
+  fi
+  if [[ "${KEEP_TMP:-0}" == 1 ]]; then echo "kept $TMP"; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+PORT="$("$VPY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+REMOTE="http://127.0.0.1:$PORT"
+LOG="$TMP/server.log"
+DISTBUILD_LOG="${DISTBUILD_LOG:-debug,h2=info,tower=info,hyper=info}" \
+  "$BIN" server --listen "127.0.0.1:$PORT" --data-dir "$TMP/data" >"$LOG" 2>&1 &
+SERVER_PID=$!
+
+ready=0
+for _ in $(seq 100); do
+  if ! kill -0 "$SERVER_PID" 2>/dev/null; then break; fi
+  if "$VPY" -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.2)' "$PORT" 2>/dev/null; then
+    ready=1
+    break
+  fi
+  sleep 0.1
+done
+if [[ $ready != 1 ]]; then
+  echo "--- server log"; cat "$LOG"
+  fail "server started on 127.0.0.1:$PORT"
+  finish
+fi
+echo "server pid $SERVER_PID on $REMOTE, data in $TMP/data"
+
+show_log_tail() { echo "--- last lines of the server log ($LOG)"; tail -n 30 "$LOG" | sed 's/\x1b\[[0-9;]*m//g'; }
+
+# bgd with a time bound; output goes to $TMP/out.txt and on failure to stdout.
+bgd() {
+  timeout 120 "$BGD" "$@" >"$TMP/out.txt" 2>&1
+  local rc=$?
+  if [[ $rc -ne 0 ]]; then
+    echo "  \$ bgd $*  (exit $rc)"
+    sed 's/^/  | /' "$TMP/out.txt"
+  fi
+  return $rc
+}
+# The digest bgd reports for a pushed path: "... Pushed path=[P] with digest=[H/S]".
+pushed_digest() { sed -n "s|.*Pushed path=\[$1\] with digest=\[\([0-9a-f]*/[0-9]*\)\].*|\1|p" "$TMP/out.txt" | tail -n 1; }
+local_digest() { echo "$(sha256sum "$1" | cut -d' ' -f1)/$(stat -c %s "$1")"; }
+
+cd "$TMP" || exit 1
+
+# ------------------------------------------------------------ bgd: capabilities
+if bgd capabilities --remote "$REMOTE" && grep -q '"SHA256"' out.txt && grep -q '"updateEnabled": true' out.txt; then
+  pass "bgd capabilities"
+else
+  fail "bgd capabilities (want SHA256 and updateEnabled)"
+fi
+
+# ------------------------------------------------------- bgd: files round trip
+mkdir -p files got
+printf 'hello from bgd\n' >files/small.txt
+: >files/empty.bin
+head -c $((3 * 1024 * 1024 + 17)) /dev/urandom >files/large.bin # over bgd's batch threshold: ByteStream
+FILES=(small.txt empty.bin large.bin)
+declare -A DIGEST=()
+if (cd files && bgd cas --remote "$REMOTE" upload-file --verify "${FILES[@]}"); then
+  ok=1
+  for f in "${FILES[@]}"; do
+    DIGEST[$f]="$(pushed_digest "$f")"
+    want="$(local_digest "files/$f")"
+    if [[ "${DIGEST[$f]}" != "$want" ]]; then
+      echo "  $f: bgd reported '${DIGEST[$f]}', sha256sum says '$want'"
+      ok=0
+    fi
+  done
+  [[ $ok == 1 ]] && pass "bgd cas upload-file --verify (${#FILES[@]} files)" || fail "bgd cas upload-file digests"
+else
+  fail "bgd cas upload-file --verify"
+fi
+
+args=()
+for f in "${FILES[@]}"; do args+=("${DIGEST[$f]:-none/0}" "got/$f"); done
+if bgd cas --remote "$REMOTE" download-file --verify "${args[@]}"; then
+  ok=1
+  for f in "${FILES[@]}"; do cmp "files/$f" "got/$f" || ok=0; done
+  [[ $ok == 1 ]] && pass "bgd cas download-file --verify + cmp" || fail "downloaded files differ"
+else
+  fail "bgd cas download-file --verify"
+fi
+
+# ---------------------------------------------------- bgd: directory round trip
+make_tree() {
+  mkdir -p "$1/sub/deeper" "$1/empty-dir"
+  printf 'one\n' >"$1/one.txt"
+  : >"$1/empty"
+  printf '#!/bin/sh\necho hi\n' >"$1/run.sh"
+  chmod +x "$1/run.sh"
+  head -c $((5 * 1024 * 1024)) /dev/urandom >"$1/sub/big.bin" # two ByteStream chunks
+  printf 'deep\n' >"$1/sub/deeper/d.txt"
+  cp "$1/one.txt" "$1/sub/deeper/dup.txt" # the same blob twice
+  ln -s one.txt "$1/link"
+}
+same_tree() {
+  diff -r --no-dereference "$1" "$2" &&
+    [[ -x "$2/run.sh" && ! -x "$2/one.txt" ]] &&
+    [[ "$(readlink "$2/link")" == one.txt ]] &&
+    [[ -d "$2/empty-dir" ]]
+}
+make_tree tree
+ROOT=""
+if bgd cas --remote "$REMOTE" upload-dir --verify tree; then
+  ROOT="$(pushed_digest tree)"
+  [[ -n "$ROOT" ]] && pass "bgd cas upload-dir --verify (root $ROOT)" || fail "bgd cas upload-dir printed no root digest"
+else
+  fail "bgd cas upload-dir --verify"
+fi
+if [[ -n "$ROOT" ]] && bgd cas --remote "$REMOTE" download-dir --verify "$ROOT" tree.out; then
+  if same_tree tree tree.out; then
+    pass "bgd cas download-dir --verify (GetTree) + diff -r, modes, symlink"
+  else
+    fail "downloaded directory differs from the uploaded one"
+  fi
+else
+  fail "bgd cas download-dir --verify"
+fi
+
+# The same round trip under a non-empty instance name.
+INST="interop/ci"
+IROOT=""
+if bgd cas --remote "$REMOTE" --instance-name "$INST" upload-dir tree; then IROOT="$(pushed_digest tree)"; fi
+if [[ -n "$IROOT" ]] && bgd cas --remote "$REMOTE" --instance-name "$INST" download-dir --verify "$IROOT" tree.inst &&
+  same_tree tree tree.inst; then
+  pass "bgd upload-dir/download-dir with --instance-name $INST"
+else
+  fail "bgd directory round trip with --instance-name $INST"
+fi
+
+# ------------------------------------------------------------ bgd: misc CAS
+MISSING="$(printf 'never uploaded %s' "$PORT" | sha256sum | cut -d' ' -f1)/24"
+if bgd cas --remote "$REMOTE" download-file "$MISSING" got/missing >/dev/null; then
+  fail "bgd download-file of an absent blob succeeded"
+elif grep -qi 'not found' out.txt; then
+  pass "bgd download-file of an absent blob fails with not found"
+else
+  fail "bgd download-file of an absent blob: unexpected error: $(head -c 300 out.txt)"
+fi
+
+if bgd cas --remote "$REMOTE" upload-dummy; then
+  ACTION="$(sed -n 's|.*Pushed Action, digest=\["\([0-9a-f]*/[0-9]*\).*|\1|p' out.txt)"
+  if [[ -n "$ACTION" ]] && bgd cas --remote "$REMOTE" download-file --verify "$ACTION" got/dummy.action &&
+    [[ "$(local_digest got/dummy.action)" == "$ACTION" ]]; then
+    pass "bgd cas upload-dummy (Action $ACTION readable)"
+  else
+    fail "bgd cas upload-dummy: the Action blob is not readable back"
+  fi
+else
+  fail "bgd cas upload-dummy"
+fi
+
+# -------------------------------------------------------- bgd: action cache
+# bgd actioncache update takes the ActionResult's digest in the CAS.
+"$VPY" - "${DIGEST[small.txt]:-}" "$PORT" <<'EOF' >ar.log 2>&1
+import sys
+from buildgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+h, s = (sys.argv[1] or "0/0").split("/")
+ar = re_pb2.ActionResult(exit_code=0, stdout_raw=b"built\n")
+ar.output_files.add(path="out/small.txt", digest=re_pb2.Digest(hash=h, size_bytes=int(s)))
+open("result.bin", "wb").write(ar.SerializeToString())
+open("action.bin", "wb").write(b"interop action " + sys.argv[2].encode())
+EOF
+ACT="$(local_digest action.bin)"
+AR="$(local_digest result.bin)"
+if bgd actioncache --remote "$REMOTE" get "$ACT" && grep -q '^Miss' out.txt; then
+  pass "bgd actioncache get (miss)"
+else
+  fail "bgd actioncache get before update should miss"
+fi
+if bgd cas --remote "$REMOTE" upload-file result.bin && bgd actioncache --remote "$REMOTE" update "$ACT" "$AR"; then
+  pass "bgd actioncache update"
+else
+  fail "bgd actioncache update"
+fi
+if bgd actioncache --remote "$REMOTE" get "$ACT" && grep -q "^Hit: .*digest=\[$AR\]" out.txt; then
+  pass "bgd actioncache get (hit, byte-identical result $AR)"
+else
+  fail "bgd actioncache get after update: $(head -c 300 out.txt)"
+fi
+if bgd actioncache --remote "$REMOTE" get --json "$ACT" && grep -q '"path": "out/small.txt"' out.txt; then
+  pass "bgd actioncache get --json"
+else
+  fail "bgd actioncache get --json"
+fi
+
+# ------------------------------------------------- the protocol-level checks
+echo "--- reapi_client.py"
+timeout 300 "$VPY" "$HERE/reapi_client.py" --server "127.0.0.1:$PORT" | tee py.txt
+py_rc=${PIPESTATUS[0]}
+summary="$(grep -E '^[0-9]+ passed, [0-9]+ failed' py.txt | tail -n 1)"
+if [[ -n "$summary" ]]; then
+  read -r p _ f _ <<<"${summary//,/}"
+  PASSED=$((PASSED + p))
+  FAILED=$((FAILED + f))
+  if [[ $py_rc -ne 0 && $f -eq 0 ]]; then fail "reapi_client.py exited $py_rc"; fi
+else
+  fail "reapi_client.py printed no summary (exit $py_rc)"
+fi
+
+if ! kill -0 "$SERVER_PID" 2>/dev/null; then fail "the server died during the test"; fi
+[[ $FAILED -gt 0 ]] && show_log_tail
+finish
