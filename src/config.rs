@@ -13,6 +13,11 @@ use serde::Deserialize;
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8980";
 
+/// 4 MiB less 64 KiB: a full batch response (blob bytes plus per-blob
+/// framing) still fits gRPC's default 4 MiB receive limit, which most
+/// clients keep.
+pub const DEFAULT_MAX_BATCH: u64 = (4 << 20) - (64 << 10);
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileConfig {
@@ -54,7 +59,8 @@ pub struct CasSection {
     pub backend: Backend,
     /// Budget for blobs; least recently used ones are evicted beyond it.
     pub max_size: ByteSize,
-    /// Largest total of blob bytes in one batch request (advertised).
+    /// Largest total of blob bytes in one batch request (advertised as
+    /// `max_batch_total_size_bytes`).
     pub max_batch_size: ByteSize,
     /// fsync every blob before it becomes visible (survives power loss).
     pub fsync: bool,
@@ -69,7 +75,7 @@ impl Default for CasSection {
             root: None,
             backend: Backend::Filesystem,
             max_size: ByteSize::gib(10),
-            max_batch_size: ByteSize::mib(4),
+            max_batch_size: ByteSize::b(DEFAULT_MAX_BATCH),
             fsync: false,
             upload_resume_window: Duration::from_secs(600),
         }
@@ -198,7 +204,7 @@ mod tests {
         let c = FileConfig::parse("").unwrap().resolve().unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_ADDR);
         assert_eq!(c.max_size, 10 << 30);
-        assert_eq!(c.max_batch_size, 4 << 20);
+        assert_eq!(c.max_batch_size, DEFAULT_MAX_BATCH);
         assert_eq!(c.backend, Backend::Filesystem);
         assert!(c.worker_capacity >= 1);
     }

@@ -71,7 +71,7 @@ impl CasClient {
                 .max_encoding_message_size(limit),
             instance,
             function: DigestFunction::Sha256,
-            max_batch_bytes: 4 << 20,
+            max_batch_bytes: (4 << 20) - (64 << 10),
         }
     }
 

@@ -41,12 +41,18 @@ finish() {
 }
 
 # ------------------------------------------------------------------ the venv
+# A working Python >= 3.13 (buildgrid 0.9 requires it). pyenv shims are
+# skipped when the shim's version is not installed/selected: each candidate
+# must actually run.
 find_python() {
-  if [[ -n "${BGD_PYTHON:-}" ]]; then echo "$BGD_PYTHON"; return; fi
-  if command -v python3.13 >/dev/null 2>&1; then command -v python3.13; return; fi
   local root="${PYENV_ROOT:-$HOME/.pyenv}" p
-  for p in "$root"/versions/3.13*/bin/python3; do
-    [[ -x "$p" ]] && { echo "$p"; return; }
+  for p in ${BGD_PYTHON:-} "$(command -v python3.13 2>/dev/null)" "$root"/versions/3.1[3-9]*/bin/python3 \
+    "$(command -v python3 2>/dev/null)"; do
+    [[ -n "$p" && -x "$p" ]] || continue
+    if "$p" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 13) else 1)' >/dev/null 2>&1; then
+      echo "$p"
+      return
+    fi
   done
   return 1
 }
@@ -64,8 +70,8 @@ if venv_ok; then
   echo "using the venv at $VENV (buildgrid $BUILDGRID_VERSION)"
 else
   PY="$(find_python)" || {
-    echo "no Python 3.13 found (buildgrid $BUILDGRID_VERSION needs it); set BGD_PYTHON" >&2
-    fail "python 3.13 available"
+    echo "no Python >= 3.13 found (buildgrid $BUILDGRID_VERSION needs it); set BGD_PYTHON" >&2
+    fail "python >= 3.13 available"
     finish
   }
   echo "creating the venv at $VENV with $PY and installing buildgrid==$BUILDGRID_VERSION"

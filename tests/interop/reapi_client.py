@@ -311,7 +311,13 @@ def check_resume_after_cancel(c):
         hold.wait(DEADLINE)  # keep the stream open until it is cancelled
 
     future = c.bs.Write.future(requests(), timeout=DEADLINE)
-    expect(sent.wait(DEADLINE), "the request generator never ran")
+    give_up = time.monotonic() + DEADLINE
+    while not sent.wait(0.1):
+        if future.done():  # the server ended the call before taking 1 MiB
+            hold.set()
+            e = future.exception()
+            raise CheckFailed(f"the write ended early: {e.code().name if e else 'OK'}: {e.details() if e else ''}")
+        expect(time.monotonic() < give_up, "the server did not take the first 1 MiB in time")
     time.sleep(0.5)  # let the server take in what was sent
     future.cancel()
     hold.set()
