@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 pub type BlobStream = BoxStream<'static, Result<Bytes>>;
 
 /// Size of the chunks stores hand out when streaming.
-pub const READ_CHUNK: usize = 256 << 10;
+pub const READ_CHUNK: usize = 1 << 20;
 
 /// One stored blob, as the admin listing shows it.
 #[derive(Debug, Clone)]

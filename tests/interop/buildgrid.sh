@@ -106,7 +106,7 @@ trap 'exit 130' INT TERM
 PORT="$("$VPY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 REMOTE="http://127.0.0.1:$PORT"
 LOG="$TMP/server.log"
-DISTBUILD_LOG="${DISTBUILD_LOG:-debug,h2=info,tower=info,hyper=info}" \
+DISTBUILD_LOG="${DISTBUILD_LOG:-debug,h2=info,tower=info,hyper=info,tower_http=debug}" \
   "$BIN" server --listen "127.0.0.1:$PORT" --data-dir "$TMP/data" >"$LOG" 2>&1 &
 SERVER_PID=$!
 

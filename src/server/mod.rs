@@ -5,6 +5,8 @@
 //! in-flight calls finish within the grace period, then drop storage (which
 //! removes temporary files of unfinished uploads).
 
+mod request_log;
+
 use std::future::Future;
 use std::sync::Arc;
 
@@ -16,8 +18,6 @@ use remote_apis::reapi::content_addressable_storage_server::ContentAddressableSt
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
-use tower_http::trace::{DefaultMakeSpan, DefaultOnFailure, DefaultOnResponse, TraceLayer};
-use tracing::Level;
 
 use crate::ac::{AcStore, ActionCacheService, FsAcStore, MemoryAcStore};
 use crate::admin::AdminService;
@@ -97,14 +97,8 @@ pub async fn serve(
         Backend::Filesystem => config.data_dir.display().to_string(),
         Backend::Memory => String::new(),
     };
-    // One debug line per call (method, gRPC status, latency); failures such
-    // as cache misses are normal traffic, so they stay at debug too.
-    let trace = TraceLayer::new_for_grpc()
-        .make_span_with(DefaultMakeSpan::new().level(Level::DEBUG))
-        .on_response(DefaultOnResponse::new().level(Level::DEBUG))
-        .on_failure(DefaultOnFailure::new().level(Level::DEBUG));
     let router = tonic::transport::Server::builder()
-        .layer(trace)
+        .layer(request_log::layer())
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
