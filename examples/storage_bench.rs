@@ -204,6 +204,14 @@ async fn main() {
         mb_per_s(size, disk_read),
         ">= 1000",
     );
+    for (what, st) in [("memory", &mem), ("filesystem", &fs)] {
+        println!(
+            "{:<52} {:>7.2} s/GB up {:>7.2} s/GB down",
+            format!("server CPU per GB moved, {what} store"),
+            st.upload_cpu_per_gb,
+            st.download_cpu_per_gb
+        );
+    }
     println!(
         "{:<52} {:>9.0} /s {:>14} {:>8}",
         format!("BatchUpdateBlobs, {small_count} blobs of 100-1000 B"),
@@ -249,6 +257,20 @@ struct Streamed {
     upload: Duration,
     download: Duration,
     peak_rss: u64,
+    /// Server CPU time (user + system) per GB moved, median.
+    upload_cpu_per_gb: f64,
+    download_cpu_per_gb: f64,
+}
+
+/// CPU seconds (user + system) `pid` has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Uploads and downloads a distinct blob per round. Dirty pages are flushed
@@ -257,6 +279,7 @@ struct Streamed {
 async fn stream_rounds(server: &Server, client: &CasClient, big: &mut [u8]) -> Streamed {
     let pid = server.child.id();
     let (mut uploads, mut downloads, mut peak) = (Vec::new(), Vec::new(), 0);
+    let (mut up_cpu, mut down_cpu) = (Vec::new(), Vec::new());
     let mut size = 0;
     for round in 0..ROUNDS {
         big[..8].copy_from_slice(&(round as u64 + 1000 * pid as u64).to_le_bytes());
@@ -270,17 +293,32 @@ async fn stream_rounds(server: &Server, client: &CasClient, big: &mut [u8]) -> S
         drop(blob);
         let _ = Command::new("sync").status();
         reset_peak_rss(pid);
+        let cpu = cpu_seconds(pid);
         let t = Instant::now();
         client.write_stream(digest, Compressor::Identity, futures::stream::iter(chunks)).await.unwrap();
         uploads.push(t.elapsed());
+        up_cpu.push((cpu_seconds(pid) - cpu) / (size as f64 / 1e9));
         peak = peak.max(peak_rss(pid));
 
         reset_peak_rss(pid);
+        let cpu = cpu_seconds(pid);
         let t = Instant::now();
         let received = download(&server.url, digest).await;
         downloads.push(t.elapsed());
+        down_cpu.push((cpu_seconds(pid) - cpu) / (size as f64 / 1e9));
         assert_eq!(received, digest.size, "downloaded size");
         peak = peak.max(peak_rss(pid));
     }
-    Streamed { size, upload: median(&mut uploads), download: median(&mut downloads), peak_rss: peak }
+    let mid = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Streamed {
+        size,
+        upload: median(&mut uploads),
+        download: median(&mut downloads),
+        peak_rss: peak,
+        upload_cpu_per_gb: mid(&mut up_cpu),
+        download_cpu_per_gb: mid(&mut down_cpu),
+    }
 }
