@@ -151,9 +151,9 @@ impl FsSink {
         Error::io(format!("writing {}", self.tmp.path().display()), std::io::Error::new(e.kind(), e.to_string()))
     }
 
-    /// Queues `data`, waiting while the queue is full; starts a drainer if
-    /// none is running.
-    async fn submit(&mut self, data: Bytes) -> Result<()> {
+    /// Runs `step` on the queue state until it returns a value, waiting for
+    /// the drainer's progress in between. A write error ends the wait.
+    async fn wait_for<T>(&self, mut step: impl FnMut(&mut QueueState) -> Option<T>) -> Result<T> {
         loop {
             let progress = self.queue.progress.notified();
             tokio::pin!(progress);
@@ -163,39 +163,40 @@ impl FsSink {
                 if let Some(e) = &st.error {
                     return Err(self.io_error(e));
                 }
-                if st.queued < WRITE_QUEUE_BYTES {
-                    st.queued += data.len();
-                    st.chunks.push_back(data);
-                    if !st.running {
-                        st.running = true;
-                        let file = st.file.take().expect("the file is idle when no drainer runs");
-                        let queue = self.queue.clone();
-                        tokio::task::spawn_blocking(move || queue.drain(file));
-                    }
-                    return Ok(());
+                if let Some(done) = step(&mut st) {
+                    return Ok(done);
                 }
             }
             progress.await;
         }
     }
 
+    /// Queues `data`, waiting while the queue is full; starts a drainer if
+    /// none is running.
+    async fn submit(&mut self, data: Bytes) -> Result<()> {
+        let mut data = Some(data);
+        let queue = self.queue.clone();
+        self.wait_for(|st| {
+            if st.queued >= WRITE_QUEUE_BYTES {
+                return None;
+            }
+            let data = data.take().expect("queued once");
+            st.queued += data.len();
+            st.chunks.push_back(data);
+            if !st.running {
+                st.running = true;
+                let file = st.file.take().expect("the file is idle when no drainer runs");
+                let queue = queue.clone();
+                tokio::task::spawn_blocking(move || queue.drain(file));
+            }
+            Some(())
+        })
+        .await
+    }
+
     /// Waits until everything queued is on disk and takes the file.
     async fn finish(&mut self) -> Result<File> {
-        loop {
-            let progress = self.queue.progress.notified();
-            tokio::pin!(progress);
-            progress.as_mut().enable();
-            {
-                let mut st = self.queue.state.lock().expect("queue lock");
-                if let Some(e) = &st.error {
-                    return Err(self.io_error(e));
-                }
-                if !st.running {
-                    return Ok(st.file.take().expect("the file is idle when no drainer runs"));
-                }
-            }
-            progress.await;
-        }
+        self.wait_for(|st| if st.running { None } else { st.file.take() }).await
     }
 }
 
