@@ -86,6 +86,12 @@ async fn errors_are_one_clear_line() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.starts_with("error: "), "{err}");
 
+    let out = cli(s(&["cas", "stat", "abc/1"])).await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("64 hex digits"), "{err}");
+
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("config.toml");
     std::fs::write(&bad, "[cas]\nmax_sise = \"1GiB\"\n").unwrap();
