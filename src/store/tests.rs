@@ -194,3 +194,30 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn is_temp(p: &std::path::Path) -> bool {
     p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".tmp-"))
 }
+
+#[tokio::test]
+async fn reads_survive_a_restart_in_the_eviction_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, da) = blob(50, 1000);
+    let (b, db) = blob(51, 1000);
+    let (c, dc) = blob(52, 1000);
+    {
+        let store = cas(Arc::new(FsStore::open(dir.path(), 2000, false).unwrap()));
+        store.put_bytes(&a, da).await.unwrap();
+        store.put_bytes(&b, db).await.unwrap();
+    }
+    // Both written two hours ago, `a` (the older) read since.
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    for (i, p) in walk(&dir.path().join("cas")).iter().filter(|p| !is_temp(p)).enumerate() {
+        let f = std::fs::File::options().write(true).open(p).unwrap();
+        let age = if p.to_string_lossy().contains(&a.hash_hex()) { 60 } else { 0 };
+        f.set_modified(two_hours_ago - std::time::Duration::from_secs(age + i as u64)).unwrap();
+    }
+    {
+        let store = cas(Arc::new(FsStore::open(dir.path(), 2000, false).unwrap()));
+        assert_eq!(store.get_bytes(&a).await.unwrap().len(), 1000);
+    }
+    let store = cas(Arc::new(FsStore::open(dir.path(), 2000, false).unwrap()));
+    store.put_bytes(&c, dc).await.unwrap();
+    assert_eq!(store.find_missing(&[a, b, c]).await.unwrap(), vec![b], "the unread blob goes first");
+}
