@@ -13,8 +13,9 @@
 //! is stored (and the least-recently-used order that eviction follows) lives
 //! in memory and is rebuilt from the directory at startup, oldest
 //! modification time first (reads refresh a blob's modification time, at
-//! most hourly, so recently read blobs outlive a restart too). A file whose length disagrees with the size in
-//! its name (a write torn by power loss without `fsync`) is dropped then.
+//! most hourly, so recently read blobs outlive a restart too). A file whose
+//! length disagrees with the size in its name (a write torn by power loss
+//! without `fsync`) is dropped then.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
