@@ -56,10 +56,13 @@ pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
     }
 }
 
-/// gRPC receive limit: the advertised batch size plus room for the
-/// per-blob framing of a batch of many small blobs.
+/// gRPC message limit: room for a full batch of many small blobs (blob
+/// bytes plus per-blob framing), and never below 64 MiB, so that a
+/// FindMissingBlobs for a very large input tree (about 70 bytes a digest:
+/// some 900,000 digests) is not refused by the transport. Batch data itself
+/// is still held to `max_batch_size`.
 pub fn grpc_message_limit(max_batch_bytes: u64) -> usize {
-    (2 * max_batch_bytes + (1 << 20)) as usize
+    (2 * max_batch_bytes + (1 << 20)).max(64 << 20) as usize
 }
 
 /// Serves every service on `listener` until `shutdown` resolves.

@@ -150,6 +150,15 @@ async fn bad_requests_get_clear_statuses() {
 }
 
 #[tokio::test]
+async fn find_missing_takes_a_very_large_input_tree() {
+    let server = TestServer::start().await;
+    let digests: Vec<_> = (0..200_000u32).map(|i| sha(&i.to_le_bytes()).to_proto()).collect();
+    let req = FindMissingBlobsRequest { blob_digests: digests, ..Default::default() };
+    let missing = server.cas().find_missing_blobs(req).await.unwrap().into_inner().missing_blob_digests;
+    assert_eq!(missing.len(), 200_000);
+}
+
+#[tokio::test]
 async fn blake3_blobs_live_beside_sha256() {
     let server = TestServer::start().await;
     let mut cas = server.cas();
