@@ -108,21 +108,19 @@ impl ByteStreamService {
                 }
             }
         }
-        match self.store.put(&resource.digest).await {
-            Ok(sink) => Ok(Upload {
-                resource: resource.clone(),
-                sink,
-                received: 0,
-                decoder: match resource.compressor {
-                    Compressor::Identity => None,
-                    Compressor::Zstd => Some(Decoder::new()?),
-                },
-            }),
-            Err(e) => {
-                self.uploads.lock().slots.remove(key);
-                Err(e)
-            }
+        let started = async {
+            let decoder = match resource.compressor {
+                Compressor::Identity => None,
+                Compressor::Zstd => Some(Decoder::new()?),
+            };
+            let sink = self.store.put(&resource.digest).await?;
+            Ok(Upload { resource: resource.clone(), sink, received: 0, decoder })
         }
+        .await;
+        if started.is_err() {
+            self.uploads.lock().slots.remove(key);
+        }
+        started
     }
 
     /// Drops old parked uploads (at most every ten seconds).
