@@ -249,3 +249,15 @@ async fn many_parked_uploads_do_not_starve_the_server() {
     .expect("the server still serves with 600 parked uploads");
     assert_eq!(served, other.to_vec());
 }
+
+#[tokio::test]
+async fn a_blob_larger_than_the_store_is_resource_exhausted() {
+    let server = TestServer::start_with(Default::default(), |c| c.cas.max_size = bytesize::ByteSize::kib(100)).await;
+    let big = data(11, 200_000);
+    let name = write_name(&sha(&big), Compressor::Identity, "too-big");
+    for _ in 0..2 {
+        // The same upload twice: the first refusal leaves no stuck session.
+        let s = assert_code(write(&server, &name, split(&big, 50_000), 0, true).await, Code::ResourceExhausted);
+        assert!(s.message().contains("budget"), "{}", s.message());
+    }
+}
