@@ -111,13 +111,13 @@ async fn referenced_blobs(cas: &Store, function: DigestFunction, result: &Action
     }
     add(result.stdout_digest.as_ref())?;
     add(result.stderr_digest.as_ref())?;
-    let mut trees = Vec::new();
-    for dir in &result.output_directories {
-        add(dir.tree_digest.as_ref())?;
-        if let Some(d) = &dir.tree_digest {
-            trees.push(Digest::from_proto(function, d)?);
-        }
-    }
+    let trees = result
+        .output_directories
+        .iter()
+        .filter_map(|d| d.tree_digest.as_ref())
+        .map(|d| Digest::from_proto(function, d))
+        .collect::<Result<Vec<_>, _>>()?;
+    out.extend_from_slice(&trees);
     for tree_digest in trees {
         if tree_digest.size > TREE_READ_LIMIT {
             continue;
