@@ -2,7 +2,7 @@
 //! protox parses them in Rust, tonic-prost-build generates the code.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/admin.proto"];
+    let protos = ["proto/admin.proto", "proto/worker.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

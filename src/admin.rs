@@ -2,7 +2,11 @@
 
 use std::time::UNIX_EPOCH;
 
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
+
+use crate::execution::Scheduler;
 
 use crate::config::Backend;
 use crate::store::Store;
@@ -12,17 +16,21 @@ pub mod proto {
 }
 
 use proto::admin_server::Admin;
-use proto::{BlobEntry, GetStoreStatusRequest, ListBlobsRequest, ListBlobsResponse, StoreStatus};
+use proto::{
+    BlobEntry, GetSchedulerStatusRequest, GetStoreStatusRequest, ListBlobsRequest, ListBlobsResponse,
+    ListWorkersRequest, ListWorkersResponse, QueueEntry, SchedulerStatus, StoreStatus, WorkerEntry,
+};
 
 pub struct AdminService {
     store: Store,
     backend: Backend,
     data_dir: String,
+    scheduler: Arc<Scheduler>,
 }
 
 impl AdminService {
-    pub fn new(store: Store, backend: Backend, data_dir: String) -> Self {
-        AdminService { store, backend, data_dir }
+    pub fn new(store: Store, backend: Backend, data_dir: String, scheduler: Arc<Scheduler>) -> Self {
+        AdminService { store, backend, data_dir, scheduler }
     }
 }
 
@@ -67,6 +75,57 @@ impl Admin for AdminService {
             max_bytes: usage.max_bytes,
             blobs: usage.blobs,
             data_dir: self.data_dir.clone(),
+        }))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<ListWorkersRequest>,
+    ) -> Result<Response<ListWorkersResponse>, Status> {
+        let workers = self
+            .scheduler
+            .status()
+            .workers
+            .into_iter()
+            .map(|w| WorkerEntry {
+                name: w.info.name,
+                properties: w
+                    .info
+                    .properties
+                    .pairs()
+                    .iter()
+                    .map(|(k, v)| proto::Property { name: k.clone(), value: v.clone() })
+                    .collect(),
+                slots: w.info.slots as u32,
+                busy: w.busy as u32,
+                done: w.done,
+                builtin: w.info.builtin,
+                connected_secs: w.connected_for.as_secs(),
+            })
+            .collect();
+        Ok(Response::new(ListWorkersResponse { workers }))
+    }
+
+    async fn get_scheduler_status(
+        &self,
+        _request: Request<GetSchedulerStatusRequest>,
+    ) -> Result<Response<SchedulerStatus>, Status> {
+        let s = self.scheduler.status();
+        let c = s.counters;
+        Ok(Response::new(SchedulerStatus {
+            queues: s.queues.iter().map(|(p, n)| QueueEntry { platform: p.to_string(), length: *n as u64 }).collect(),
+            running: s.running as u64,
+            workers: s.workers.len() as u32,
+            slots: s.workers.iter().map(|w| w.info.slots as u32).sum(),
+            busy_slots: s.workers.iter().map(|w| w.busy as u32).sum(),
+            cache_hits: c.cache_hits,
+            cache_misses: c.cache_misses,
+            merged: c.merged,
+            executed: c.executed,
+            failed: c.failed,
+            requeued: c.requeued,
+            cancelled: c.cancelled,
+            operations: s.operations as u64,
         }))
     }
 }

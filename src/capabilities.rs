@@ -3,8 +3,8 @@
 use remote_apis::DigestFunction;
 use remote_apis::reapi::capabilities_server::Capabilities;
 use remote_apis::reapi::{
-    ActionCacheUpdateCapabilities, CacheCapabilities, GetCapabilitiesRequest, ServerCapabilities, compressor,
-    symlink_absolute_path_strategy,
+    ActionCacheUpdateCapabilities, CacheCapabilities, ExecutionCapabilities, GetCapabilitiesRequest,
+    ServerCapabilities, compressor, symlink_absolute_path_strategy,
 };
 use remote_apis::semver::SemVer;
 use tonic::{Request, Response, Status};
@@ -20,6 +20,18 @@ impl CapabilitiesService {
         CapabilitiesService { max_batch_bytes }
     }
 
+    /// Cache and execution together: Bazel asks its executor endpoint for
+    /// both. The legacy singular `digest_function` is set for old clients.
+    fn execution(&self) -> ExecutionCapabilities {
+        ExecutionCapabilities {
+            digest_function: DigestFunction::Sha256.to_proto() as i32,
+            exec_enabled: true,
+            execution_priority_capabilities: None,
+            supported_node_properties: Vec::new(),
+            digest_functions: DigestFunction::ALL.iter().map(|f| f.to_proto() as i32).collect(),
+        }
+    }
+
     pub fn capabilities(&self) -> ServerCapabilities {
         let version = |major, minor| SemVer { major, minor, patch: 0, prerelease: String::new() };
         ServerCapabilities {
@@ -33,7 +45,7 @@ impl CapabilitiesService {
                 supported_batch_update_compressors: vec![compressor::Value::Zstd as i32],
                 ..Default::default()
             }),
-            execution_capabilities: None,
+            execution_capabilities: Some(self.execution()),
             deprecated_api_version: None,
             low_api_version: Some(version(2, 0)),
             high_api_version: Some(version(2, 3)),

@@ -3,6 +3,7 @@
 //! program runs on, validated and resolved. Nothing outside this module and
 //! the factory in `server` reads the schema.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,6 +25,7 @@ pub struct FileConfig {
     pub scheduler: SchedulerSection,
     pub cas: CasSection,
     pub worker: WorkerSection,
+    pub execution: ExecutionSection,
     pub server: ServerSection,
 }
 
@@ -82,20 +84,69 @@ impl Default for CasSection {
     }
 }
 
-/// `[worker]`: execution slots (used by the execution service and
+/// `[worker]`: execution slots (the server's built-in ones and
 /// `cargo-distbuild worker`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerSection {
-    /// Concurrent actions; default: the number of CPUs.
+    /// Concurrent actions; default: the number of CPUs. 0 on a server: no
+    /// built-in worker (scheduler only).
     pub capacity: Option<usize>,
+    /// How often remote workers send keepalives; three missed ones drop the
+    /// worker and re-queue its actions.
     pub heartbeat_interval_secs: u64,
+    /// Blob cache and action directories; default `<cas root>/worker`.
     pub work_dir: Option<PathBuf>,
+    /// Budget of the worker's local blob cache.
+    pub cache_size: ByteSize,
+    /// Platform properties offered, on top of OSFamily, ISA and cpu-count.
+    pub properties: BTreeMap<String, String>,
 }
 
 impl Default for WorkerSection {
     fn default() -> Self {
-        WorkerSection { capacity: None, heartbeat_interval_secs: 10, work_dir: None }
+        WorkerSection {
+            capacity: None,
+            heartbeat_interval_secs: 10,
+            work_dir: None,
+            cache_size: ByteSize::gib(10),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[execution]`: scheduling rules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutionSection {
+    /// Timeout of an action that sets none.
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
+    /// Longest timeout an action may ask for; above it, INVALID_ARGUMENT.
+    #[serde(with = "humantime_serde")]
+    pub max_timeout: Duration,
+    /// Attempts per action when workers are lost while running it.
+    pub max_attempts: u32,
+    /// Properties matched as "at least" numbers rather than exactly.
+    pub numeric_properties: Vec<String>,
+    /// How long finished operations stay visible to WaitExecution.
+    #[serde(with = "humantime_serde")]
+    pub operation_retention: Duration,
+    /// How long an action waits when no connected worker could run it.
+    #[serde(with = "humantime_serde")]
+    pub unmatched_timeout: Duration,
+}
+
+impl Default for ExecutionSection {
+    fn default() -> Self {
+        ExecutionSection {
+            default_timeout: Duration::from_secs(15 * 60),
+            max_timeout: Duration::from_secs(3 * 3600),
+            max_attempts: 3,
+            numeric_properties: vec!["cpu-count".into()],
+            operation_retention: Duration::from_secs(600),
+            unmatched_timeout: Duration::from_secs(60),
+        }
     }
 }
 
@@ -127,6 +178,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub worker_capacity: usize,
     pub heartbeat_interval: Duration,
+    pub work_dir: PathBuf,
+    pub worker_cache_size: u64,
+    pub worker_properties: Vec<(String, String)>,
+    pub execution: ExecutionSection,
 }
 
 impl FileConfig {
@@ -160,8 +215,11 @@ impl FileConfig {
         if self.worker.heartbeat_interval_secs == 0 {
             bail!("[worker] heartbeat_interval_secs must be at least 1");
         }
-        if self.worker.capacity == Some(0) {
-            bail!("[worker] capacity must be at least 1");
+        if self.execution.max_attempts == 0 {
+            bail!("[execution] max_attempts must be at least 1");
+        }
+        if self.execution.default_timeout.is_zero() || self.execution.default_timeout > self.execution.max_timeout {
+            bail!("[execution] default_timeout must be above zero and at most max_timeout");
         }
         let data_dir = match &self.cas.root {
             Some(p) => p.clone(),
@@ -169,7 +227,6 @@ impl FileConfig {
         };
         Ok(Config {
             listen,
-            data_dir,
             backend: self.cas.backend,
             max_size: self.cas.max_size.as_u64(),
             max_batch_size,
@@ -181,7 +238,21 @@ impl FileConfig {
                 .capacity
                 .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
             heartbeat_interval: Duration::from_secs(self.worker.heartbeat_interval_secs),
+            work_dir: self.worker.work_dir.clone().unwrap_or_else(|| data_dir.join("worker")),
+            worker_cache_size: self.worker.cache_size.as_u64(),
+            worker_properties: self.worker_properties(),
+            execution: self.execution.clone(),
+            data_dir,
         })
+    }
+}
+
+impl FileConfig {
+    /// The host's properties, overridden and extended by `[worker] properties`.
+    pub fn worker_properties(&self) -> Vec<(String, String)> {
+        let mut props: BTreeMap<String, String> = crate::execution::platform::host_properties().into_iter().collect();
+        props.extend(self.worker.properties.clone());
+        props.into_iter().collect()
     }
 }
 
@@ -251,7 +322,8 @@ mod tests {
             ("[cas]\nbackend = \"tape\"", "backend"),
             ("[scheduler]\naddr = \"localhost\"", "addr"),
             ("[cas]\nmax_batch_size = \"1KiB\"", "max_batch_size"),
-            ("[worker]\ncapacity = 0", "capacity"),
+            ("[execution]\nmax_attempts = 0", "max_attempts"),
+            ("[execution]\ndefault_timeout = \"2h\"\nmax_timeout = \"1h\"", "default_timeout"),
             ("[server]\nshutdown_grace = \"soon\"", "shutdown_grace"),
         ];
         for (text, needle) in cases {

@@ -82,6 +82,19 @@ impl Error {
         rpc::Status { code: self.code as i32, message: self.message.clone(), details: Vec::new() }
     }
 
+    /// The full `google.rpc.Status`, typed details included (for
+    /// `ExecuteResponse.status`, where clients look for PreconditionFailure).
+    pub fn to_rpc_status_with_details(&self) -> rpc::Status {
+        use prost::Message;
+        let status = tonic::Status::from(self.clone());
+        if !status.details().is_empty()
+            && let Ok(full) = rpc::Status::decode(status.details())
+        {
+            return full;
+        }
+        self.to_rpc_status()
+    }
+
     pub fn io(context: impl fmt::Display, e: std::io::Error) -> Self {
         let code = match e.kind() {
             std::io::ErrorKind::NotFound => Code::NotFound,

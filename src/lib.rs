@@ -9,5 +9,7 @@ pub mod cas;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod execution;
 pub mod server;
 pub mod store;
+pub mod worker;

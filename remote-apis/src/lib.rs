@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod digest;
+pub mod merkle;
 pub mod resource;
 
 pub use digest::{Digest, DigestFunction, Hasher, ParseError};

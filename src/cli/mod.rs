@@ -2,6 +2,9 @@
 //! small function over the library or a gRPC client.
 
 mod cas;
+mod exec;
+mod repl;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,11 +35,59 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the server (CAS, ByteStream, ActionCache, Capabilities).
+    /// Run the server: REAPI storage, execution and built-in workers.
     Server(ServerArgs),
+    /// Run a remote worker that executes actions for a server.
+    Worker(WorkerArgs),
     /// Put, get, inspect and list blobs.
     #[command(subcommand)]
     Cas(cas::CasCommand),
+    /// Run a command remotely: upload inputs, execute, print its output,
+    /// download outputs, exit with its exit code.
+    Run(exec::RunArgs),
+    /// Submit, inspect or cancel one operation.
+    #[command(subcommand)]
+    Job(exec::JobCommand),
+    /// List operations.
+    #[command(subcommand)]
+    Jobs(exec::JobsCommand),
+    /// List connected workers.
+    #[command(subcommand)]
+    Workers(ListOnly),
+    /// Show queues, workers and the cache hit rate.
+    #[command(subcommand)]
+    Scheduler(StatusOnly),
+}
+
+#[derive(Subcommand, Debug)]
+enum ListOnly {
+    /// Name, properties, slots in use and actions done of each worker.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum StatusOnly {
+    /// Queue lengths, workers, cache hit rate.
+    Status,
+}
+
+#[derive(clap::Args, Debug)]
+struct WorkerArgs {
+    /// The server to take actions from (default: --server, then the config's [scheduler] addr).
+    #[arg(long, value_name = "grpc://HOST:PORT")]
+    scheduler: Option<String>,
+    /// Actions run at once (default: [worker] capacity, else the number of CPUs).
+    #[arg(long)]
+    slots: Option<usize>,
+    /// A platform property this worker offers (repeatable), on top of OSFamily, ISA and cpu-count.
+    #[arg(long = "property", value_name = "KEY=VALUE", value_parser = crate::execution::platform::parse_property)]
+    properties: Vec<(String, String)>,
+    /// Blob cache and action directories (default: [worker] work_dir, else <data dir>/worker).
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+    /// Name shown in `workers list` (default: host name and process id).
+    #[arg(long)]
+    name: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -53,6 +104,10 @@ struct ServerArgs {
     /// Blob budget, e.g. 10GiB (overrides [cas] max_size).
     #[arg(long, value_name = "SIZE")]
     max_size: Option<bytesize::ByteSize>,
+    /// Built-in execution slots (overrides [worker] capacity); 0: scheduler
+    /// only, for remote workers.
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -115,42 +170,102 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<FileConfig> {
     }
 }
 
+/// What every client command needs.
+#[derive(Clone, Debug)]
+pub(crate) struct Session {
+    file: FileConfig,
+    server: String,
+    instance: String,
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let mut file = load_config(cli.config.as_ref())?;
-    let Some(command) = cli.command else {
-        use clap::CommandFactory;
-        Cli::command().print_help()?;
-        return Ok(ExitCode::SUCCESS);
-    };
-    match command {
-        Command::Server(args) => {
-            if let Some(listen) = args.listen {
-                file.scheduler.addr = listen;
-            }
-            if let Some(dir) = args.data_dir {
-                file.cas.root = Some(dir);
-            }
-            if let Some(b) = args.backend {
-                file.cas.backend = match b {
-                    BackendArg::Filesystem => Backend::Filesystem,
-                    BackendArg::Memory => Backend::Memory,
-                };
-            }
-            if let Some(size) = args.max_size {
-                file.cas.max_size = size;
-            }
-            let config = file.resolve()?;
-            let listener = tokio::net::TcpListener::bind(config.listen)
-                .await
-                .with_context(|| format!("listening on {}", config.listen))?;
-            crate::server::run(listener, config, crate::server::shutdown_signal()).await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Cas(cmd) => {
-            let server = cli.server.unwrap_or_else(|| client_address(&file.scheduler.addr));
-            cas::run(cmd, &server, &cli.instance).await
-        }
+    let file = load_config(cli.config.as_ref())?;
+    let server = cli.server.clone().unwrap_or_else(|| client_address(&file.scheduler.addr));
+    let ctx = Session { file, server, instance: cli.instance.clone() };
+    match cli.command {
+        None => repl::run(ctx).await,
+        Some(command) => dispatch(command, ctx).await,
     }
+}
+
+async fn dispatch(command: Command, ctx: Session) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Server(args) => server(args, ctx.file).await,
+        Command::Worker(args) => worker(args, ctx).await,
+        Command::Cas(cmd) => cas::run(cmd, &ctx.server, &ctx.instance).await,
+        Command::Run(args) => exec::run(args, &ctx.server, &ctx.instance).await,
+        Command::Job(cmd) => exec::job(cmd, &ctx.server, &ctx.instance).await,
+        Command::Jobs(cmd) => exec::jobs(cmd, &ctx.server).await,
+        Command::Workers(ListOnly::List) => status::workers(&ctx.server).await,
+        Command::Scheduler(StatusOnly::Status) => status::scheduler(&ctx.server).await,
+    }
+}
+
+async fn server(args: ServerArgs, mut file: FileConfig) -> anyhow::Result<ExitCode> {
+    if let Some(listen) = args.listen {
+        file.scheduler.addr = listen;
+    }
+    if let Some(dir) = args.data_dir {
+        file.cas.root = Some(dir);
+    }
+    if let Some(b) = args.backend {
+        file.cas.backend = match b {
+            BackendArg::Filesystem => Backend::Filesystem,
+            BackendArg::Memory => Backend::Memory,
+        };
+    }
+    if let Some(size) = args.max_size {
+        file.cas.max_size = size;
+    }
+    if let Some(n) = args.workers {
+        file.worker.capacity = Some(n);
+    }
+    let config = file.resolve()?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    crate::server::run(listener, config, crate::server::shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn worker(args: WorkerArgs, ctx: Session) -> anyhow::Result<ExitCode> {
+    use std::sync::Arc;
+
+    use crate::worker::{Executor, cas::RemoteCas, remote};
+    let mut file = ctx.file;
+    if let Some(dir) = args.work_dir {
+        file.worker.work_dir = Some(dir);
+    }
+    if let Some(slots) = args.slots {
+        anyhow::ensure!(slots > 0, "--slots must be at least 1");
+        file.worker.capacity = Some(slots);
+    }
+    file.worker.properties.extend(args.properties);
+    let config = file.resolve()?;
+    anyhow::ensure!(config.worker_capacity > 0, "[worker] capacity must be at least 1 for a worker");
+    let scheduler = args.scheduler.unwrap_or(ctx.server);
+    let name = args.name.unwrap_or_else(remote::default_name);
+    let channel = remote_apis::client::endpoint(&scheduler).map_err(|s| rpc_error("--scheduler", s))?.connect_lazy();
+    let (work_dir, cache_size, exec_name) = (config.work_dir.clone(), config.worker_cache_size, name.clone());
+    let executor = tokio::task::spawn_blocking(move || {
+        Executor::new(exec_name, Arc::new(RemoteCas::new(channel)), &work_dir, cache_size)
+    })
+    .await?
+    .with_context(|| format!("preparing the work directory {}", config.work_dir.display()))?;
+    let options = remote::WorkerOptions {
+        scheduler,
+        name,
+        slots: config.worker_capacity,
+        properties: config.worker_properties.clone(),
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        crate::server::shutdown_signal().await;
+        on_signal.cancel();
+    });
+    remote::run(options, Arc::new(executor), stop).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The address a client on this machine uses for a server listening on

@@ -9,14 +9,18 @@ mod request_log;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use remote_apis::bytestream::byte_stream_server::ByteStreamServer;
+use remote_apis::longrunning::operations_server::OperationsServer;
 use remote_apis::reapi::action_cache_server::ActionCacheServer;
 use remote_apis::reapi::capabilities_server::CapabilitiesServer;
 use remote_apis::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use remote_apis::reapi::execution_server::ExecutionServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
 
 use crate::ac::{AcStore, ActionCacheService, FsAcStore, MemoryAcStore};
@@ -25,7 +29,16 @@ use crate::admin::proto::admin_server::AdminServer;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::{ByteStreamService, CasService};
 use crate::config::{Backend, Config};
+use crate::execution::gateway::GatewayService;
+use crate::execution::gateway::proto::worker_gateway_server::WorkerGatewayServer;
+use crate::execution::platform::Platform;
+use crate::execution::scheduler::WorkerInfo;
+use crate::execution::service::{ExecutionService, OperationsService};
+use crate::execution::validate::Timeouts;
+use crate::execution::{Scheduler, SchedulerConfig};
 use crate::store::{self, Store, fs::FsStore, memory::MemoryStore};
+use crate::worker::cas::StoreCas;
+use crate::worker::{Executor, builtin};
 
 /// ActionCache entries kept by the memory backend.
 const MEMORY_AC_ENTRIES: usize = 1_000_000;
@@ -81,12 +94,16 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let limit = grpc_message_limit(config.max_batch_size);
     let Stores { cas, ac } = stores;
+    let ac = Arc::new(ActionCacheService::new(ac, cas.clone()));
+    let stop_workers = CancellationToken::new();
+    let execution = start_execution(config, &cas, &ac, &stop_workers).await?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ContentAddressableStorageServer<CasService>>().await;
     health.set_serving::<ByteStreamServer<ByteStreamService>>().await;
     health.set_serving::<ActionCacheServer<ActionCacheService>>().await;
     health.set_serving::<CapabilitiesServer<CapabilitiesService>>().await;
+    health.set_serving::<ExecutionServer<ExecutionService>>().await;
 
     macro_rules! limits {
         ($svc:expr) => {
@@ -110,8 +127,20 @@ pub async fn serve(
         .add_service(limits!(CapabilitiesServer::new(CapabilitiesService::new(config.max_batch_size))))
         .add_service(limits!(ContentAddressableStorageServer::new(CasService::new(cas.clone(), config.max_batch_size))))
         .add_service(limits!(ByteStreamServer::new(ByteStreamService::new(cas.clone(), config.upload_resume_window))))
-        .add_service(limits!(ActionCacheServer::new(ActionCacheService::new(ac, cas.clone()))))
-        .add_service(limits!(AdminServer::new(AdminService::new(cas, config.backend, data_dir))));
+        .add_service(limits!(ActionCacheServer::from_arc(ac.clone())))
+        .add_service(limits!(ExecutionServer::new(ExecutionService::new(
+            cas.clone(),
+            ac,
+            execution.clone(),
+            Timeouts { default: config.execution.default_timeout, max: config.execution.max_timeout },
+            STREAM_KEEPALIVE,
+        ))))
+        .add_service(limits!(OperationsServer::new(OperationsService::new(execution.clone()))))
+        .add_service(limits!(WorkerGatewayServer::new(GatewayService::new(
+            execution.clone(),
+            config.heartbeat_interval
+        ))))
+        .add_service(limits!(AdminServer::new(AdminService::new(cas, config.backend, data_dir, execution))));
 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, backend = ?config.backend, data_dir = %config.data_dir.display(), "serving REAPI");
@@ -133,8 +162,69 @@ pub async fn serve(
             }
         }
     }
+    // Workers go after the listener: no new action can arrive, running ones
+    // are killed and their directories cleaned.
+    stop_workers.cancel();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often an unchanged operation is re-sent on Execute/WaitExecution streams.
+const STREAM_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// The scheduler, its upkeep task and the built-in worker (unless
+/// `worker_capacity` is 0: a scheduler-only server for remote workers).
+async fn start_execution(
+    config: &Config,
+    cas: &Store,
+    ac: &Arc<ActionCacheService>,
+    stop: &CancellationToken,
+) -> anyhow::Result<Arc<Scheduler>> {
+    let e = &config.execution;
+    let scheduler = Arc::new(Scheduler::new(
+        ac.clone(),
+        SchedulerConfig {
+            max_attempts: e.max_attempts,
+            keepalive_timeout: config.heartbeat_interval * 3,
+            numeric_properties: e.numeric_properties.clone(),
+            retention: e.operation_retention,
+            unmatched_timeout: e.unmatched_timeout,
+        },
+    ));
+    let sweeper = scheduler.clone();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => sweeper.sweep(),
+                () = token.cancelled() => return,
+            }
+        }
+    });
+    if config.worker_capacity > 0 {
+        let name = format!("builtin@{}", crate::worker::remote::default_name());
+        let work_dir = config.work_dir.clone();
+        let (cas_for_worker, cache_size, worker_name) = (cas.clone(), config.worker_cache_size, name.clone());
+        let executor = tokio::task::spawn_blocking(move || {
+            Executor::new(worker_name, Arc::new(StoreCas(cas_for_worker)), &work_dir, cache_size)
+        })
+        .await?
+        .with_context(|| format!("preparing the worker directory {}", config.work_dir.display()))?;
+        let info = WorkerInfo {
+            name,
+            properties: Platform::new(config.worker_properties.clone()),
+            slots: config.worker_capacity,
+            builtin: true,
+        };
+        tracing::info!(slots = info.slots, work_dir = %config.work_dir.display(), "built-in worker");
+        tokio::spawn(builtin::run(scheduler.clone(), Arc::new(executor), info, stop.clone()));
+        // Registered before the first request can arrive.
+        while scheduler.status().workers.is_empty() {
+            tokio::task::yield_now().await;
+        }
+    }
+    Ok(scheduler)
 }
 
 /// Resolves on SIGINT or SIGTERM.

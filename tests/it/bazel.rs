@@ -1,21 +1,42 @@
 //! A real client nobody here wrote: Bazel (Debian's bazel-bootstrap, 4.2.3)
-//! uses the server as its remote cache.
+//! uses the server as its remote cache, and as its remote executor.
 //!
 //! Skipped with a message when `bazel` is not installed, unless
 //! `DISTBUILD_REQUIRE_BAZEL=1` (CI sets it), in which case a missing Bazel
 //! fails the test.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 use crate::common::TestServer;
 
 /// The genrules under //gen/... in the fixture.
 const GENRULES: usize = 8;
 
+/// The sh_tests under //shtest/... in the fixture.
+const SH_TESTS: usize = 2;
+
+/// Flags for every build and test; the fixture's README says why each is there.
+const COMMON_FLAGS: [&str; 4] =
+    ["--nosandbox_debug", "--symlink_prefix=/", "--incompatible_strict_action_env", "--remote_timeout=60"];
+
 fn bazel_binary() -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).map(|d| d.join("bazel")).find(|p| p.is_file())
+}
+
+/// The `bazel` to test with, or `None` (after saying so) when the test should
+/// be skipped because it is missing. Panics instead when
+/// `DISTBUILD_REQUIRE_BAZEL=1`, so CI cannot pass by skipping.
+fn bazel_or_skip() -> Option<PathBuf> {
+    let bazel = bazel_binary();
+    if bazel.is_none() {
+        if std::env::var("DISTBUILD_REQUIRE_BAZEL").as_deref() == Ok("1") {
+            panic!("bazel is not installed, and DISTBUILD_REQUIRE_BAZEL=1 (apt-get install bazel-bootstrap)");
+        }
+        eprintln!("skipping the Bazel test: bazel is not installed (apt-get install bazel-bootstrap)");
+    }
+    bazel
 }
 
 struct Workspace {
@@ -34,9 +55,9 @@ impl Workspace {
         Workspace { _tmp: tmp, dir, output_root, bazel }
     }
 
-    /// Runs `bazel <command> <args>`; returns (success, stderr).
-    fn run(&self, command: &str, args: &[&str]) -> (bool, String) {
-        let out = Command::new(&self.bazel)
+    /// Runs `bazel <command> <args>`.
+    fn output_of(&self, command: &str, args: &[&str]) -> Output {
+        Command::new(&self.bazel)
             .current_dir(&self.dir)
             .arg("--nohome_rc")
             .arg(format!("--output_user_root={}", self.output_root.display()))
@@ -44,24 +65,50 @@ impl Workspace {
             .arg(command)
             .args(args)
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Runs `bazel <command> <args>`; returns (success, stderr).
+    fn run(&self, command: &str, args: &[&str]) -> (bool, String) {
+        let out = self.output_of(command, args);
         (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
+    /// Builds //gen/... with `server` as the remote cache only: every action
+    /// that misses runs locally, unsandboxed.
     fn build(&self, server: &str, extra: &[&str]) -> String {
         let remote = format!("--remote_cache={server}");
-        let mut args = vec![
-            "--nosandbox_debug",
-            "--symlink_prefix=/",
-            "--incompatible_strict_action_env",
-            "--spawn_strategy=local",
-            "--remote_timeout=60",
-            &remote,
-        ];
+        let mut args = COMMON_FLAGS.to_vec();
+        args.extend(["--spawn_strategy=local", &remote]);
         args.extend_from_slice(extra);
         args.push("//gen/...");
         let (ok, stderr) = self.run("build", &args);
         assert!(ok, "bazel build failed:\n{stderr}");
+        stderr
+    }
+
+    /// Builds every genrule and runs every sh_test with `server` as the
+    /// remote executor; returns stderr, which holds the process summary.
+    ///
+    /// `--spawn_strategy=remote` without `--remote_local_fallback` means a
+    /// spawn the server cannot run fails the command instead of quietly
+    /// running here. Bazel 4.2.3 also uses the executor's endpoint as its
+    /// remote cache, so no `--remote_cache` is needed.
+    fn test_remotely(&self, server: &str) -> String {
+        let remote = format!("--remote_executor={server}");
+        let mut args = COMMON_FLAGS.to_vec();
+        // A failing test's log then shows up in the panic message below.
+        args.extend(["--spawn_strategy=remote", "--test_output=errors", &remote, "//gen/...", "//shtest/..."]);
+        let out = self.output_of("test", &args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        // `bazel test` succeeds only if it ran tests (no test targets is exit
+        // code 4) and every one of them passed.
+        assert!(
+            out.status.success(),
+            "bazel test failed ({}):\n{stderr}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
         stderr
     }
 
@@ -120,15 +167,44 @@ fn count(summary: &[(String, usize)], runner: &str) -> usize {
     summary.iter().filter(|(r, _)| r == runner).map(|(_, n)| n).sum()
 }
 
+/// The runners in `summary` other than `internal` (the symlink and runfiles
+/// work Bazel does in its own process, whatever the strategy).
+fn external_runners(summary: &[(String, usize)]) -> Vec<&str> {
+    summary.iter().filter(|(r, _)| r != "internal").map(|(r, _)| r.as_str()).collect()
+}
+
+/// `process_summary` against summary lines as Bazel 4.2.3 prints them, so a
+/// parsing slip cannot make the Bazel tests pass or fail for the wrong reason.
+#[test]
+fn process_summary_parses_bazel_lines() {
+    let cases: [(&str, &[(&str, usize)]); 6] = [
+        ("INFO: 9 processes: 1 internal, 8 linux-sandbox.", &[("internal", 1), ("linux-sandbox", 8)]),
+        ("INFO: 9 processes: 8 remote cache hit, 1 internal.", &[("remote cache hit", 8), ("internal", 1)]),
+        ("INFO: 12 processes: 3 internal, 9 remote.", &[("internal", 3), ("remote", 9)]),
+        ("INFO: 5 processes: 2 internal, 3 processwrapper-sandbox.", &[("internal", 2), ("processwrapper-sandbox", 3)]),
+        ("INFO: 1 process: 1 internal.", &[("internal", 1)]),
+        ("INFO: 0 processes.", &[]),
+    ];
+    for (line, expected) in cases {
+        // Surrounded by the kind of lines Bazel prints around the summary.
+        let stderr = format!(
+            "INFO: Analyzed 10 targets (14 packages loaded, 120 targets configured).\n\
+             INFO: Found 8 targets and 2 test targets...\n\
+             {line}\n\
+             INFO: Build completed successfully, 14 total actions\n"
+        );
+        let expected: Vec<(String, usize)> = expected.iter().map(|&(r, n)| (r.to_string(), n)).collect();
+        assert_eq!(process_summary(&stderr), expected, "{line}");
+    }
+    let summary = process_summary("INFO: 12 processes: 3 internal, 9 remote.\n");
+    assert_eq!(count(&summary, "remote"), 9);
+    assert_eq!(count(&summary, "local"), 0);
+    assert_eq!(external_runners(&summary), ["remote"]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bazel_uses_the_server_as_remote_cache() {
-    let Some(bazel) = bazel_binary() else {
-        if std::env::var("DISTBUILD_REQUIRE_BAZEL").as_deref() == Ok("1") {
-            panic!("bazel is not installed, and DISTBUILD_REQUIRE_BAZEL=1 (apt-get install bazel-bootstrap)");
-        }
-        eprintln!("skipping the Bazel test: bazel is not installed (apt-get install bazel-bootstrap)");
-        return;
-    };
+    let Some(bazel) = bazel_or_skip() else { return };
     let server = TestServer::start().await;
     let url = server.url();
     let summaries = tokio::task::spawn_blocking(move || {
@@ -154,4 +230,47 @@ async fn bazel_uses_the_server_as_remote_cache() {
     assert_eq!(count(&second, "remote cache hit"), GENRULES, "after clean: {second:?}");
     assert_eq!(count(&second, "local"), 0, "after clean: {second:?}");
     assert_eq!(count(&third, "remote cache hit"), GENRULES, "minimal download: {third:?}");
+}
+
+/// Bazel hands every genrule and sh_test to the server's workers, then, after
+/// `bazel clean`, gets all of them back from the action cache those remote
+/// runs filled.
+#[tokio::test(flavor = "multi_thread")]
+async fn bazel_remote_execution() {
+    let Some(bazel) = bazel_or_skip() else { return };
+    // No exec properties: Bazel 4.2.3 sends an empty platform unless
+    // --remote_default_exec_properties is set, and the built-in workers take
+    // any action.
+    let server = TestServer::start().await;
+    let url = server.url();
+    let (cold, warm) = tokio::task::spawn_blocking(move || {
+        let ws = Workspace::new(bazel);
+        let expected = "hello from the distbuild bazel fixture\nPEAR\nAPPLE\nFIG\nBANANA\nCHERRY\n";
+        // Cold: nothing is cached, so the workers run every action and test.
+        let cold = process_summary(&ws.test_remotely(&url));
+        // Made remotely from a source file and another remote action's
+        // output, then downloaded (Bazel 4.2.3 downloads all outputs).
+        assert_eq!(ws.output("gen/text/greeting_full.txt"), expected);
+        // After `bazel clean`, every action and test result comes from the
+        // action cache that the remote runs filled.
+        assert!(ws.run("clean", &[]).0);
+        let warm = process_summary(&ws.test_remotely(&url));
+        assert_eq!(ws.output("gen/text/greeting_full.txt"), expected);
+        (cold, warm)
+    })
+    .await
+    .unwrap();
+    // Anything but `remote` (`local`, `linux-sandbox`, `processwrapper-sandbox`,
+    // `remote cache hit`) means some spawn did not run on the server.
+    assert_eq!(external_runners(&cold), ["remote"], "cold run: {cold:?}");
+    // Each test also has a second spawn, which writes its test.xml from the
+    // test log (--experimental_split_xml_generation is on by default), so
+    // expect 12: only the genrules and the tests themselves are certain.
+    let executed = count(&cold, "remote");
+    assert!(executed >= GENRULES + SH_TESTS, "cold run: {cold:?}");
+    // Zero `remote`: nothing ran again, and every remote run was cached. That
+    // includes the XML spawns: their command line carries the test's wall
+    // time in seconds, which Bazel 4.2.3 leaves at 0 for remote results.
+    assert_eq!(external_runners(&warm), ["remote cache hit"], "after clean: {warm:?}");
+    assert_eq!(count(&warm, "remote cache hit"), executed, "after clean: {warm:?}, cold run: {cold:?}");
 }

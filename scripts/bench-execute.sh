@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Execution benchmark: builds release binaries, starts a server process with
+# its built-in workers on loopback and measures Execute latency (uncached and
+# cached) and throughput from a client (examples/execute_bench.rs), beside
+# the cost of spawning the same process locally.
+#
+# Usage: scripts/bench-execute.sh [ITERATIONS=500] [CONCURRENCY=64]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --quiet --bin cargo-distbuild --example execute_bench
+exec target/release/examples/execute_bench target/release/cargo-distbuild "${1:-500}" "${2:-64}"

@@ -1,0 +1,118 @@
+//! The scheduler's side of `proto/worker.proto`: one bidirectional stream per
+//! remote worker. The stream's end (or keepalive silence, see
+//! [`Scheduler::sweep`]) means the worker is gone and its actions re-queue.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use futures::{Stream, StreamExt};
+use prost::Message;
+use remote_apis::reapi::ExecuteResponse;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::platform::Platform;
+use super::scheduler::{Scheduler, WorkerCommand, WorkerInfo};
+use crate::error::Error;
+
+pub mod proto {
+    tonic::include_proto!("distbuild.worker.v1");
+}
+
+use proto::worker_gateway_server::WorkerGateway;
+use proto::{SchedulerMessage, WorkerMessage, scheduler_message, worker_message};
+
+pub struct GatewayService {
+    scheduler: Arc<Scheduler>,
+    keepalive_interval: Duration,
+}
+
+impl GatewayService {
+    pub fn new(scheduler: Arc<Scheduler>, keepalive_interval: Duration) -> Self {
+        GatewayService { scheduler, keepalive_interval }
+    }
+}
+
+type Outbound = Pin<Box<dyn Stream<Item = Result<SchedulerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerGateway for GatewayService {
+    type SessionStream = Outbound;
+
+    async fn session(&self, request: Request<Streaming<WorkerMessage>>) -> Result<Response<Outbound>, Status> {
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await? {
+            Some(WorkerMessage { message: Some(worker_message::Message::Hello(h)) }) => h,
+            _ => return Err(Error::invalid("the first message of a worker must be Hello").into()),
+        };
+        if hello.slots == 0 {
+            return Err(Error::bad_field("hello.slots", "must be at least 1").into());
+        }
+        let name = if hello.name.is_empty() { format!("worker@{peer}") } else { hello.name };
+        let info = WorkerInfo {
+            name,
+            properties: Platform::new(hello.properties.into_iter().map(|p| (p.name, p.value)).collect()),
+            slots: hello.slots as usize,
+            builtin: false,
+        };
+        let (tx, rx) = mpsc::unbounded_channel::<WorkerCommand>();
+        let id = self.scheduler.register_worker(info, tx);
+        let scheduler = self.scheduler.clone();
+        tokio::spawn(async move {
+            let reason = loop {
+                match inbound.message().await {
+                    Ok(Some(msg)) => {
+                        scheduler.worker_alive(id);
+                        if let Err(e) = handle(&scheduler, id, msg).await {
+                            break e;
+                        }
+                    }
+                    Ok(None) => break "the worker closed its stream".to_string(),
+                    Err(e) => break format!("stream error: {}", e.message()),
+                }
+            };
+            scheduler.worker_lost(id, &reason);
+        });
+        let welcome = SchedulerMessage {
+            message: Some(scheduler_message::Message::Welcome(proto::Welcome {
+                keepalive_interval_ms: self.keepalive_interval.as_millis() as u64,
+            })),
+        };
+        let commands = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(|c| Ok(to_proto(c)));
+        Ok(Response::new(Box::pin(futures::stream::once(async { Ok(welcome) }).chain(commands))))
+    }
+}
+
+async fn handle(scheduler: &Scheduler, id: u64, msg: WorkerMessage) -> Result<(), String> {
+    match msg.message {
+        Some(worker_message::Message::Keepalive(_)) => {}
+        Some(worker_message::Message::Started(s)) => scheduler.started(id, &s.task_id),
+        Some(worker_message::Message::Finished(f)) => {
+            let response = ExecuteResponse::decode(f.execute_response.as_slice())
+                .map_err(|e| format!("undecodable ExecuteResponse: {e}"))?;
+            scheduler.finished(id, &f.task_id, response).await;
+        }
+        Some(worker_message::Message::Hello(_)) => return Err("a second Hello".into()),
+        None => return Err("an empty message".into()),
+    }
+    Ok(())
+}
+
+fn to_proto(command: WorkerCommand) -> SchedulerMessage {
+    let message = match command {
+        WorkerCommand::Assign(task) => scheduler_message::Message::Assign(proto::Assign {
+            task_id: task.id.clone(),
+            instance_name: task.instance.to_string(),
+            digest_function: task.action_digest.function.to_proto() as i32,
+            action_digest: task.action_digest.to_proto().encode_to_vec(),
+            action: task.action.encode_to_vec(),
+            command: task.command.encode_to_vec(),
+            timeout_ms: task.timeout.as_millis() as u64,
+            queued_unix_ms: task.queued_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64,
+        }),
+        WorkerCommand::Cancel(task_id) => scheduler_message::Message::Cancel(proto::Cancel { task_id }),
+    };
+    SchedulerMessage { message: Some(message) }
+}

@@ -1,0 +1,11 @@
+//! Remote execution: validation, the scheduler, and the gRPC services in
+//! front of it (REAPI Execution, google.longrunning Operations, and the
+//! worker gateway that remote workers connect to).
+
+pub mod gateway;
+pub mod platform;
+pub mod scheduler;
+pub mod service;
+pub mod validate;
+
+pub use scheduler::{Scheduler, SchedulerConfig};

@@ -1,0 +1,123 @@
+//! Platform properties and how workers are matched to actions.
+//!
+//! A requirement is met when the worker offers the same name and value, or,
+//! for numeric capacity properties (such as `cpu-count`), a value at least as
+//! large. A name may repeat: every value is required (they are AND-ed).
+
+use std::fmt;
+
+use remote_apis::reapi;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Platform(Vec<(String, String)>);
+
+impl Platform {
+    pub fn new(mut pairs: Vec<(String, String)>) -> Self {
+        pairs.sort();
+        pairs.dedup();
+        Platform(pairs)
+    }
+
+    pub fn from_proto(p: Option<&reapi::Platform>) -> Self {
+        let pairs = p.map(|p| p.properties.iter().map(|x| (x.name.clone(), x.value.clone())).collect());
+        Platform::new(pairs.unwrap_or_default())
+    }
+
+    pub fn pairs(&self) -> &[(String, String)] {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The first requirement `offer` does not meet, if any.
+    pub fn unmet_by<'a>(&'a self, offer: &Platform, numeric: &[String]) -> Option<&'a (String, String)> {
+        self.0.iter().find(|(name, value)| !offers(offer, name, value, numeric))
+    }
+}
+
+fn offers(offer: &Platform, name: &str, value: &str, numeric: &[String]) -> bool {
+    let offered = offer.0.iter().filter(|(n, _)| n == name).map(|(_, v)| v);
+    if numeric.iter().any(|n| n == name)
+        && let Ok(want) = value.parse::<u64>()
+    {
+        return offered.filter_map(|v| v.parse::<u64>().ok()).any(|have| have >= want);
+    }
+    offered.into_iter().any(|v| v == value)
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("(none)");
+        }
+        let parts: Vec<String> = self.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// Parses `KEY=VALUE` (command-line properties).
+pub fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// What a worker on this machine offers by default: the OS, the CPU
+/// architecture (names from the REAPI platform lexicon) and its CPU count.
+pub fn host_properties() -> Vec<(String, String)> {
+    let isa = match std::env::consts::ARCH {
+        "x86_64" => "x86-64",
+        "aarch64" => "aarch64",
+        other => other,
+    };
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    vec![
+        ("OSFamily".into(), std::env::consts::OS.into()),
+        ("ISA".into(), isa.into()),
+        ("cpu-count".into(), cpus.to_string()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pairs: &[(&str, &str)]) -> Platform {
+        Platform::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    #[test]
+    fn matching() {
+        let numeric = vec!["cpu-count".to_string()];
+        let worker = p(&[("OSFamily", "linux"), ("cpu-count", "8"), ("pool", "a"), ("pool", "b")]);
+        type Case<'a> = (&'a [(&'a str, &'a str)], Option<&'a str>);
+        let cases: &[Case] = &[
+            (&[], None),
+            (&[("OSFamily", "linux")], None),
+            (&[("OSFamily", "windows")], Some("OSFamily")),
+            (&[("cpu-count", "4")], None),
+            (&[("cpu-count", "8")], None),
+            (&[("cpu-count", "16")], Some("cpu-count")),
+            (&[("pool", "a"), ("pool", "b")], None),
+            (&[("pool", "a"), ("pool", "c")], Some("pool")),
+            (&[("gpu", "1")], Some("gpu")),
+        ];
+        for (want, unmet) in cases {
+            let want_p = p(want);
+            let got = want_p.unmet_by(&worker, &numeric).map(|(k, _)| k.as_str());
+            assert_eq!(got, *unmet, "{want:?}");
+        }
+        // Not numeric: compared as strings.
+        assert!(p(&[("cpu-count", "4")]).unmet_by(&worker, &[]).is_some());
+    }
+
+    #[test]
+    fn properties_parse() {
+        assert_eq!(parse_property("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        assert!(parse_property("=x").is_err());
+        assert!(parse_property("novalue").is_err());
+    }
+}

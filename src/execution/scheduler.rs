@@ -1,0 +1,634 @@
+//! The scheduler: operations, per-platform queues, workers and dispatch.
+//!
+//! All state sits behind one lock and changes only through the methods here,
+//! which is what a persistent backend would replace: the state is plain data
+//! (operations by name, queues of names, workers by id) and every transition
+//! is a method call. Nothing awaits while the lock is held.
+//!
+//! Invariants:
+//! - an operation is in at most one queue or on at most one worker;
+//! - a worker never has more tasks than slots, cancelled ones included
+//!   until the worker confirms they ended;
+//! - only the worker holding the current task id of an operation can finish
+//!   it: answers for re-queued or cancelled attempts are ignored.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+use remote_apis::reapi::execution_stage::Value as Stage;
+use remote_apis::reapi::{ActionResult, ExecuteResponse};
+use remote_apis::{Digest, InstanceName, rpc};
+use tokio::sync::{mpsc, watch};
+
+use super::platform::Platform;
+use super::validate::Checked;
+use crate::ac::{AcKey, ActionCacheService};
+use crate::error::{Error, Result};
+use crate::worker::Task;
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Attempts per action when workers are lost while running it.
+    pub max_attempts: u32,
+    /// A remote worker silent for this long is dropped.
+    pub keepalive_timeout: Duration,
+    /// Properties compared as "at least" numbers.
+    pub numeric_properties: Vec<String>,
+    /// How long finished operations stay visible (WaitExecution, GetOperation).
+    pub retention: Duration,
+    /// How long an action waits when no connected worker could run it.
+    pub unmatched_timeout: Duration,
+}
+
+/// What the scheduler tells a worker.
+#[derive(Debug)]
+pub enum WorkerCommand {
+    Assign(Arc<Task>),
+    Cancel(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    pub name: String,
+    pub properties: Platform,
+    pub slots: usize,
+    pub builtin: bool,
+}
+
+/// A worker as `workers list` shows it.
+#[derive(Debug, Clone)]
+pub struct WorkerView {
+    pub info: WorkerInfo,
+    pub busy: usize,
+    pub done: u64,
+    pub connected_for: Duration,
+}
+
+/// One operation as clients see it. `stages` only grows (a lost worker adds
+/// QUEUED again), so a stream can send every step it has not sent yet.
+#[derive(Debug, Clone)]
+pub struct OpView {
+    pub name: String,
+    pub instance: InstanceName,
+    pub action_digest: Digest,
+    pub stages: Vec<Stage>,
+    pub response: Option<Arc<ExecuteResponse>>,
+    pub worker: Option<String>,
+    pub queued_at: SystemTime,
+}
+
+impl OpView {
+    pub fn stage(&self) -> Stage {
+        self.stages.last().copied().unwrap_or(Stage::Unknown)
+    }
+
+    pub fn done(&self) -> bool {
+        self.response.is_some()
+    }
+}
+
+/// Counters for `scheduler status`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counters {
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub merged: u64,
+    pub executed: u64,
+    pub failed: u64,
+    pub requeued: u64,
+    pub cancelled: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub queues: Vec<(Platform, usize)>,
+    pub running: usize,
+    pub operations: usize,
+    pub workers: Vec<WorkerView>,
+    pub counters: Counters,
+}
+
+/// An action to queue.
+pub struct Submission {
+    pub instance: InstanceName,
+    pub action_digest: Digest,
+    pub checked: Checked,
+    /// `None` for `do_not_cache`: never merged, never cached.
+    pub cache_key: Option<AcKey>,
+}
+
+pub type OpWatch = watch::Receiver<Arc<OpView>>;
+
+struct OpEntry {
+    seq: u64,
+    view: OpView,
+    tx: watch::Sender<Arc<OpView>>,
+    checked: Arc<Checked>,
+    cache_key: Option<AcKey>,
+    attempts: u32,
+    /// (worker id, task id) while assigned.
+    running: Option<(u64, String)>,
+    queued_since: Instant,
+    done_at: Option<Instant>,
+}
+
+impl OpEntry {
+    fn publish(&self) {
+        self.tx.send_replace(Arc::new(self.view.clone()));
+    }
+}
+
+struct WorkerEntry {
+    info: WorkerInfo,
+    tx: mpsc::UnboundedSender<WorkerCommand>,
+    /// task id -> operation name.
+    running: HashMap<String, String>,
+    done: u64,
+    last_seen: Instant,
+    connected_at: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    ops: HashMap<String, OpEntry>,
+    /// Creation order, for listing.
+    order: BTreeMap<u64, String>,
+    /// Cacheable operations not yet done, by action: where duplicates merge.
+    inflight: HashMap<AcKey, String>,
+    /// Queued operation names per platform, oldest first (by seq).
+    queues: HashMap<Platform, VecDeque<(u64, String)>>,
+    workers: HashMap<u64, WorkerEntry>,
+    next_seq: u64,
+    next_worker: u64,
+    counters: Counters,
+}
+
+pub struct Scheduler {
+    state: Mutex<State>,
+    ac: Arc<ActionCacheService>,
+    config: SchedulerConfig,
+}
+
+impl Scheduler {
+    pub fn new(ac: Arc<ActionCacheService>, config: SchedulerConfig) -> Self {
+        Scheduler { state: Mutex::default(), ac, config }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// Queues an action, or joins the identical one already in flight.
+    /// FAILED_PRECONDITION when connected workers exist and none can ever run
+    /// it (with no worker connected yet, it waits for one).
+    pub fn submit(&self, sub: Submission) -> Result<OpWatch> {
+        let mut st = self.state.lock();
+        if let Some(key) = &sub.cache_key
+            && let Some(name) = st.inflight.get(key).cloned()
+            && let Some(op) = st.ops.get(&name)
+        {
+            let rx = op.tx.subscribe();
+            st.counters.merged += 1;
+            return Ok(rx);
+        }
+        if !st.workers.is_empty() {
+            self.check_satisfiable(&st, &sub.checked.platform)?;
+        }
+        st.counters.cache_misses += 1;
+        let (seq, name) = new_name(&mut st);
+        let view = OpView {
+            name: name.clone(),
+            instance: sub.instance,
+            action_digest: sub.action_digest,
+            stages: vec![Stage::Queued],
+            response: None,
+            worker: None,
+            queued_at: SystemTime::now(),
+        };
+        let (tx, rx) = watch::channel(Arc::new(view.clone()));
+        let platform = sub.checked.platform.clone();
+        st.ops.insert(
+            name.clone(),
+            OpEntry {
+                seq,
+                view,
+                tx,
+                checked: Arc::new(sub.checked),
+                cache_key: sub.cache_key,
+                attempts: 0,
+                running: None,
+                queued_since: Instant::now(),
+                done_at: None,
+            },
+        );
+        st.order.insert(seq, name.clone());
+        if let Some(key) = sub.cache_key {
+            st.inflight.insert(key, name.clone());
+        }
+        enqueue(&mut st, platform, seq, name);
+        self.dispatch(&mut st);
+        Ok(rx)
+    }
+
+    /// Records an ActionCache hit as a finished operation.
+    pub fn record_hit(&self, instance: InstanceName, action_digest: Digest, result: ActionResult) -> OpWatch {
+        let mut st = self.state.lock();
+        st.counters.cache_hits += 1;
+        let (seq, name) = new_name(&mut st);
+        let response = ExecuteResponse { result: Some(result), cached_result: true, ..Default::default() };
+        let view = OpView {
+            name: name.clone(),
+            instance,
+            action_digest,
+            stages: vec![Stage::Completed],
+            response: Some(Arc::new(response)),
+            worker: None,
+            queued_at: SystemTime::now(),
+        };
+        let (tx, rx) = watch::channel(Arc::new(view.clone()));
+        st.ops.insert(
+            name.clone(),
+            OpEntry {
+                seq,
+                view,
+                tx,
+                checked: Arc::new(Checked {
+                    action: Default::default(),
+                    command: Default::default(),
+                    platform: Platform::default(),
+                    timeout: Duration::ZERO,
+                }),
+                cache_key: None,
+                attempts: 0,
+                running: None,
+                queued_since: Instant::now(),
+                done_at: Some(Instant::now()),
+            },
+        );
+        st.order.insert(seq, name);
+        rx
+    }
+
+    fn check_satisfiable(&self, st: &State, platform: &Platform) -> Result<()> {
+        let numeric = &self.config.numeric_properties;
+        if st.workers.values().any(|w| platform.unmet_by(&w.info.properties, numeric).is_none()) {
+            return Ok(());
+        }
+        // Name the property nobody offers, or say no single worker offers all.
+        let lonely = platform.pairs().iter().find(|(k, v)| {
+            let one = Platform::new(vec![(k.clone(), v.clone())]);
+            st.workers.values().all(|w| one.unmet_by(&w.info.properties, numeric).is_some())
+        });
+        let message = match lonely {
+            Some((k, v)) => format!("no connected worker offers the platform property {k}={v}"),
+            None => format!("no single connected worker offers all of the platform properties {platform}"),
+        };
+        Err(Error::new(tonic::Code::FailedPrecondition, message))
+    }
+
+    /// A new watch on the operation, or `None` if it is unknown or expired.
+    pub fn subscribe(&self, name: &str) -> Option<OpWatch> {
+        self.state.lock().ops.get(name).map(|op| op.tx.subscribe())
+    }
+
+    pub fn get(&self, name: &str) -> Option<OpView> {
+        self.state.lock().ops.get(name).map(|op| op.view.clone())
+    }
+
+    /// Operations, oldest first.
+    pub fn list(&self) -> Vec<OpView> {
+        let st = self.state.lock();
+        st.order.values().filter_map(|n| st.ops.get(n)).map(|op| op.view.clone()).collect()
+    }
+
+    /// Cancels a queued or running operation (its process is killed). A
+    /// finished one is left as it is.
+    pub fn cancel(&self, name: &str) -> Result<()> {
+        let mut st = self.state.lock();
+        let Some(op) = st.ops.get(name) else {
+            return Err(Error::not_found(format!("operation {name:?} is unknown or expired")));
+        };
+        if op.done_at.is_some() {
+            return Ok(());
+        }
+        let (platform, running) = (op.checked.platform.clone(), op.running.clone());
+        match running {
+            Some((worker, task)) => {
+                if let Some(w) = st.workers.get(&worker) {
+                    let _ = w.tx.send(WorkerCommand::Cancel(task));
+                }
+            }
+            None => {
+                if let Some(q) = st.queues.get_mut(&platform) {
+                    q.retain(|(_, n)| n != name);
+                }
+            }
+        }
+        st.counters.cancelled += 1;
+        let status = rpc::Status {
+            code: tonic::Code::Cancelled as i32,
+            message: "the operation was cancelled".into(),
+            details: Vec::new(),
+        };
+        complete(&mut st, name, ExecuteResponse { status: Some(status), ..Default::default() });
+        Ok(())
+    }
+
+    /// Forgets a finished operation. A running one keeps running (deleting
+    /// does not cancel) and stays visible until it ends.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let mut st = self.state.lock();
+        match st.ops.get(name) {
+            None => Err(Error::not_found(format!("operation {name:?} is unknown or expired"))),
+            Some(op) if op.done_at.is_none() => Ok(()),
+            Some(op) => {
+                let seq = op.seq;
+                st.order.remove(&seq);
+                st.ops.remove(name);
+                Ok(())
+            }
+        }
+    }
+
+    pub fn register_worker(&self, info: WorkerInfo, tx: mpsc::UnboundedSender<WorkerCommand>) -> u64 {
+        let mut st = self.state.lock();
+        // A worker that reconnects under its old name replaces the old entry.
+        let stale: Vec<u64> = st.workers.iter().filter(|(_, w)| w.info.name == info.name).map(|(id, _)| *id).collect();
+        for id in stale {
+            self.drop_worker(&mut st, id, "reconnected");
+        }
+        st.next_worker += 1;
+        let id = st.next_worker;
+        tracing::info!(worker = %info.name, slots = info.slots, properties = %info.properties, "worker connected");
+        let now = Instant::now();
+        st.workers
+            .insert(id, WorkerEntry { info, tx, running: HashMap::new(), done: 0, last_seen: now, connected_at: now });
+        self.dispatch(&mut st);
+        id
+    }
+
+    pub fn worker_alive(&self, id: u64) {
+        if let Some(w) = self.state.lock().workers.get_mut(&id) {
+            w.last_seen = Instant::now();
+        }
+    }
+
+    /// A worker went away: its running actions are queued again (up to the
+    /// attempt limit, then they fail with a status saying why).
+    pub fn worker_lost(&self, id: u64, reason: &str) {
+        let mut st = self.state.lock();
+        self.drop_worker(&mut st, id, reason);
+        self.dispatch(&mut st);
+    }
+
+    fn drop_worker(&self, st: &mut State, id: u64, reason: &str) {
+        let Some(worker) = st.workers.remove(&id) else { return };
+        tracing::warn!(worker = %worker.info.name, reason, running = worker.running.len(), "worker dropped");
+        for (task, name) in worker.running {
+            let Some(op) = st.ops.get_mut(&name) else { continue };
+            if op.running.as_ref() != Some(&(id, task)) {
+                continue;
+            }
+            op.running = None;
+            op.view.worker = None;
+            if op.attempts >= self.config.max_attempts {
+                let message = format!(
+                    "worker {} was lost ({reason}) while running this action; gave up after {} attempts",
+                    worker.info.name, op.attempts
+                );
+                let status = rpc::Status { code: tonic::Code::Unavailable as i32, message, details: Vec::new() };
+                st.counters.failed += 1;
+                complete(st, &name, ExecuteResponse { status: Some(status), ..Default::default() });
+            } else {
+                op.view.stages.push(Stage::Queued);
+                op.queued_since = Instant::now();
+                op.publish();
+                let (seq, platform) = (op.seq, op.checked.platform.clone());
+                st.counters.requeued += 1;
+                enqueue(st, platform, seq, name);
+            }
+        }
+    }
+
+    /// The worker began the task: the operation is EXECUTING.
+    pub fn started(&self, worker: u64, task: &str) {
+        let mut st = self.state.lock();
+        let Some(name) = st.workers.get(&worker).and_then(|w| w.running.get(task)).cloned() else { return };
+        if let Some(op) = st.ops.get_mut(&name)
+            && op.running.as_ref().is_some_and(|(w, t)| *w == worker && t == task)
+        {
+            op.view.stages.push(Stage::Executing);
+            op.publish();
+        }
+    }
+
+    /// The worker ended the task. A successful result is written to the
+    /// ActionCache before any waiter hears of it, so a client that asks the
+    /// cache right after sees it.
+    pub async fn finished(&self, worker: u64, task: &str, response: ExecuteResponse) {
+        let current = {
+            let mut st = self.state.lock();
+            let Some(w) = st.workers.get_mut(&worker) else { return };
+            let Some(name) = w.running.remove(task) else { return };
+            w.done += 1;
+            let cache_key = match st.ops.get_mut(&name) {
+                Some(op) if op.running.as_ref().is_some_and(|(w, t)| *w == worker && t == task) => {
+                    op.running = None;
+                    Some((name, op.cache_key))
+                }
+                _ => None, // cancelled or re-queued meanwhile
+            };
+            if cache_key.is_none() {
+                self.dispatch(&mut st);
+            }
+            cache_key
+        };
+        let Some((name, cache_key)) = current else { return };
+        let succeeded = response.status.as_ref().is_none_or(|s| s.code == 0)
+            && response.result.as_ref().is_some_and(|r| r.exit_code == 0);
+        if let (true, Some(key), Some(result)) = (succeeded, cache_key, response.result.as_ref())
+            && let Err(e) = self.ac.store(&key, result).await
+        {
+            tracing::warn!(error = %e, "storing an action result");
+        }
+        let mut st = self.state.lock();
+        st.counters.executed += 1;
+        if !succeeded {
+            st.counters.failed += 1;
+        }
+        complete(&mut st, &name, response);
+        self.dispatch(&mut st);
+    }
+
+    /// Periodic upkeep: drops silent workers, expires finished operations and
+    /// fails actions that no connected worker can run.
+    pub fn sweep(&self) {
+        let mut st = self.state.lock();
+        let now = Instant::now();
+        let silent: Vec<u64> = st
+            .workers
+            .iter()
+            .filter(|(_, w)| !w.info.builtin && now.duration_since(w.last_seen) > self.config.keepalive_timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in silent {
+            self.drop_worker(&mut st, id, "no keepalive");
+        }
+        let expired: Vec<(u64, String)> = st
+            .ops
+            .values()
+            .filter(|op| op.done_at.is_some_and(|t| now.duration_since(t) > self.config.retention))
+            .map(|op| (op.seq, op.view.name.clone()))
+            .collect();
+        for (seq, name) in expired {
+            st.order.remove(&seq);
+            st.ops.remove(&name);
+        }
+        let numeric = self.config.numeric_properties.clone();
+        let mut stranded = Vec::new();
+        for (platform, queue) in &st.queues {
+            if st.workers.values().any(|w| platform.unmet_by(&w.info.properties, &numeric).is_none()) {
+                continue;
+            }
+            for (_, name) in queue {
+                if st
+                    .ops
+                    .get(name)
+                    .is_some_and(|op| now.duration_since(op.queued_since) > self.config.unmatched_timeout)
+                {
+                    stranded.push((platform.clone(), name.clone()));
+                }
+            }
+        }
+        for (platform, name) in stranded {
+            if let Some(q) = st.queues.get_mut(&platform) {
+                q.retain(|(_, n)| *n != name);
+            }
+            let message = format!(
+                "no connected worker can run this action (platform {platform}) and none came within {}",
+                humantime::format_duration(self.config.unmatched_timeout)
+            );
+            let status = rpc::Status { code: tonic::Code::FailedPrecondition as i32, message, details: Vec::new() };
+            st.counters.failed += 1;
+            complete(&mut st, &name, ExecuteResponse { status: Some(status), ..Default::default() });
+        }
+        st.queues.retain(|_, q| !q.is_empty());
+    }
+
+    pub fn status(&self) -> Status {
+        let st = self.state.lock();
+        let mut queues: Vec<(Platform, usize)> =
+            st.queues.iter().filter(|(_, q)| !q.is_empty()).map(|(p, q)| (p.clone(), q.len())).collect();
+        queues.sort();
+        let mut workers: Vec<WorkerView> = st
+            .workers
+            .values()
+            .map(|w| WorkerView {
+                info: w.info.clone(),
+                busy: w.running.len(),
+                done: w.done,
+                connected_for: w.connected_at.elapsed(),
+            })
+            .collect();
+        workers.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+        Status {
+            queues,
+            running: st.ops.values().filter(|op| op.running.is_some()).count(),
+            operations: st.ops.len(),
+            workers,
+            counters: st.counters,
+        }
+    }
+
+    /// Hands queued actions to free slots: the oldest action any free worker
+    /// can run goes first, to the matching worker with the lowest load.
+    fn dispatch(&self, st: &mut State) {
+        let numeric = &self.config.numeric_properties;
+        loop {
+            let mut best: Option<(u64, Platform, u64)> = None; // (seq, queue, worker)
+            for (platform, queue) in &st.queues {
+                let Some((seq, _)) = queue.front() else { continue };
+                if best.as_ref().is_some_and(|(s, _, _)| s < seq) {
+                    continue;
+                }
+                let worker = st
+                    .workers
+                    .iter()
+                    .filter(|(_, w)| w.running.len() < w.info.slots)
+                    .filter(|(_, w)| platform.unmet_by(&w.info.properties, numeric).is_none())
+                    .min_by(|(ia, a), (ib, b)| {
+                        let la = a.running.len() as f64 / a.info.slots as f64;
+                        let lb = b.running.len() as f64 / b.info.slots as f64;
+                        la.total_cmp(&lb).then(a.done.cmp(&b.done)).then(ia.cmp(ib))
+                    })
+                    .map(|(id, _)| *id);
+                if let Some(w) = worker {
+                    best = Some((*seq, platform.clone(), w));
+                }
+            }
+            let Some((_, platform, worker)) = best else { return };
+            let Some((_, name)) = st.queues.get_mut(&platform).and_then(VecDeque::pop_front) else { return };
+            self.assign(st, &name, worker);
+        }
+    }
+
+    fn assign(&self, st: &mut State, name: &str, worker: u64) {
+        let Some(op) = st.ops.get_mut(name) else { return };
+        let Some(w) = st.workers.get_mut(&worker) else { return };
+        op.attempts += 1;
+        let task_id = format!("{}-{}", uuid::Uuid::new_v4().simple(), op.attempts);
+        let task = Task {
+            id: task_id.clone(),
+            instance: op.view.instance.clone(),
+            action_digest: op.view.action_digest,
+            action: op.checked.action.clone(),
+            command: op.checked.command.clone(),
+            timeout: op.checked.timeout,
+            queued_at: op.view.queued_at,
+        };
+        if w.tx.send(WorkerCommand::Assign(Arc::new(task))).is_err() {
+            // The worker's connection is gone; the next sweep or its own
+            // disconnect removes it. Put the action back first.
+            op.attempts -= 1;
+            let (seq, platform, name) = (op.seq, op.checked.platform.clone(), name.to_string());
+            st.workers.remove(&worker);
+            enqueue(st, platform, seq, name);
+            return;
+        }
+        w.running.insert(task_id.clone(), name.to_string());
+        op.running = Some((worker, task_id));
+        op.view.worker = Some(w.info.name.clone());
+        op.publish();
+    }
+}
+
+fn new_name(st: &mut State) -> (u64, String) {
+    st.next_seq += 1;
+    (st.next_seq, format!("operations/{}", uuid::Uuid::new_v4()))
+}
+
+/// Inserts by seq, so a re-queued action keeps its place at the front.
+fn enqueue(st: &mut State, platform: Platform, seq: u64, name: String) {
+    let queue = st.queues.entry(platform).or_default();
+    let at = queue.partition_point(|(s, _)| *s < seq);
+    queue.insert(at, (seq, name));
+}
+
+fn complete(st: &mut State, name: &str, response: ExecuteResponse) {
+    let Some(op) = st.ops.get_mut(name) else { return };
+    if op.done_at.is_some() {
+        return;
+    }
+    op.view.stages.push(Stage::Completed);
+    op.view.response = Some(Arc::new(response));
+    op.done_at = Some(Instant::now());
+    op.running = None;
+    op.publish();
+    if let Some(key) = op.cache_key
+        && st.inflight.get(&key).is_some_and(|n| n == name)
+    {
+        st.inflight.remove(&key);
+    }
+}

@@ -1,0 +1,45 @@
+//! The server's own execution slots: an [`Executor`] on the server's store,
+//! registered with the scheduler like any worker but without a network hop.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::Executor;
+use crate::execution::scheduler::{Scheduler, WorkerCommand, WorkerInfo};
+
+/// Registers the built-in worker and serves it until `stop` is cancelled.
+/// Running actions are cancelled (their processes killed) on stop.
+pub async fn run(scheduler: Arc<Scheduler>, executor: Arc<Executor>, info: WorkerInfo, stop: CancellationToken) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let id = scheduler.register_worker(info, tx);
+    let running: Arc<Mutex<HashMap<String, CancellationToken>>> = Arc::default();
+    loop {
+        let command = tokio::select! {
+            c = rx.recv() => c,
+            () = stop.cancelled() => None,
+        };
+        match command {
+            Some(WorkerCommand::Assign(task)) => {
+                let cancel = stop.child_token();
+                running.lock().insert(task.id.clone(), cancel.clone());
+                let (scheduler, executor, running) = (scheduler.clone(), executor.clone(), running.clone());
+                tokio::spawn(async move {
+                    let response = executor.execute(&task, || scheduler.started(id, &task.id), cancel).await;
+                    running.lock().remove(&task.id);
+                    scheduler.finished(id, &task.id, response).await;
+                });
+            }
+            Some(WorkerCommand::Cancel(task)) => {
+                if let Some(token) = running.lock().get(&task) {
+                    token.cancel();
+                }
+            }
+            None => break,
+        }
+    }
+    scheduler.worker_lost(id, "the server is stopping");
+}

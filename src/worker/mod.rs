@@ -1,0 +1,272 @@
+//! Runs actions: fetch the input root, run the command, collect and upload
+//! the outputs, report an ExecuteResponse.
+//!
+//! One [`Executor`] serves both kinds of worker: the server's built-in slots
+//! (CAS reached through the store, see [`builtin`]) and `cargo-distbuild
+//! worker` processes on other machines (CAS over gRPC, see [`remote`]).
+
+pub mod builtin;
+mod cache;
+pub mod cas;
+mod inputs;
+mod outputs;
+mod process;
+pub mod remote;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use remote_apis::reapi::{Action, ActionResult, Command, ExecuteResponse, ExecutedActionMetadata};
+use remote_apis::{Digest, InstanceName, protobuf, rpc};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use cache::LocalCache;
+use cas::ExecCas;
+use inputs::DirectoryCache;
+use outputs::Upload;
+use process::Ending;
+
+pub use inputs::check_directory;
+
+/// Decoded Directory messages a worker remembers.
+const DIRECTORY_CACHE_ENTRIES: usize = 100_000;
+/// Concurrent output uploads per action.
+const UPLOAD_CONCURRENCY: usize = 16;
+
+/// One attempt at running an action, as the scheduler hands it to a worker.
+#[derive(Debug, Clone)]
+pub struct Task {
+    /// Unique per attempt.
+    pub id: String,
+    pub instance: InstanceName,
+    pub action_digest: Digest,
+    pub action: Action,
+    pub command: Command,
+    pub timeout: Duration,
+    pub queued_at: SystemTime,
+}
+
+pub struct Executor {
+    name: String,
+    cas: Arc<dyn ExecCas>,
+    cache: LocalCache,
+    directories: DirectoryCache,
+    exec_dir: PathBuf,
+}
+
+impl Executor {
+    /// `work_dir` holds the blob cache (`cache/`, kept across restarts) and
+    /// the actions' directories (`exec/`, emptied now).
+    pub fn new(name: String, cas: Arc<dyn ExecCas>, work_dir: &Path, cache_bytes: u64) -> std::io::Result<Self> {
+        let exec_dir = work_dir.join("exec");
+        if exec_dir.exists() {
+            remove_tree(&exec_dir)?;
+        }
+        std::fs::create_dir_all(&exec_dir)?;
+        let cache = LocalCache::open(&work_dir.join("cache"), cache_bytes)?;
+        Ok(Executor { name, cas, cache, directories: DirectoryCache::new(DIRECTORY_CACHE_ENTRIES), exec_dir })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `task`. `started` is called once the worker begins (the
+    /// operation is EXECUTING). Never fails: problems are the response's
+    /// status, with the partial result when there is one.
+    pub async fn execute(&self, task: &Task, started: impl FnOnce(), cancel: CancellationToken) -> ExecuteResponse {
+        let mut meta = ExecutedActionMetadata {
+            worker: self.name.clone(),
+            queued_timestamp: Some(timestamp(task.queued_at)),
+            worker_start_timestamp: Some(timestamp(SystemTime::now())),
+            ..Default::default()
+        };
+        started();
+        let dir = self.exec_dir.join(&task.id);
+        let outcome = self.run_in(task, &dir, &mut meta, &cancel).await;
+        let cleanup = dir.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || remove_tree(&cleanup)).await.unwrap_or(Ok(())) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cleaning an action directory");
+        }
+        meta.worker_completed_timestamp = Some(timestamp(SystemTime::now()));
+        let (mut result, status) = match outcome {
+            Ok((result, ending)) => (Some(result), ending_status(ending, task.timeout)),
+            Err((result, e)) => (result, Some(e.to_rpc_status_with_details())),
+        };
+        if let Some(r) = &mut result {
+            r.execution_metadata = Some(meta);
+        }
+        ExecuteResponse {
+            result,
+            cached_result: false,
+            status,
+            server_logs: Default::default(),
+            message: String::new(),
+        }
+    }
+
+    async fn run_in(
+        &self,
+        task: &Task,
+        dir: &Path,
+        meta: &mut ExecutedActionMetadata,
+        cancel: &CancellationToken,
+    ) -> std::result::Result<(ActionResult, Ending), (Option<ActionResult>, Error)> {
+        let root = dir.join("root");
+        tokio::fs::create_dir_all(&root).await.map_err(|e| (None, Error::io(root.display(), e)))?;
+
+        meta.input_fetch_start_timestamp = Some(timestamp(SystemTime::now()));
+        self.fetch_inputs(task, &root).await.map_err(|e| (None, e))?;
+        let working_dir = root.join(&task.command.working_directory);
+        prepare_outputs(&task.command, &working_dir).await.map_err(|e| (None, e))?;
+        meta.input_fetch_completed_timestamp = Some(timestamp(SystemTime::now()));
+
+        let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
+        let env: Vec<(String, String)> =
+            task.command.environment_variables.iter().map(|v| (v.name.clone(), v.value.clone())).collect();
+        meta.execution_start_timestamp = Some(timestamp(SystemTime::now()));
+        let spec = process::Spec {
+            arguments: &task.command.arguments,
+            environment: &env,
+            working_dir: &working_dir,
+            stdout: &stdout,
+            stderr: &stderr,
+            timeout: task.timeout,
+        };
+        let ending = process::run(spec, cancel).await.map_err(|e| {
+            let program = task.command.arguments.first().map(String::as_str).unwrap_or("");
+            (None, Error::invalid(format!("cannot run {program:?}: {e}")))
+        })?;
+        meta.execution_completed_timestamp = Some(timestamp(SystemTime::now()));
+        if ending == Ending::Cancelled {
+            return Err((None, Error::new(tonic::Code::Cancelled, "the operation was cancelled")));
+        }
+
+        meta.output_upload_start_timestamp = Some(timestamp(SystemTime::now()));
+        let result = self.upload_outputs(task, &root, &working_dir, &stdout, &stderr, ending).await;
+        meta.output_upload_completed_timestamp = Some(timestamp(SystemTime::now()));
+        result.map(|r| (r, ending)).map_err(|e| (None, e.context("collecting outputs")))
+    }
+
+    async fn fetch_inputs(&self, task: &Task, root: &Path) -> Result<()> {
+        let function = task.action_digest.function;
+        let root_digest = Digest::from_field(function, task.action.input_root_digest.as_ref(), "input_root_digest")?;
+        let tree = inputs::fetch_tree(self.cas.as_ref(), &self.directories, &task.instance, root_digest).await?;
+        inputs::materialize(self.cas.as_ref(), &self.cache, &task.instance, &tree, root).await
+    }
+
+    async fn upload_outputs(
+        &self,
+        task: &Task,
+        root: &Path,
+        working_dir: &Path,
+        stdout: &Path,
+        stderr: &Path,
+        ending: Ending,
+    ) -> Result<ActionResult> {
+        let function = task.action_digest.function;
+        let (root, wd, command) = (root.to_path_buf(), working_dir.to_path_buf(), task.command.clone());
+        let (out, err) = (stdout.to_path_buf(), stderr.to_path_buf());
+        let (mut result, mut uploads) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let (result, mut uploads) = outputs::collect(function, &root, &wd, &command)?;
+            for p in [out, err] {
+                let d = remote_apis::merkle::hash_file_blocking(function, &p).map_err(|e| Error::io(p.display(), e))?;
+                uploads.push(Upload::File(d, p));
+            }
+            Ok((result, uploads))
+        })
+        .await
+        .map_err(|e| Error::internal(e.to_string()))??;
+        let n = uploads.len();
+        result.stdout_digest = Some(uploads[n - 2].digest().to_proto());
+        result.stderr_digest = Some(uploads[n - 1].digest().to_proto());
+        result.exit_code = match ending {
+            Ending::Exited(code) => code,
+            Ending::TimedOut | Ending::Cancelled => 128 + libc::SIGKILL,
+        };
+        uploads.sort_by_key(|u| (u.digest().hash, u.digest().size));
+        uploads.dedup_by_key(|u| u.digest());
+        let digests: Vec<Digest> = uploads.iter().map(Upload::digest).filter(|d| d.size > 0).collect();
+        let missing: std::collections::HashSet<Digest> =
+            self.cas.find_missing(&task.instance, &digests).await?.into_iter().collect();
+        let cas = self.cas.as_ref();
+        let instance = &task.instance;
+        futures::stream::iter(uploads.into_iter().filter(|u| missing.contains(&u.digest())))
+            .map(|u| async move {
+                match u {
+                    Upload::File(d, p) => cas.put_file(instance, &d, &p).await,
+                    Upload::Bytes(d, b) => cas.put_bytes(instance, &d, b).await,
+                }
+            })
+            .buffer_unordered(UPLOAD_CONCURRENCY)
+            .collect::<Vec<Result<()>>>()
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>>>()?;
+        Ok(result)
+    }
+}
+
+/// Creates the parent directory of every output path.
+async fn prepare_outputs(command: &Command, working_dir: &Path) -> Result<()> {
+    tokio::fs::create_dir_all(working_dir).await.map_err(|e| Error::io(working_dir.display(), e))?;
+    for path in outputs::output_parents(command) {
+        if let Some(parent) = working_dir.join(path).parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(|e| Error::io(parent.display(), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// The status of a run that produced a result.
+fn ending_status(ending: Ending, timeout: Duration) -> Option<rpc::Status> {
+    match ending {
+        Ending::Exited(_) => None,
+        Ending::TimedOut => Some(rpc::Status {
+            code: tonic::Code::DeadlineExceeded as i32,
+            message: format!(
+                "the action ran longer than its timeout of {} and was killed",
+                humantime::format_duration(timeout)
+            ),
+            details: Vec::new(),
+        }),
+        Ending::Cancelled => Some(rpc::Status {
+            code: tonic::Code::Cancelled as i32,
+            message: "the operation was cancelled".into(),
+            details: Vec::new(),
+        }),
+    }
+}
+
+pub fn timestamp(t: SystemTime) -> protobuf::Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    protobuf::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+/// Removes a directory tree, first making read-only directories writable
+/// (actions may leave them so).
+fn remove_tree(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(_) => {
+            make_writable(dir);
+            std::fs::remove_dir_all(dir)
+        }
+    }
+}
+
+fn make_writable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                make_writable(&entry.path());
+            }
+        }
+    }
+}
