@@ -10,6 +10,7 @@ use futures::{Stream, StreamExt};
 use prost::Message;
 use remote_apis::reapi::ExecuteResponse;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::platform::Platform;
@@ -26,11 +27,14 @@ use proto::{SchedulerMessage, WorkerMessage, scheduler_message, worker_message};
 pub struct GatewayService {
     scheduler: Arc<Scheduler>,
     keepalive_interval: Duration,
+    /// Cancelled when the server shuts down: every worker stream ends, so
+    /// workers reconnect to the next server instead of holding this one open.
+    closing: CancellationToken,
 }
 
 impl GatewayService {
-    pub fn new(scheduler: Arc<Scheduler>, keepalive_interval: Duration) -> Self {
-        GatewayService { scheduler, keepalive_interval }
+    pub fn new(scheduler: Arc<Scheduler>, keepalive_interval: Duration, closing: CancellationToken) -> Self {
+        GatewayService { scheduler, keepalive_interval, closing }
     }
 }
 
@@ -60,9 +64,14 @@ impl WorkerGateway for GatewayService {
         let (tx, rx) = mpsc::unbounded_channel::<WorkerCommand>();
         let id = self.scheduler.register_worker(info, tx);
         let scheduler = self.scheduler.clone();
+        let closing = self.closing.clone();
         tokio::spawn(async move {
             let reason = loop {
-                match inbound.message().await {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    () = closing.cancelled() => break "the server is shutting down".to_string(),
+                };
+                match next {
                     Ok(Some(msg)) => {
                         scheduler.worker_alive(id);
                         if let Err(e) = handle(&scheduler, id, msg).await {
@@ -81,7 +90,9 @@ impl WorkerGateway for GatewayService {
             })),
         };
         let commands = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(|c| Ok(to_proto(c)));
-        Ok(Response::new(Box::pin(futures::stream::once(async { Ok(welcome) }).chain(commands))))
+        let closing = self.closing.clone().cancelled_owned();
+        let stream = futures::stream::once(async { Ok(welcome) }).chain(commands).take_until(closing);
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

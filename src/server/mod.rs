@@ -96,6 +96,7 @@ pub async fn serve(
     let Stores { cas, ac } = stores;
     let ac = Arc::new(ActionCacheService::new(ac, cas.clone()));
     let stop_workers = CancellationToken::new();
+    let closing = CancellationToken::new();
     let execution = start_execution(config, &cas, &ac, &stop_workers).await?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -138,7 +139,8 @@ pub async fn serve(
         .add_service(limits!(OperationsServer::new(OperationsService::new(execution.clone()))))
         .add_service(limits!(WorkerGatewayServer::new(GatewayService::new(
             execution.clone(),
-            config.heartbeat_interval
+            config.heartbeat_interval,
+            closing.clone(),
         ))))
         .add_service(limits!(AdminServer::new(AdminService::new(cas, config.backend, data_dir, execution))));
 
@@ -155,6 +157,7 @@ pub async fn serve(
             tracing::info!(grace = ?config.shutdown_grace, "shutting down: finishing in-flight calls");
             // Load balancers and probes see the server going away first.
             health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            closing.cancel();
             let _ = stop_tx.send(());
             match tokio::time::timeout(config.shutdown_grace, &mut serving).await {
                 Ok(result) => result?,

@@ -260,6 +260,7 @@ async fn bazel_remote_execution() {
     })
     .await
     .unwrap();
+    eprintln!("cold: {cold:?}\nwarm: {warm:?}");
     // Anything but `remote` (`local`, `linux-sandbox`, `processwrapper-sandbox`,
     // `remote cache hit`) means some spawn did not run on the server.
     assert_eq!(external_runners(&cold), ["remote"], "cold run: {cold:?}");

@@ -134,3 +134,99 @@ async fn the_binary_serves_and_stops_on_sigterm() {
     let status = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// Runs the binary in `dir`, with `stdin` as its input.
+async fn cli_in(dir: &std::path::Path, args: Vec<String>, stdin: &str) -> Output {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("DISTBUILD_CONFIG")
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .env("XDG_STATE_HOME", dir.join("state"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).await.unwrap();
+    drop(input);
+    child.wait_with_output().await.unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_job_jobs_workers_and_scheduler_status() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("src")).unwrap();
+    std::fs::write(d.join("src/words.txt"), "b\na\nc\n").unwrap();
+    let run = |script: &str| {
+        s(&[
+            "run",
+            "--server",
+            &url,
+            "--input",
+            "src",
+            "--output",
+            "out/sorted.txt",
+            "--output",
+            "report",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+    };
+    let script = "mkdir -p report; sort src/words.txt > out/sorted.txt; echo ok > report/r; echo to-stdout; \
+                  echo to-stderr >&2; exit 4";
+    let out = cli_in(d, run(script), "").await;
+    assert_eq!(out.status.code(), Some(4), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "to-stdout\n");
+    assert!(text(&out.stderr).contains("to-stderr"), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(d.join("out/sorted.txt")).unwrap(), "a\nb\nc\n");
+    assert_eq!(std::fs::read_to_string(d.join("report/r")).unwrap(), "ok\n");
+
+    // An input path outside the current directory is refused.
+    let out = cli_in(d, s(&["run", "--server", &url, "--input", "../x", "--", "true"]), "").await;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--input"), "{}", text(&out.stderr));
+
+    let out = cli_in(d, s(&["jobs", "list", "--server", &url]), "").await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listing = text(&out.stdout);
+    let op = listing.lines().nth(1).and_then(|l| l.split_whitespace().next()).unwrap().to_string();
+    assert!(op.starts_with("operations/"), "{listing}");
+    assert!(listing.contains("exit 4"), "{listing}");
+
+    let out = cli_in(d, s(&["job", "status", &op, "--server", &url]), "").await;
+    assert!(text(&out.stdout).contains("COMPLETED"), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("exit code: 4"), "{}", text(&out.stdout));
+    let out = cli_in(d, s(&["job", "status", "operations/none", "--server", &url]), "").await;
+    assert!(text(&out.stderr).contains("NotFound"), "{}", text(&out.stderr));
+
+    let out = cli_in(d, s(&["workers", "list", "--server", &url]), "").await;
+    assert!(text(&out.stdout).contains("builtin@"), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("OSFamily=linux"), "{}", text(&out.stdout));
+    let out = cli_in(d, s(&["scheduler", "status", "--server", &url]), "").await;
+    let status = text(&out.stdout);
+    assert!(status.contains("executed:       1"), "{status}");
+    assert!(status.contains("cache hit rate"), "{status}");
+
+    // The interactive shell: same commands, help, history, exit.
+    let session = "workers list\nhelp\nnot-a-command\nhistory\nexit\nworkers list\n";
+    let out = cli_in(d, s(&["--server", &url]), session).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.matches("builtin@").count(), 1, "stops at exit: {stdout}");
+    assert!(stdout.contains("jobs list"), "help: {stdout}");
+    assert!(stdout.contains("   1  workers list"), "history: {stdout}");
+    assert!(text(&out.stderr).contains("not-a-command"), "{}", text(&out.stderr));
+    assert!(d.join("state/cargo-distbuild/history").exists());
+}

@@ -7,4 +7,6 @@ mod bytestream;
 mod cas;
 mod cli;
 mod common;
+mod execution;
 mod server;
+mod workers;

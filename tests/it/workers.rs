@@ -1,0 +1,126 @@
+//! Remote workers: `cargo-distbuild worker` processes connected to an
+//! in-process scheduler with no built-in worker.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use cargo_distbuild::config::Backend;
+use remote_apis::reapi::execution_stage::Value as Stage;
+
+use crate::common::TestServer;
+use crate::execution::{Act, execution, request, response, stage};
+
+struct Worker {
+    child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Worker {
+    fn start(server: &TestServer, name: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"))
+            .args(["worker", "--scheduler", &server.url(), "--name", name, "--slots", "1", "--work-dir"])
+            .arg(dir.path())
+            .args(extra)
+            .env("DISTBUILD_LOG", "warn")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Worker { child, _dir: dir }
+    }
+}
+
+/// Waits until the scheduler lists `n` workers.
+async fn wait_for_workers(server: &TestServer, n: usize) {
+    use cargo_distbuild::admin::proto::{ListWorkersRequest, admin_client::AdminClient};
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = AdminClient::new(server.channel.clone()).list_workers(ListWorkersRequest {}).await.unwrap();
+        if resp.into_inner().workers.len() == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{n} workers never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn scheduler_only(backend: Backend) -> impl FnOnce(&mut cargo_distbuild::config::FileConfig) {
+    let _ = backend;
+    |c| {
+        c.worker.capacity = Some(0);
+        c.worker.heartbeat_interval_secs = 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_worker_runs_actions_and_properties_route_them() {
+    let server = TestServer::start_with(Backend::Filesystem, scheduler_only(Backend::Filesystem)).await;
+    let _plain = Worker::start(&server, "plain", &[]);
+    let _gpu = Worker::start(&server, "gpu", &["--property", "gpu=yes"]);
+    wait_for_workers(&server, 2).await;
+    let act = Act {
+        script: "cat in.txt > out.txt; echo ran".into(),
+        files: vec![("in.txt", b"remote input\n", false)],
+        output_paths: vec!["out.txt"],
+        platform: vec![("gpu", "yes")],
+        ..Default::default()
+    };
+    let r = crate::execution::execute(&server, &act).await;
+    let result = r.result.as_ref().unwrap();
+    assert_eq!(result.exit_code, 0, "{:?}", r.status);
+    assert_eq!(result.execution_metadata.as_ref().unwrap().worker, "gpu");
+    let out = result.output_files[0].digest.as_ref().unwrap();
+    let d = remote_apis::Digest::from_proto(remote_apis::DigestFunction::Sha256, out).unwrap();
+    assert_eq!(server.client().read_blob(d).await.unwrap(), "remote input\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_action_hands_it_to_another() {
+    let server = TestServer::start_with(Backend::Filesystem, scheduler_only(Backend::Filesystem)).await;
+    let mut first = Worker::start(&server, "doomed", &[]);
+    wait_for_workers(&server, 1).await;
+    let act = Act { do_not_cache: true, output_paths: vec!["out"], ..Act::sh("sleep 2; echo finished > out") };
+    let digest = act.upload(&server).await;
+    let mut stream = execution(&server).execute(request(digest)).await.unwrap().into_inner();
+    // Wait until the first worker runs it.
+    loop {
+        let op = stream.message().await.unwrap().unwrap();
+        if stage(&op) == Stage::Executing {
+            break;
+        }
+    }
+    let _second = Worker::start(&server, "survivor", &[]);
+    wait_for_workers(&server, 2).await;
+    first.child.start_kill().unwrap(); // SIGKILL
+    let mut stages = Vec::new();
+    let mut last = None;
+    while let Some(op) = stream.message().await.unwrap() {
+        stages.push(stage(&op));
+        last = Some(op);
+    }
+    let r = response(&last.unwrap());
+    let result = r.result.as_ref().unwrap_or_else(|| panic!("no result: {:?}", r.status));
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(result.execution_metadata.as_ref().unwrap().worker, "survivor");
+    assert_eq!(stages.first(), Some(&Stage::Queued), "back in the queue first: {stages:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_reconnects_after_the_scheduler_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(dir.path(), Backend::Filesystem, scheduler_only(Backend::Filesystem)).await;
+    let addr = server.addr;
+    let _worker = Worker::start(&server, "faithful", &[]);
+    wait_for_workers(&server, 1).await;
+    server.stop().await.unwrap();
+    // The same address again.
+    let server = TestServer::start_in(dir.path(), Backend::Filesystem, |c| {
+        c.scheduler.addr = addr.to_string();
+        c.worker.capacity = Some(0);
+    })
+    .await;
+    wait_for_workers(&server, 1).await;
+    let r = crate::execution::execute(&server, &Act::sh("echo back")).await;
+    assert_eq!(r.result.unwrap().execution_metadata.unwrap().worker, "faithful");
+}
