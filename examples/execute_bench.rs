@@ -182,11 +182,17 @@ impl Fixture {
             Ok(response) => response.into_inner(),
             Err(s) => panic!("Execute of {action} was refused: {s}"),
         };
+        // Read to the end of the stream (trailers included), as a client
+        // that stops at the done Operation would reset the stream instead.
+        let mut done = None;
         loop {
             match stream.message().await {
-                Ok(Some(op)) if op.done => return finished(op, action),
+                Ok(Some(op)) if op.done => done = Some(op),
                 Ok(Some(_)) => {}
-                Ok(None) => panic!("the Execute stream of {action} ended before the operation was done"),
+                Ok(None) => match done {
+                    Some(op) => return finished(op, action),
+                    None => panic!("the Execute stream of {action} ended before the operation was done"),
+                },
                 Err(s) => panic!("the Execute stream of {action} failed: {s}"),
             }
         }

@@ -19,6 +19,7 @@ use remote_apis::reapi::capabilities_server::CapabilitiesServer;
 use remote_apis::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use remote_apis::reapi::execution_server::ExecutionServer;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
@@ -147,7 +148,15 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, backend = ?config.backend, data_dir = %config.data_dir.display(), "serving REAPI");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+    // The builder's `tcp_nodelay` applies only to listeners tonic binds
+    // itself; without it, small responses wait for delayed ACKs (~40 ms).
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn {
+            let _ = c.set_nodelay(true);
+        }
+        conn
+    });
+    let serving = router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
     });
     tokio::pin!(serving);
