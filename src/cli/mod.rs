@@ -241,9 +241,12 @@ async fn worker(args: WorkerArgs, ctx: Session) -> anyhow::Result<ExitCode> {
         file.worker.capacity = Some(slots);
     }
     file.worker.properties.extend(args.properties);
+    // [scheduler] addr names the server here and may be a host name; it is
+    // not this process's listen address.
+    let scheduler = args.scheduler.unwrap_or(ctx.server);
+    file.scheduler.addr = crate::config::DEFAULT_ADDR.into();
     let config = file.resolve()?;
     anyhow::ensure!(config.worker_capacity > 0, "[worker] capacity must be at least 1 for a worker");
-    let scheduler = args.scheduler.unwrap_or(ctx.server);
     let name = args.name.unwrap_or_else(remote::default_name);
     let channel = remote_apis::client::endpoint(&scheduler).map_err(|s| rpc_error("--scheduler", s))?.connect_lazy();
     let (work_dir, cache_size, exec_name) = (config.work_dir.clone(), config.worker_cache_size, name.clone());
@@ -271,6 +274,9 @@ async fn worker(args: WorkerArgs, ctx: Session) -> anyhow::Result<ExitCode> {
 /// The address a client on this machine uses for a server listening on
 /// `listen` (a wildcard listen address is reached through loopback).
 fn client_address(listen: &str) -> String {
+    if listen.contains("://") {
+        return listen.to_string();
+    }
     let addr = listen.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]");
     format!("grpc://{addr}")
 }

@@ -515,6 +515,8 @@ impl Scheduler {
             complete(&mut st, &name, ExecuteResponse { status: Some(status), ..Default::default() });
         }
         st.queues.retain(|_, q| !q.is_empty());
+        // Actions of dropped workers are queued again: hand them out now.
+        self.dispatch(&mut st);
     }
 
     pub fn status(&self) -> Status {
@@ -630,5 +632,126 @@ fn complete(st: &mut State, name: &str, response: ExecuteResponse) {
         && st.inflight.get(&key).is_some_and(|n| n == name)
     {
         st.inflight.remove(&key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ac::MemoryAcStore;
+    use crate::store::memory::MemoryStore;
+    use remote_apis::DigestFunction;
+
+    fn scheduler(max_attempts: u32) -> Scheduler {
+        let cas = crate::store::cas(Arc::new(MemoryStore::new(1 << 20)));
+        let ac = Arc::new(ActionCacheService::new(Arc::new(MemoryAcStore::new(100)), cas));
+        Scheduler::new(
+            ac,
+            SchedulerConfig {
+                max_attempts,
+                keepalive_timeout: Duration::from_secs(30),
+                numeric_properties: vec!["cpu-count".into()],
+                retention: Duration::from_secs(60),
+                unmatched_timeout: Duration::from_secs(60),
+            },
+        )
+    }
+
+    fn worker(
+        s: &Scheduler,
+        name: &str,
+        slots: usize,
+        props: &[(&str, &str)],
+    ) -> (u64, mpsc::UnboundedReceiver<WorkerCommand>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let properties = Platform::new(props.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        let id = s.register_worker(WorkerInfo { name: name.into(), properties, slots, builtin: false }, tx);
+        (id, rx)
+    }
+
+    fn submission(seed: &[u8], platform: &[(&str, &str)]) -> Submission {
+        let digest = DigestFunction::Sha256.digest_of(seed);
+        Submission {
+            instance: InstanceName::default(),
+            action_digest: digest,
+            checked: Checked {
+                action: Default::default(),
+                command: Default::default(),
+                platform: Platform::new(platform.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                timeout: Duration::from_secs(10),
+            },
+            cache_key: Some(AcKey::new(&InstanceName::default(), &digest)),
+        }
+    }
+
+    fn assigned(rx: &mut mpsc::UnboundedReceiver<WorkerCommand>) -> Option<Arc<Task>> {
+        match rx.try_recv() {
+            Ok(WorkerCommand::Assign(t)) => Some(t),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_lost_worker_requeues_until_the_attempts_run_out() {
+        let s = scheduler(2);
+        let (w1, mut rx1) = worker(&s, "w1", 1, &[]);
+        let watch = s.submit(submission(b"a", &[])).unwrap();
+        assert!(assigned(&mut rx1).is_some());
+        let (w2, mut rx2) = worker(&s, "w2", 1, &[]);
+        s.worker_lost(w1, "test");
+        assert!(assigned(&mut rx2).is_some(), "re-queued to the other worker");
+        assert_eq!(watch.borrow().stages, [Stage::Queued, Stage::Queued]);
+        s.worker_lost(w2, "test");
+        let view = watch.borrow().clone();
+        let status = view.response.as_ref().unwrap().status.clone().unwrap();
+        assert_eq!(status.code, tonic::Code::Unavailable as i32);
+        assert!(status.message.contains("2 attempts"), "{}", status.message);
+        assert_eq!(s.status().counters.requeued, 1);
+    }
+
+    #[test]
+    fn oldest_first_least_loaded_worker_and_platform_routing() {
+        let s = scheduler(3);
+        let (_big, mut big) = worker(&s, "big", 2, &[("cpu-count", "8")]);
+        let (_small, mut small) = worker(&s, "small", 2, &[("cpu-count", "2")]);
+        // Needs 4 CPUs: only "big" qualifies.
+        s.submit(submission(b"heavy", &[("cpu-count", "4")])).unwrap();
+        assert!(assigned(&mut big).is_some());
+        assert!(assigned(&mut small).is_none());
+        // The next one goes to the idle worker.
+        s.submit(submission(b"light", &[])).unwrap();
+        assert!(assigned(&mut small).is_some());
+        // Fill everything, then check FIFO order of what waits.
+        s.submit(submission(b"x1", &[])).unwrap();
+        s.submit(submission(b"x2", &[])).unwrap();
+        let _ = (assigned(&mut big), assigned(&mut small));
+        s.submit(submission(b"q1", &[])).unwrap();
+        s.submit(submission(b"q2", &[])).unwrap();
+        assert_eq!(s.status().queues.iter().map(|(_, n)| n).sum::<usize>(), 2);
+        // A property nobody offers fails at once.
+        let err = s.submit(submission(b"gpu", &[("gpu", "1")])).map(|_| ()).unwrap_err();
+        assert_eq!(err.code, tonic::Code::FailedPrecondition);
+        assert!(err.message.contains("gpu=1"), "{}", err.message);
+    }
+
+    #[tokio::test]
+    async fn duplicates_merge_and_late_answers_are_ignored() {
+        let s = scheduler(3);
+        let (w, mut rx) = worker(&s, "w", 1, &[]);
+        let a = s.submit(submission(b"same", &[])).unwrap();
+        let b = s.submit(submission(b"same", &[])).unwrap();
+        assert_eq!(a.borrow().name, b.borrow().name);
+        let task = assigned(&mut rx).unwrap();
+        let name = a.borrow().name.clone(); // no watch guard held across the cancel
+        s.cancel(&name).unwrap();
+        assert!(b.borrow().done());
+        assert!(matches!(rx.try_recv(), Ok(WorkerCommand::Cancel(id)) if id == task.id), "the worker is told");
+        // The worker's answer for the cancelled task changes nothing.
+        s.finished(w, &task.id, ExecuteResponse::default()).await;
+        let status = b.borrow().response.as_ref().unwrap().status.clone().unwrap();
+        assert_eq!(status.code, tonic::Code::Cancelled as i32);
+        // The slot is free again.
+        s.submit(submission(b"next", &[])).unwrap();
+        assert!(assigned(&mut rx).is_some());
     }
 }

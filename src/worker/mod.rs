@@ -55,19 +55,30 @@ pub struct Executor {
     cache: LocalCache,
     directories: DirectoryCache,
     exec_dir: PathBuf,
+    /// Held for the executor's life: one worker per work directory.
+    _lock: std::fs::File,
 }
 
 impl Executor {
     /// `work_dir` holds the blob cache (`cache/`, kept across restarts) and
     /// the actions' directories (`exec/`, emptied now).
     pub fn new(name: String, cas: Arc<dyn ExecCas>, work_dir: &Path, cache_bytes: u64) -> std::io::Result<Self> {
+        std::fs::create_dir_all(work_dir)?;
+        let lock = lock_work_dir(work_dir)?;
         let exec_dir = work_dir.join("exec");
         if exec_dir.exists() {
             remove_tree(&exec_dir)?;
         }
         std::fs::create_dir_all(&exec_dir)?;
         let cache = LocalCache::open(&work_dir.join("cache"), cache_bytes)?;
-        Ok(Executor { name, cas, cache, directories: DirectoryCache::new(DIRECTORY_CACHE_ENTRIES), exec_dir })
+        Ok(Executor {
+            name,
+            cas,
+            cache,
+            directories: DirectoryCache::new(DIRECTORY_CACHE_ENTRIES),
+            exec_dir,
+            _lock: lock,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -208,6 +219,21 @@ impl Executor {
             .collect::<Result<Vec<()>>>()?;
         Ok(result)
     }
+}
+
+/// Takes the work directory's lock: a second worker on the same directory
+/// would delete the first one's action directories and cache downloads.
+fn lock_work_dir(work_dir: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(work_dir.join(".lock"))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!("{} is in use by another worker; give each worker its own --work-dir", work_dir.display()),
+        ));
+    }
+    Ok(file)
 }
 
 /// Creates the parent directory of every output path.

@@ -7,8 +7,9 @@
 # Creates (or reuses) a Python 3.13 venv at $BGD_VENV (default
 # /tmp/distbuild-bgd-venv) with the pinned buildgrid, starts our server on a
 # free 127.0.0.1 port with a temporary data directory, runs real bgd upload /
-# download round trips, the action cache commands and reapi_client.py, then
-# stops the server. The last line is `N passed, M failed`; the exit status is
+# download round trips, the action cache commands, remote execution with
+# `bgd execute` and `bgd operation` (status, list, wait, cancel) and
+# reapi_client.py, then stops the server. The last line is `N passed, M failed`; the exit status is
 # non-zero when anything failed.
 #
 # Environment: BGD_VENV (venv path), BGD_PYTHON (a python3.13 to build the
@@ -240,6 +241,10 @@ else
   fail "bgd download-file of an absent blob: unexpected error: $(head -c 300 out.txt)"
 fi
 
+# request-dummy before upload-dummy: its Action is not in the CAS yet (the
+# answer is checked with the execution checks below, once its digest is known).
+bgd execute --remote "$REMOTE" request-dummy
+cp out.txt dummy-before.txt
 if bgd cas --remote "$REMOTE" upload-dummy; then
   ACTION="$(sed -n 's|.*Pushed Action, digest=\["\([0-9a-f]*/[0-9]*\).*|\1|p' out.txt)"
   if [[ -n "$ACTION" ]] && bgd cas --remote "$REMOTE" download-file --verify "$ACTION" got/dummy.action &&
@@ -285,6 +290,149 @@ if bgd actioncache --remote "$REMOTE" get --json "$ACT" && grep -q '"path": "out
 else
   fail "bgd actioncache get --json"
 fi
+
+# ---------------------------------------------------------- bgd: execution
+# bgd prints every Operation of the Execute stream as text; the name is on
+# lines of their own. Commands go after `--`: bgd's own -c would eat sh's.
+op_name() { sed -n 's/^name: "\(.*\)"$/\1/p' "$1" | tail -n 1; }
+# bgd execute command --remote "$REMOTE" ARGS...: output in $TMP/out.txt.
+bgd_exec() { bgd execute --remote "$REMOTE" command "$@"; }
+bgd_op() { bgd operation --remote "$REMOTE" "$@"; }
+
+mkdir -p exec-in/src exec-empty
+printf 'input line\n' >exec-in/src/a.txt
+EXEC_OP=""
+if bgd_exec --output-file out/gen/r.txt --output-directory exec-got -- exec-in \
+  /bin/sh -c 'cat src/a.txt > out/gen/r.txt; echo "made remotely" >> out/gen/r.txt; echo to-stdout'; then
+  EXEC_OP="$(op_name out.txt)"
+  if [[ -n "$EXEC_OP" ]] && grep -q '^done: true' out.txt &&
+    [[ "$(cat exec-got/out/gen/r.txt 2>/dev/null)" == $'input line\nmade remotely' ]]; then
+    pass "bgd execute command: output file from the input root, downloaded ($EXEC_OP)"
+  else
+    fail "bgd execute command: no done operation or wrong output: $(cat exec-got/out/gen/r.txt 2>&1 | head -c 200)"
+  fi
+else
+  fail "bgd execute command"
+fi
+
+if [[ -n "$EXEC_OP" ]] && bgd_op status "$EXEC_OP" &&
+  grep -q "^Success: $EXEC_OP: Completed succesfully (stage=4, exit_code=0)" out.txt &&
+  grep -q '^  worker=.' out.txt; then
+  pass "bgd operation status (COMPLETED, exit_code=0, worker named)"
+else
+  fail "bgd operation status of $EXEC_OP: $(head -c 300 out.txt)"
+fi
+
+FAIL_OP=""
+if bgd_exec -- exec-empty /bin/sh -c 'exit 3'; then FAIL_OP="$(op_name out.txt)"; fi
+if [[ -n "$FAIL_OP" ]] && bgd_op status "$FAIL_OP" &&
+  grep -q "^Success: $FAIL_OP: Completed with failure (stage=4, exit_code=3)" out.txt; then
+  pass "bgd execute command + operation status: exit code 3 comes back"
+else
+  fail "bgd execute of 'exit 3': $(head -c 300 out.txt)"
+fi
+
+# -c: the action may be cached and the cache is checked; the second run is a hit.
+CACHED_OP=""
+if bgd_exec -c --output-file o.txt --output-directory exec-cached -- exec-in /bin/sh -c 'cat src/a.txt > o.txt' &&
+  bgd_exec -c --output-file o.txt --output-directory exec-cached2 -- exec-in /bin/sh -c 'cat src/a.txt > o.txt'; then
+  CACHED_OP="$(op_name out.txt)"
+fi
+if [[ -n "$CACHED_OP" ]] && cmp -s exec-in/src/a.txt exec-cached2/o.txt && bgd_op status --json "$CACHED_OP" &&
+  grep -q '"cachedResult": true' out.txt; then
+  pass "bgd execute command -c twice: the second is a cachedResult with the same output"
+else
+  fail "bgd execute command -c twice: no cached result: $(head -c 300 out.txt)"
+fi
+
+if bgd_op list && grep -q "^Success: $EXEC_OP: Completed succesfully" out.txt &&
+  grep -q "^Success: $FAIL_OP: Completed with failure" out.txt; then
+  pass "bgd operation list ($(grep -c '^Success' out.txt) finished operations)"
+else
+  fail "bgd operation list lacks $EXEC_OP or $FAIL_OP: $(head -c 300 out.txt)"
+fi
+if bgd_op list --json && grep -q "\"name\": \"$EXEC_OP\"" out.txt; then
+  pass "bgd operation list --json"
+else
+  fail "bgd operation list --json lacks $EXEC_OP"
+fi
+
+if [[ -n "$EXEC_OP" ]] && bgd_op wait "$EXEC_OP" && grep -q "^Success: $EXEC_OP: Completed succesfully" out.txt; then
+  pass "bgd operation wait of a finished operation"
+else
+  fail "bgd operation wait $EXEC_OP: $(head -c 300 out.txt)"
+fi
+if ! bgd_op status "operations/never-$PORT" >/dev/null && grep -qi 'unknown' out.txt; then
+  pass "bgd operation status of an unknown operation fails"
+else
+  fail "bgd operation status of an unknown operation: $(head -c 300 out.txt)"
+fi
+
+# request-dummy sends BuildGrid's dummy Action (an empty Command, no input
+# root: something only BuildGrid's dummy bots "run"); bgd prints the error and
+# exits 0. Before upload-dummy (above): a missing-blobs error naming the
+# Action. After it: rejected as invalid, there is no input root and nothing to run.
+if grep -q "^Error: Requesting dummy: .*missing blobs .*${ACTION:-no-dummy-action}" dummy-before.txt; then
+  pass "bgd execute request-dummy before upload-dummy: the Action ${ACTION%%/*} is a missing blob"
+else
+  fail "bgd execute request-dummy before upload-dummy (Action ${ACTION:-?}): $(head -c 300 dummy-before.txt)"
+fi
+if bgd execute --remote "$REMOTE" request-dummy && grep -q '^Error: Requesting dummy: .*input_root_digest' out.txt; then
+  pass "bgd execute request-dummy after upload-dummy: rejected (no input root)"
+else
+  fail "bgd execute request-dummy after upload-dummy: $(head -c 300 out.txt)"
+fi
+
+# Cancel: a remote `sleep 30` is found with `bgd operation list` while it runs,
+# watched with `bgd operation wait` and cancelled with `bgd operation cancel`.
+worker_procs() { # processes running in the server's data dir (the worker's work dirs)
+  local p
+  for p in /proc/[0-9]*; do
+    [[ "$(readlink "$p/cwd" 2>/dev/null)" == "$TMP/data"/* ]] && echo "${p#/proc/}"
+  done
+}
+timeout 60 "$BGD" execute --remote "$REMOTE" command -- exec-empty /bin/sleep 30 >exec-sleep.txt 2>&1 &
+EXEC_PID=$!
+SLEEP_OP=""
+for _ in $(seq 50); do
+  timeout 20 "$BGD" operation --remote "$REMOTE" list >list.txt 2>&1
+  SLEEP_OP="$(sed -n 's/^Executing: \([^:]*\): .*/\1/p' list.txt | head -n 1)"
+  [[ -n "$SLEEP_OP" ]] && break
+  sleep 0.2
+done
+if [[ -n "$SLEEP_OP" ]]; then
+  pass "bgd operation list shows the running action as Executing ($SLEEP_OP)"
+  running="$(worker_procs | wc -l)"
+  timeout 60 "$BGD" operation --remote "$REMOTE" wait "$SLEEP_OP" >wait.txt 2>&1 &
+  WAIT_PID=$!
+  sleep 0.5
+  t0=$SECONDS
+  if bgd_op cancel "$SLEEP_OP" && grep -q '^Operation cancelled' out.txt; then
+    wait "$EXEC_PID"
+    wait "$WAIT_PID"
+    took=$((SECONDS - t0))
+    for _ in $(seq 50); do [[ -z "$(worker_procs)" ]] && break; sleep 0.1; done
+    left="$(worker_procs | wc -l)"
+    if grep -q '^Response status code: code: 1$' exec-sleep.txt &&
+      grep -q "^Failure: $SLEEP_OP: .*(code=1)" wait.txt && [[ $took -lt 10 && $running -gt 0 && $left -eq 0 ]]; then
+      pass "bgd operation cancel: execute and wait end CANCELLED after ${took}s; sleep killed ($running process(es) before, 0 after)"
+    else
+      fail "bgd operation cancel: after ${took}s, $running process(es) before, $left after"
+      sed 's/^/  execute | /' exec-sleep.txt | tail -n 4
+      sed 's/^/  wait | /' wait.txt | tail -n 4
+    fi
+  else
+    fail "bgd operation cancel $SLEEP_OP"
+  fi
+  if bgd_op status "$SLEEP_OP" && grep -q "^Failure: $SLEEP_OP: .*(code=1)" out.txt; then
+    pass "bgd operation status after the cancel: CANCELLED (code=1)"
+  else
+    fail "bgd operation status of the cancelled $SLEEP_OP: $(head -c 300 out.txt)"
+  fi
+else
+  fail "bgd operation list never showed the remote sleep as Executing: $(head -c 300 list.txt)"
+fi
+for pid in "$EXEC_PID" "${WAIT_PID:-}"; do [[ -n "$pid" ]] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; done
 
 # ------------------------------------------------- the protocol-level checks
 echo "--- reapi_client.py"

@@ -15,6 +15,7 @@ Compressed-blob checks need the `zstandard` module and are skipped without it.
 import argparse
 import hashlib
 import os
+import queue
 import sys
 import threading
 import time
@@ -27,6 +28,9 @@ from buildgrid._protos.build.bazel.remote.execution.v2 import remote_execution_p
 from buildgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from buildgrid._protos.google.bytestream import bytestream_pb2 as bs_pb2
 from buildgrid._protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from buildgrid._protos.google.longrunning import operations_pb2 as ops_pb2
+from buildgrid._protos.google.longrunning import operations_pb2_grpc as ops_grpc
+from buildgrid._protos.google.rpc import error_details_pb2, status_pb2
 
 try:
     import zstandard
@@ -37,8 +41,15 @@ DEADLINE = 30.0  # seconds, for every single RPC
 MiB = 1 << 20
 
 OK = 0
+CANCELLED = 1
 INVALID_ARGUMENT = 3
+DEADLINE_EXCEEDED = 4
 NOT_FOUND = 5
+FAILED_PRECONDITION = 9
+
+QUEUED = re_pb2.ExecutionStage.QUEUED
+EXECUTING = re_pb2.ExecutionStage.EXECUTING
+COMPLETED = re_pb2.ExecutionStage.COMPLETED
 
 
 class CheckFailed(Exception):
@@ -83,6 +94,8 @@ class Client:
         self.cas = re_grpc.ContentAddressableStorageStub(self.channel)
         self.ac = re_grpc.ActionCacheStub(self.channel)
         self.bs = bs_grpc.ByteStreamStub(self.channel)
+        self.exe = re_grpc.ExecutionStub(self.channel)
+        self.ops = ops_grpc.OperationsStub(self.channel)
 
     # Resource names, as the REAPI spec spells them.
     def _prefix(self):
@@ -138,6 +151,43 @@ class Client:
     def query_write_status(self, resource):
         return self.bs.QueryWriteStatus(bs_pb2.QueryWriteStatusRequest(resource_name=resource), timeout=DEADLINE)
 
+    def upload_action(self, script, output_paths=(), timeout=None, do_not_cache=False):
+        """Uploads `/bin/sh -c script` with an empty input root; returns the Action's digest.
+
+        A random salt makes the action new to the server on every run."""
+        command = re_pb2.Command(arguments=["/bin/sh", "-c", script], output_paths=list(output_paths))
+        command.environment_variables.add(name="PATH", value="/usr/bin:/bin")
+        command_raw = command.SerializeToString()
+        root_raw = re_pb2.Directory().SerializeToString()
+        action = re_pb2.Action(
+            command_digest=digest_of(command_raw),
+            input_root_digest=digest_of(root_raw),
+            do_not_cache=do_not_cache,
+            salt=os.urandom(8),
+        )
+        if timeout is not None:
+            action.timeout.seconds = timeout
+        action_raw = action.SerializeToString()
+        blobs = [(digest_of(b), b) for b in (command_raw, root_raw, action_raw)]
+        for r in self.batch_update(blobs):
+            expect(r.status.code == OK, f"uploading the action: {r.status.message}")
+        return digest_of(action_raw)
+
+    def execute_stream(self, action_d, skip_cache_lookup=False):
+        req = re_pb2.ExecuteRequest(
+            instance_name=self.instance, action_digest=action_d, skip_cache_lookup=skip_cache_lookup
+        )
+        return self.exe.Execute(req, timeout=DEADLINE)
+
+    def execute(self, action_d, skip_cache_lookup=False):
+        """Executes an uploaded action; returns every Operation of the stream."""
+        return list(self.execute_stream(action_d, skip_cache_lookup))
+
+    def blob(self, d):
+        r = self.batch_read([d])[0]
+        expect(r.status.code == OK, f"BatchReadBlobs {dstr(d)}: code {r.status.code} {r.status.message}")
+        return r.data
+
 
 def chunked(data, size):
     return [data[i : i + size] for i in range(0, len(data), size)] or [b""]
@@ -145,6 +195,30 @@ def chunked(data, size):
 
 def zstd_decompress(data):
     return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+
+
+def op_metadata(op):
+    """The ExecuteOperationMetadata packed in an Operation."""
+    md = re_pb2.ExecuteOperationMetadata()
+    expect(op.metadata.Unpack(md), f"operation metadata is a {op.metadata.type_url}, not ExecuteOperationMetadata")
+    return md
+
+
+def op_response(op):
+    """The ExecuteResponse of a finished Operation."""
+    expect(op.done, f"operation {op.name} is not done (stage {op_metadata(op).stage})")
+    expect(op.WhichOneof("result") == "response", f"operation {op.name} has {op.WhichOneof('result')}, not a response")
+    resp = re_pb2.ExecuteResponse()
+    expect(op.response.Unpack(resp), f"operation response is a {op.response.type_url}, not ExecuteResponse")
+    return resp
+
+
+def status_details(err):
+    """The google.rpc.Status of a failed call, from its grpc-status-details-bin trailer."""
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            return status_pb2.Status.FromString(value)
+    raise CheckFailed(f"no grpc-status-details-bin trailer on {err.code().name}: {err.details()}")
 
 
 # ---------------------------------------------------------------- the checks
@@ -467,6 +541,191 @@ def check_action_cache(c):
     return inlined
 
 
+def stage_names(ops):
+    return ",".join(re_pb2.ExecutionStage.Value.Name(op_metadata(op).stage) for op in ops)
+
+
+def check_execution_capabilities(c):
+    caps = c.caps.GetCapabilities(re_pb2.GetCapabilitiesRequest(instance_name=c.instance), timeout=DEADLINE)
+    ec = caps.execution_capabilities
+    expect(ec.exec_enabled, "execution_capabilities.exec_enabled is false")
+    functions = {ec.digest_function, *ec.digest_functions}
+    expect(re_pb2.DigestFunction.SHA256 in functions, f"execution digest functions {functions} lack SHA256")
+    return f"exec_enabled, digest_function={ec.digest_function}"
+
+
+def check_execute(c):
+    """Runs a command remotely; its stdout and output file come back through the CAS."""
+    action_d = c.upload_action("echo hi; echo data > out/f.txt", output_paths=["out/f.txt"])
+    ops = c.execute(action_d)
+    expect(ops, "Execute returned an empty stream")
+    names = {op.name for op in ops}
+    expect(len(names) == 1 and ops[0].name, f"the stream's operations are named {names}")
+    first = op_metadata(ops[0])
+    expect(
+        first.stage == QUEUED or (ops[0].done and op_response(ops[0]).cached_result),
+        f"first stage {first.stage}, want QUEUED ({QUEUED}) or a done cached result",
+    )
+    expect(first.action_digest == action_d, f"metadata names action {dstr(first.action_digest)}, not {dstr(action_d)}")
+    expect(not any(op.done for op in ops[:-1]), f"a done operation before the end of the stream: {stage_names(ops)}")
+    expect(op_metadata(ops[-1]).stage == COMPLETED, f"the last operation's stage is {op_metadata(ops[-1]).stage}")
+    resp = op_response(ops[-1])
+    c.exec_action, c.exec_op = action_d, ops[0].name  # for the checks that follow
+    expect(resp.status.code == OK, f"ExecuteResponse.status {resp.status.code}: {resp.status.message}")
+    result = resp.result
+    expect(result.exit_code == 0, f"exit_code {result.exit_code}")
+    files = {f.path: f for f in result.output_files}
+    expect(list(files) == ["out/f.txt"], f"output files {list(files)}, want ['out/f.txt']")
+    content = c.blob(files["out/f.txt"].digest)
+    expect(content == b"data\n", f"out/f.txt contains {content!r}, want b'data\\n'")
+    stdout = result.stdout_raw or (c.blob(result.stdout_digest) if result.HasField("stdout_digest") else b"")
+    expect(stdout == b"hi\n", f"stdout {stdout!r}, want b'hi\\n'")
+    return f"{ops[0].name}: {stage_names(ops)}, worker {result.execution_metadata.worker!r}"
+
+
+def check_execute_cached(c):
+    """The same action again is answered from the action cache, unless the client skips it."""
+    expect(getattr(c, "exec_op", None), "no action from the execute check")
+    resp = op_response(c.execute(c.exec_action)[-1])
+    expect(resp.status.code == OK, f"ExecuteResponse.status {resp.status.code}: {resp.status.message}")
+    expect(resp.cached_result, "the second Execute of the same action is not a cached_result")
+    files = {f.path: f.digest for f in resp.result.output_files}
+    expect(files.get("out/f.txt") == digest_of(b"data\n"), f"cached output files {files}")
+    again = op_response(c.execute(c.exec_action, skip_cache_lookup=True)[-1])
+    expect(not again.cached_result, "skip_cache_lookup still gave a cached_result")
+    expect(again.result.exit_code == 0, f"re-run with skip_cache_lookup: exit_code {again.result.exit_code}")
+    return "cached_result=True; skip_cache_lookup re-ran it"
+
+
+def check_wait_execution(c):
+    """WaitExecution of a finished operation gives it done; of an unknown one, NOT_FOUND."""
+    expect(getattr(c, "exec_op", None), "no operation from the execute check")
+    ops = list(c.exe.WaitExecution(re_pb2.WaitExecutionRequest(name=c.exec_op), timeout=DEADLINE))
+    expect(ops and ops[-1].name == c.exec_op, f"WaitExecution streamed {[op.name for op in ops]}")
+    expect(op_response(ops[-1]).result.exit_code == 0, "WaitExecution's final result is not the exit code 0 run")
+    unknown = f"operations/{uuid.uuid4()}"
+    expect_code(
+        lambda: list(c.exe.WaitExecution(re_pb2.WaitExecutionRequest(name=unknown), timeout=DEADLINE)),
+        grpc.StatusCode.NOT_FOUND,
+        "WaitExecution of an unknown operation",
+    )
+    return f"{len(ops)} operation(s) for the finished one"
+
+
+def list_operations(c, page_size=0):
+    """Every operation, following next_page_token; returns (operations, pages)."""
+    ops, pages, token = [], 0, ""
+    while pages < 100:
+        req = ops_pb2.ListOperationsRequest(name=c.instance, page_size=page_size, page_token=token)
+        resp = c.ops.ListOperations(req, timeout=DEADLINE)
+        pages += 1
+        ops.extend(resp.operations)
+        token = resp.next_page_token
+        if not token:
+            break
+    return ops, pages
+
+
+def check_operations(c):
+    """google.longrunning Operations: GetOperation and ListOperations know the operation."""
+    expect(getattr(c, "exec_op", None), "no operation from the execute check")
+    op = c.ops.GetOperation(ops_pb2.GetOperationRequest(name=c.exec_op), timeout=DEADLINE)
+    expect(op.name == c.exec_op, f"GetOperation answered {op.name}")
+    expect(op.done, "GetOperation of a finished operation: done=false")
+    expect(op_response(op).result.exit_code == 0, "GetOperation's result is not the exit code 0 run")
+    listed, pages = list_operations(c)
+    expect(c.exec_op in {o.name for o in listed}, f"ListOperations ({len(listed)} operations) lacks {c.exec_op}")
+    paged, small_pages = list_operations(c, page_size=1)
+    expect(small_pages >= 2 and {o.name for o in paged} >= {c.exec_op}, f"page_size=1: {small_pages} pages")
+    expect_code(
+        lambda: c.ops.GetOperation(ops_pb2.GetOperationRequest(name=f"operations/{uuid.uuid4()}"), timeout=DEADLINE),
+        grpc.StatusCode.NOT_FOUND,
+        "GetOperation of an unknown operation",
+    )
+    return f"{len(listed)} operations listed; {small_pages} pages of 1"
+
+
+def check_execute_missing_action(c):
+    """An Action that is not in the CAS: FAILED_PRECONDITION with a MISSING violation naming it."""
+    ghost = digest_of(b"an action never uploaded " + os.urandom(8))
+    err = expect_code(lambda: c.execute(ghost), grpc.StatusCode.FAILED_PRECONDITION, "Execute of an absent Action")
+    status = status_details(err)
+    expect(status.code == FAILED_PRECONDITION, f"the details' google.rpc.Status has code {status.code}")
+    violations = []
+    for detail in status.details:
+        failure = error_details_pb2.PreconditionFailure()
+        if detail.Unpack(failure):
+            violations.extend((v.type, v.subject) for v in failure.violations)
+    want = ("MISSING", f"blobs/{ghost.hash}/{ghost.size_bytes}")
+    expect(want in violations, f"PreconditionFailure violations {violations}, want {want}")
+    return f"violations {violations}"
+
+
+def check_execute_timeout(c):
+    """Action.timeout 1s on `sleep 30`: the ExecuteResponse status is DEADLINE_EXCEEDED."""
+    action_d = c.upload_action("sleep 30", timeout=1)
+    start = time.monotonic()
+    resp = op_response(c.execute(action_d)[-1])
+    took = time.monotonic() - start
+    expect(resp.status.code == DEADLINE_EXCEEDED, f"status {resp.status.code} ({resp.status.message}), want 4")
+    expect(took < 15, f"the timed-out action took {took:.1f}s to finish")
+    return f"after {took:.1f}s: {resp.status.message}"
+
+
+def read_in_background(stream):
+    """A queue that receives the stream's Operations, then an RpcError or None at the end."""
+    q = queue.Queue()
+
+    def reader():
+        try:
+            for op in stream:
+                q.put(op)
+        except grpc.RpcError as e:
+            q.put(e)
+            return
+        q.put(None)
+
+    threading.Thread(target=reader, daemon=True).start()
+    return q
+
+
+def next_op(q, timeout):
+    """The next Operation from read_in_background, None at the end; queue.Empty after `timeout`."""
+    item = q.get(timeout=timeout)
+    if isinstance(item, grpc.RpcError):
+        raise CheckFailed(f"the Execute stream failed: {item.code().name}: {item.details()}")
+    return item
+
+
+def check_cancel(c):
+    """CancelOperation of a running `sleep 30`: the stream ends with status CANCELLED."""
+    action_d = c.upload_action("sleep 30", do_not_cache=True)
+    q = read_in_background(c.execute_stream(action_d, skip_cache_lookup=True))
+    ops, until = [], time.monotonic() + 1
+    while not ops or op_metadata(ops[-1]).stage != EXECUTING:
+        try:
+            op = next_op(q, max(0.0, until - time.monotonic()))
+        except queue.Empty:
+            break  # a second has passed
+        expect(op is not None, f"the stream ended before the cancel: {stage_names(ops)}")
+        ops.append(op)
+    expect(ops, "no Operation within a second")
+    start = time.monotonic()
+    c.ops.CancelOperation(ops_pb2.CancelOperationRequest(name=ops[0].name), timeout=DEADLINE)
+    try:
+        while (op := next_op(q, DEADLINE)) is not None:
+            ops.append(op)
+    except queue.Empty:
+        raise CheckFailed(f"the stream did not end within {DEADLINE}s of the cancel") from None
+    took = time.monotonic() - start
+    resp = op_response(ops[-1])
+    expect(resp.status.code == CANCELLED, f"status {resp.status.code} ({resp.status.message}), want CANCELLED (1)")
+    expect(took < 10, f"the stream ended {took:.1f}s after the cancel")
+    op = c.ops.GetOperation(ops_pb2.GetOperationRequest(name=ops[0].name), timeout=DEADLINE)
+    expect(op_response(op).status.code == CANCELLED, "GetOperation after the cancel is not CANCELLED")
+    return f"{stage_names(ops)}, ended {took:.2f}s after CancelOperation"
+
+
 CHECKS = [
     ("capabilities", check_capabilities),
     ("cas batch update/find/read", check_batch_roundtrip),
@@ -478,6 +737,14 @@ CHECKS = [
     ("wrong hash rejected", check_wrong_hash),
     ("cas GetTree paging", check_get_tree),
     ("action cache update/get", check_action_cache),
+    ("execution capabilities", check_execution_capabilities),
+    ("execute: stream, exit code, stdout, output file", check_execute),
+    ("execute again: cached_result", check_execute_cached),
+    ("WaitExecution", check_wait_execution),
+    ("Operations Get/List", check_operations),
+    ("execute an absent Action: FAILED_PRECONDITION + MISSING", check_execute_missing_action),
+    ("execute with a 1s timeout: DEADLINE_EXCEEDED", check_execute_timeout),
+    ("CancelOperation of a running action: CANCELLED", check_cancel),
 ]
 
 

@@ -18,15 +18,13 @@ struct Worker {
 impl Worker {
     fn start(server: &TestServer, name: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"))
-            .args(["worker", "--scheduler", &server.url(), "--name", name, "--slots", "1", "--work-dir"])
-            .arg(dir.path())
-            .args(extra)
-            .env("DISTBUILD_LOG", "warn")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"));
+        command.args(["worker", "--scheduler", &server.url(), "--name", name, "--slots", "1"]);
+        if !extra.contains(&"--work-dir") {
+            command.arg("--work-dir").arg(dir.path());
+        }
+        let child =
+            command.args(extra).env("DISTBUILD_LOG", "warn").stdin(Stdio::null()).kill_on_drop(true).spawn().unwrap();
         Worker { child, _dir: dir }
     }
 }
@@ -123,4 +121,49 @@ async fn a_worker_reconnects_after_the_scheduler_restarts() {
     wait_for_workers(&server, 1).await;
     let r = crate::execution::execute(&server, &Act::sh("echo back")).await;
     assert_eq!(r.result.unwrap().execution_metadata.unwrap().worker, "faithful");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_worker_is_dropped_and_its_action_rerun() {
+    let server = TestServer::start_with(Backend::Filesystem, scheduler_only(Backend::Filesystem)).await;
+    let frozen = Worker::start(&server, "frozen", &[]);
+    wait_for_workers(&server, 1).await;
+    let act = Act { do_not_cache: true, ..Act::sh("sleep 1; echo ok") };
+    let digest = act.upload(&server).await;
+    let mut stream = execution(&server).execute(request(digest)).await.unwrap().into_inner();
+    loop {
+        if stage(&stream.message().await.unwrap().unwrap()) == Stage::Executing {
+            break;
+        }
+    }
+    // Stopped, not killed: the connection stays open, only keepalives stop
+    // (heartbeat 1 s here, so it is dropped after 3 s of silence).
+    let pid = frozen.child.id().unwrap() as i32;
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let _thawed = Worker::start(&server, "thawed", &[]);
+    let mut last = None;
+    while let Some(op) = stream.message().await.unwrap() {
+        last = Some(op);
+    }
+    let r = response(&last.unwrap());
+    assert_eq!(r.result.unwrap().execution_metadata.unwrap().worker, "thawed");
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+}
+
+#[tokio::test]
+async fn two_workers_cannot_share_a_work_directory() {
+    let server = TestServer::start_with(Backend::Memory, scheduler_only(Backend::Memory)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().to_str().unwrap().to_string();
+    let _first = Worker::start(&server, "first", &["--work-dir", &work]);
+    wait_for_workers(&server, 1).await;
+    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"))
+        .args(["worker", "--scheduler", &server.url(), "--work-dir", &work])
+        .output()
+        .await
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("in use by another worker"), "{stderr}");
 }
