@@ -557,3 +557,26 @@ async fn capabilities_include_execution() {
     assert_eq!(exec.digest_functions.len(), 2);
     assert!(caps.cache_capabilities.is_some());
 }
+
+#[tokio::test]
+async fn outputs_are_never_read_through_a_symlink_out_of_the_root() {
+    let server = TestServer::start().await;
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), "do not upload").unwrap();
+    let act = Act {
+        script: format!("rmdir link; ln -s {} link; ln -s {0}/secret leak", outside.path().display()),
+        output_paths: vec!["link/secret", "leak"],
+        ..Default::default()
+    };
+    let r = execute(&server, &act).await;
+    let status = r.status.as_ref().expect("a status");
+    assert_eq!(status.code, Code::FailedPrecondition as i32, "{status:?}");
+    assert!(status.message.contains("leaves the input root"), "{}", status.message);
+
+    // Alone, the symlink is reported as a symlink, its target not read.
+    let act = Act { output_paths: vec!["leak"], ..act };
+    let r = execute(&server, &act).await;
+    let result = ok(&r);
+    assert!(result.output_files.is_empty());
+    assert_eq!(result.output_symlinks[0].target, format!("{}/secret", outside.path().display()));
+}
