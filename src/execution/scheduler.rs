@@ -254,12 +254,7 @@ impl Scheduler {
                 seq,
                 view,
                 tx,
-                checked: Arc::new(Checked {
-                    action: Default::default(),
-                    command: Default::default(),
-                    platform: Platform::default(),
-                    timeout: Duration::ZERO,
-                }),
+                checked: Arc::default(),
                 cache_key: None,
                 attempts: 0,
                 running: None,
@@ -627,6 +622,9 @@ fn complete(st: &mut State, name: &str, response: ExecuteResponse) {
     op.view.response = Some(Arc::new(response));
     op.done_at = Some(Instant::now());
     op.running = None;
+    // A finished operation is kept for WaitExecution and listing only: its
+    // Action and Command (arguments, environment) need not stay in memory.
+    op.checked = Arc::default();
     op.publish();
     if let Some(key) = op.cache_key
         && st.inflight.get(&key).is_some_and(|n| n == name)

@@ -22,7 +22,7 @@ pub struct Timeouts {
 }
 
 /// An action ready to queue.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Checked {
     pub action: Action,
     pub command: Command,
