@@ -221,10 +221,11 @@ async fn server(args: ServerArgs, mut file: FileConfig) -> anyhow::Result<ExitCo
         file.worker.capacity = Some(n);
     }
     let config = file.resolve()?;
+    let stop = crate::server::shutdown_signal().context("installing signal handlers")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
-    crate::server::run(listener, config, crate::server::shutdown_signal()).await?;
+    crate::server::run(listener, config, stop).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -263,8 +264,9 @@ async fn worker(args: WorkerArgs, ctx: Session) -> anyhow::Result<ExitCode> {
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let on_signal = stop.clone();
+    let signalled = crate::server::shutdown_signal().context("installing signal handlers")?;
     tokio::spawn(async move {
-        crate::server::shutdown_signal().await;
+        signalled.await;
         on_signal.cancel();
     });
     remote::run(options, Arc::new(executor), stop).await?;

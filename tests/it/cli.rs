@@ -112,7 +112,7 @@ async fn the_binary_serves_and_stops_on_sigterm() {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"))
         .args(["server", "--listen", &addr, "--data-dir", dir.path().to_str().unwrap()])
         .env("XDG_CONFIG_HOME", "/nonexistent")
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let url = format!("grpc://{addr}");
@@ -131,8 +131,9 @@ async fn the_binary_serves_and_stops_on_sigterm() {
     let pid = child.id().unwrap() as i32;
     // SAFETY: kill(2) on our own child's pid has no memory effects.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let status = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait()).await.unwrap().unwrap();
-    assert!(status.success(), "{status:?}");
+    let out =
+        tokio::time::timeout(std::time::Duration::from_secs(20), child.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "{:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
 }
 
 /// Runs the binary in `dir`, with `stdin` as its input.
