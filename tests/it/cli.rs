@@ -109,7 +109,7 @@ async fn the_binary_serves_and_stops_on_sigterm() {
         l.local_addr().unwrap().port()
     };
     let addr = format!("127.0.0.1:{port}");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"))
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"))
         .args(["server", "--listen", &addr, "--data-dir", dir.path().to_str().unwrap()])
         .env("XDG_CONFIG_HOME", "/nonexistent")
         .stderr(std::process::Stdio::piped())

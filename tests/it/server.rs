@@ -98,23 +98,44 @@ async fn health_reports_serving() {
 
 #[tokio::test]
 async fn shutdown_lets_in_flight_uploads_finish() {
+    use remote_apis::bytestream::{QueryWriteStatusRequest, WriteRequest};
+    use remote_apis::{InstanceName, WriteResource};
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_in(dir.path(), Backend::Filesystem, |_| {}).await;
     let blob = data(3, 2 << 20);
     let d = sha(&blob);
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(1);
-    let client = server.client();
-    let upload = tokio::spawn(async move {
-        client.write_stream(d, Compressor::Identity, tokio_stream::wrappers::ReceiverStream::new(rx)).await
-    });
-    tx.send(Ok(blob.slice(..1 << 20))).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let name = WriteResource {
+        instance: InstanceName::default(),
+        uuid: "0c3f6f0e-1b1a-4a3e-9d7e-000000000001".into(),
+        compressor: Compressor::Identity,
+        digest: d,
+    }
+    .to_name();
+    let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(1);
+    let mut bytestream = server.bytestream();
+    let upload = tokio::spawn(async move { bytestream.write(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    let chunk = |offset: usize, end: usize, finish: bool| WriteRequest {
+        resource_name: if offset == 0 { name.clone() } else { String::new() },
+        write_offset: offset as i64,
+        finish_write: finish,
+        data: blob.slice(offset..end).to_vec(),
+    };
+    tx.send(chunk(0, 1 << 20, false)).await.unwrap();
+    // Wait until the server holds the stream (QueryWriteStatus: ABORTED while
+    // a stream is writing), however busy the machine is.
+    let query = || QueryWriteStatusRequest { resource_name: name.clone() };
+    for _ in 0..400 {
+        match server.bytestream().query_write_status(query()).await {
+            Err(s) if s.code() == tonic::Code::Aborted => break,
+            _ => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
 
     let channel = server.channel.clone();
     let stopping = tokio::spawn(server.stop());
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!stopping.is_finished(), "the server waits for the upload");
-    tx.send(Ok(blob.slice(1 << 20..))).await.unwrap();
+    tx.send(chunk(1 << 20, 2 << 20, true)).await.unwrap();
     drop(tx);
     upload.await.unwrap().unwrap();
     stopping.await.unwrap().unwrap();
