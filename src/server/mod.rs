@@ -98,7 +98,7 @@ pub async fn serve(
     let ac = Arc::new(ActionCacheService::new(ac, cas.clone()));
     let stop_workers = CancellationToken::new();
     let closing = CancellationToken::new();
-    let execution = start_execution(config, &cas, &ac, &stop_workers).await?;
+    let (execution, builtin_worker) = start_execution(config, &cas, &ac, &stop_workers).await?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ContentAddressableStorageServer<CasService>>().await;
@@ -177,6 +177,9 @@ pub async fn serve(
     // Workers go after the listener: no new action can arrive, running ones
     // are killed and their directories cleaned.
     stop_workers.cancel();
+    if let Some(worker) = builtin_worker {
+        let _ = worker.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -191,7 +194,7 @@ async fn start_execution(
     cas: &Store,
     ac: &Arc<ActionCacheService>,
     stop: &CancellationToken,
-) -> anyhow::Result<Arc<Scheduler>> {
+) -> anyhow::Result<(Arc<Scheduler>, Option<tokio::task::JoinHandle<()>>)> {
     let e = &config.execution;
     let scheduler = Arc::new(Scheduler::new(
         ac.clone(),
@@ -230,13 +233,14 @@ async fn start_execution(
             builtin: true,
         };
         tracing::info!(slots = info.slots, work_dir = %config.work_dir.display(), "built-in worker");
-        tokio::spawn(builtin::run(scheduler.clone(), Arc::new(executor), info, stop.clone()));
+        let worker = tokio::spawn(builtin::run(scheduler.clone(), Arc::new(executor), info, stop.clone()));
         // Registered before the first request can arrive.
         while scheduler.status().workers.is_empty() {
             tokio::task::yield_now().await;
         }
+        return Ok((scheduler, Some(worker)));
     }
-    Ok(scheduler)
+    Ok((scheduler, None))
 }
 
 /// A future that resolves on SIGINT or SIGTERM. The handlers are installed

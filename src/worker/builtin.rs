@@ -12,7 +12,8 @@ use super::Executor;
 use crate::execution::scheduler::{Scheduler, WorkerCommand, WorkerInfo};
 
 /// Registers the built-in worker and serves it until `stop` is cancelled.
-/// Running actions are cancelled (their processes killed) on stop.
+/// Running actions are cancelled on stop, and this returns once they have
+/// ended (process groups killed, directories removed), or after 10 s.
 pub async fn run(scheduler: Arc<Scheduler>, executor: Arc<Executor>, info: WorkerInfo, stop: CancellationToken) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let id = scheduler.register_worker(info, tx);
@@ -42,4 +43,5 @@ pub async fn run(scheduler: Arc<Scheduler>, executor: Arc<Executor>, info: Worke
         }
     }
     scheduler.worker_lost(id, "the server is stopping");
+    super::drain(&running).await;
 }

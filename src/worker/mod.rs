@@ -236,6 +236,18 @@ fn lock_work_dir(work_dir: &Path) -> std::io::Result<std::fs::File> {
     Ok(file)
 }
 
+/// Waits (at most 10 s) until every running action of a worker has ended
+/// after its cancellation, so no process outlives the worker.
+pub(crate) async fn drain(running: &parking_lot::Mutex<std::collections::HashMap<String, CancellationToken>>) {
+    for token in running.lock().values() {
+        token.cancel();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !running.lock().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Creates the parent directory of every output path.
 async fn prepare_outputs(command: &Command, working_dir: &Path) -> Result<()> {
     tokio::fs::create_dir_all(working_dir).await.map_err(|e| Error::io(working_dir.display(), e))?;

@@ -33,10 +33,10 @@ pub async fn run(options: WorkerOptions, executor: Arc<Executor>, stop: Cancella
     let mut backoff = Duration::from_millis(200);
     loop {
         let started = std::time::Instant::now();
-        let outcome = tokio::select! {
-            r = session(&options, &executor, &stop) => r,
-            () = stop.cancelled() => return Ok(()),
-        };
+        let outcome = session(&options, &executor, &stop).await;
+        if stop.is_cancelled() {
+            return Ok(());
+        }
         match outcome {
             Ok(()) => tracing::warn!("the scheduler closed the connection; reconnecting"),
             Err(e) => tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "worker connection failed"),
@@ -55,7 +55,12 @@ pub async fn run(options: WorkerOptions, executor: Arc<Executor>, stop: Cancella
 /// One connection: Hello, then assignments until the stream ends. Actions
 /// still running when it ends are cancelled: the scheduler has re-queued them.
 async fn session(options: &WorkerOptions, executor: &Arc<Executor>, stop: &CancellationToken) -> anyhow::Result<()> {
-    let channel = remote_apis::client::endpoint(&options.scheduler)?.connect().await?;
+    let endpoint = remote_apis::client::endpoint(&options.scheduler)?;
+    let connecting = endpoint.connect();
+    let channel = tokio::select! {
+        c = connecting => c?,
+        () = stop.cancelled() => return Ok(()),
+    };
     let mut client = WorkerGatewayClient::new(channel).max_decoding_message_size(64 << 20);
     let (out_tx, out_rx) = mpsc::unbounded_channel::<WorkerMessage>();
     let hello = proto::Hello {
@@ -69,12 +74,38 @@ async fn session(options: &WorkerOptions, executor: &Arc<Executor>, stop: &Cance
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
     send(&out_tx, worker_message::Message::Hello(hello));
-    let mut inbound = client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(out_rx)).await?.into_inner();
+    let opening = client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(out_rx));
+    let mut inbound = tokio::select! {
+        s = opening => s?.into_inner(),
+        () = stop.cancelled() => return Ok(()),
+    };
     let session_stop = stop.child_token();
     let _guard = session_stop.clone().drop_guard();
-    let running: Arc<Mutex<HashMap<String, CancellationToken>>> = Arc::default();
+    let running: Running = Arc::default();
     tracing::info!(scheduler = %options.scheduler, name = %options.name, slots = options.slots, "connected");
-    while let Some(msg) = inbound.message().await? {
+    let result = serve_session(&mut inbound, &out_tx, executor, &session_stop, &running).await;
+    super::drain(&running).await;
+    result
+}
+
+type Running = Arc<Mutex<HashMap<String, CancellationToken>>>;
+
+/// Handles the scheduler's messages until the stream ends or `stop`.
+async fn serve_session(
+    inbound: &mut tonic::Streaming<proto::SchedulerMessage>,
+    out_tx: &mpsc::UnboundedSender<WorkerMessage>,
+    executor: &Arc<Executor>,
+    session_stop: &CancellationToken,
+    running: &Running,
+) -> anyhow::Result<()> {
+    loop {
+        let msg = tokio::select! {
+            m = inbound.message() => match m? {
+                Some(m) => m,
+                None => return Ok(()),
+            },
+            () = session_stop.cancelled() => return Ok(()),
+        };
         match msg.message {
             Some(scheduler_message::Message::Welcome(w)) => {
                 let every = Duration::from_millis(w.keepalive_interval_ms.max(100));
@@ -121,7 +152,6 @@ async fn session(options: &WorkerOptions, executor: &Arc<Executor>, stop: &Cance
             None => {}
         }
     }
-    Ok(())
 }
 
 fn send(tx: &mpsc::UnboundedSender<WorkerMessage>, message: worker_message::Message) {
