@@ -34,6 +34,7 @@ pub struct ExecutionService {
     ac: Arc<ActionCacheService>,
     scheduler: Arc<Scheduler>,
     timeouts: Timeouts,
+    directories: crate::worker::DirectoryCache,
     /// An unchanged operation is sent again this often, so proxies and
     /// clients see a live stream.
     keepalive: Duration,
@@ -47,7 +48,8 @@ impl ExecutionService {
         timeouts: Timeouts,
         keepalive: Duration,
     ) -> Self {
-        ExecutionService { cas, ac, scheduler, timeouts, keepalive }
+        let directories = crate::worker::DirectoryCache::new(crate::worker::DIRECTORY_CACHE_ENTRIES);
+        ExecutionService { cas, ac, scheduler, timeouts, directories, keepalive }
     }
 
     /// Everything up to the first Operation: errors here are gRPC statuses.
@@ -66,7 +68,7 @@ impl ExecutionService {
         {
             return Ok(self.scheduler.record_hit(instance, digest, result));
         }
-        let checked = validate::check(&self.cas, digest, action, self.timeouts).await?;
+        let checked = validate::check(&self.cas, &self.directories, digest, action, self.timeouts).await?;
         self.scheduler.submit(Submission {
             instance,
             action_digest: digest,

@@ -13,6 +13,7 @@ use remote_apis::{Digest, merkle};
 use super::platform::Platform;
 use crate::error::{Error, Result};
 use crate::store::Store;
+use crate::worker::DirectoryCache;
 
 /// Timeout rules from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -36,7 +37,16 @@ pub async fn read_action(cas: &Store, action_digest: &Digest) -> Result<Action> 
 }
 
 /// Checks the rest of an action read by [`read_action`].
-pub async fn check(cas: &Store, action_digest: Digest, action: Action, timeouts: Timeouts) -> Result<Checked> {
+/// `dirs` remembers decoded Directory messages across calls (they are
+/// content-addressed, so a cached one is always right); the blobs they name
+/// are still checked for presence every time.
+pub async fn check(
+    cas: &Store,
+    dirs: &DirectoryCache,
+    action_digest: Digest,
+    action: Action,
+    timeouts: Timeouts,
+) -> Result<Checked> {
     let function = action_digest.function;
     let command_digest = Digest::from_field(function, action.command_digest.as_ref(), "action.command_digest")
         .map_err(|e| Error::bad_field("action.command_digest", e.0))?;
@@ -49,7 +59,7 @@ pub async fn check(cas: &Store, action_digest: Digest, action: Action, timeouts:
     }
     let command = read_message::<Command>(cas, &command_digest, "command").await?;
     check_command(&command)?;
-    check_tree(cas, root_digest).await?;
+    check_tree(cas, dirs, root_digest).await?;
     let timeout = match action.timeout.as_ref() {
         None => timeouts.default,
         Some(t) if t.seconds < 0 || t.nanos < 0 => return Err(Error::bad_field("action.timeout", "is negative")),
@@ -122,22 +132,34 @@ pub fn check_command(command: &Command) -> Result<()> {
 
 /// Walks the input tree: every directory and file must be present, names and
 /// symlink targets valid. All missing blobs are reported together.
-async fn check_tree(cas: &Store, root: Digest) -> Result<()> {
+async fn check_tree(cas: &Store, dirs: &DirectoryCache, root: Digest) -> Result<()> {
     let function = root.function;
     let mut seen = HashSet::from([root]);
     let mut level = vec![(root, 0usize)];
+    // Files, and the directories taken from the cache: all must be present.
     let mut files = HashSet::new();
     let mut missing = Vec::new();
     while !level.is_empty() {
         let mut next = Vec::new();
         for (digest, depth) in level {
-            let dir = match read_message::<Directory>(cas, &digest, "input directory").await {
-                Ok(d) => d,
-                Err(e) if !e.missing.is_empty() => {
-                    missing.push(digest);
-                    continue;
+            let dir = match dirs.get(&digest) {
+                // Known by content; its presence is checked with the files.
+                Some(d) => {
+                    files.insert(digest);
+                    d
                 }
-                Err(e) => return Err(e),
+                None => match read_message::<Directory>(cas, &digest, "input directory").await {
+                    Ok(d) => {
+                        let d = std::sync::Arc::new(d);
+                        dirs.put(digest, d.clone());
+                        d
+                    }
+                    Err(e) if !e.missing.is_empty() => {
+                        missing.push(digest);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
             };
             crate::worker::check_directory(&dir, depth).map_err(|e| e.context(format!("input directory {digest}")))?;
             for f in &dir.files {

@@ -25,6 +25,14 @@ impl DirectoryCache {
     pub fn new(entries: usize) -> Self {
         DirectoryCache(Mutex::new(lru::LruCache::new(entries.max(1).try_into().expect("non-zero"))))
     }
+
+    pub fn get(&self, digest: &Digest) -> Option<Arc<Directory>> {
+        self.0.lock().get(digest).cloned()
+    }
+
+    pub fn put(&self, digest: Digest, dir: Arc<Directory>) {
+        self.0.lock().put(digest, dir);
+    }
 }
 
 /// A fetched input tree: every directory by digest.
@@ -101,14 +109,14 @@ async fn load_directory(
     instance: &InstanceName,
     digest: Digest,
 ) -> Result<Arc<Directory>> {
-    if let Some(d) = cache.0.lock().get(&digest) {
-        return Ok(d.clone());
+    if let Some(d) = cache.get(&digest) {
+        return Ok(d);
     }
     let data = cas.get_bytes(instance, &digest).await?;
     let dir = Arc::new(
         Directory::decode(data.as_ref()).map_err(|e| Error::invalid(format!("{digest} is not a Directory: {e}")))?,
     );
-    cache.0.lock().put(digest, dir.clone());
+    cache.put(digest, dir.clone());
     Ok(dir)
 }
 

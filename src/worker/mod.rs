@@ -25,14 +25,14 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Error, Result};
 use cache::LocalCache;
 use cas::ExecCas;
-use inputs::DirectoryCache;
+pub use inputs::DirectoryCache;
 use outputs::Upload;
 use process::Ending;
 
 pub use inputs::check_directory;
 
-/// Decoded Directory messages a worker remembers.
-const DIRECTORY_CACHE_ENTRIES: usize = 100_000;
+/// Decoded Directory messages a worker (or the scheduler) remembers.
+pub const DIRECTORY_CACHE_ENTRIES: usize = 100_000;
 /// Concurrent output uploads per action.
 const UPLOAD_CONCURRENCY: usize = 16;
 
