@@ -580,3 +580,37 @@ async fn outputs_are_never_read_through_a_symlink_out_of_the_root() {
     assert!(result.output_files.is_empty());
     assert_eq!(result.output_symlinks[0].target, format!("{}/secret", outside.path().display()));
 }
+
+#[tokio::test]
+async fn blake3_actions_hash_everything_with_blake3() {
+    let server = TestServer::start().await;
+    let f = DigestFunction::Blake3;
+    let client = server.client().with_digest_function(f);
+    let input = Bytes::from_static(b"blake3 input\n");
+    let input_digest = f.digest_of(&input);
+    let mut tree = merkle::TreeBuilder::new(f);
+    tree.add_file("in.txt", input_digest, false, "unused".into()).unwrap();
+    let tree = tree.build();
+    let command = Act { output_paths: vec!["out.txt"], ..Act::sh("cat in.txt in.txt > out.txt") }.command();
+    let (cd, cb) = merkle::encode(f, &command);
+    let action = Action {
+        command_digest: Some(cd.to_proto()),
+        input_root_digest: Some(tree.root_digest.to_proto()),
+        ..Default::default()
+    };
+    let (ad, ab) = merkle::encode(f, &action);
+    let mut blobs: Vec<(Digest, Bytes)> = tree.directories.iter().map(|(d, b, _)| (*d, b.clone())).collect();
+    blobs.extend([(input_digest, input.clone()), (cd, cb), (ad, ab)]);
+    client.upload_blobs(blobs).await.unwrap();
+    let req = ExecuteRequest { digest_function: f.to_proto() as i32, ..request(ad) };
+    let ops = run(&server, req.clone()).await.unwrap();
+    let r = response(ops.last().unwrap());
+    let result = ok(&r);
+    let out = result.output_files[0].digest.as_ref().unwrap();
+    let expected = f.digest_of(b"blake3 input\nblake3 input\n");
+    assert_eq!(Digest::from_proto(f, out).unwrap(), expected);
+    assert_eq!(client.read_blob(expected).await.unwrap(), "blake3 input\nblake3 input\n");
+    // Cached under the BLAKE3 key.
+    let again = response(run(&server, req).await.unwrap().last().unwrap());
+    assert!(again.cached_result);
+}
