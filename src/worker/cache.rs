@@ -81,6 +81,34 @@ impl LocalCache {
         Ok(self.path(&key))
     }
 
+    /// Takes a file the worker just produced (an action's output) into the
+    /// cache, so a later action on this worker that consumes it links it
+    /// instead of downloading it. Blocking; best effort.
+    pub fn adopt(&self, key: Key, path: &Path) -> std::io::Result<()> {
+        if self.touch(&key) {
+            return Ok(());
+        }
+        let tmp = self.dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
+        let adopted = (|| {
+            if std::fs::hard_link(path, &tmp).is_err() {
+                std::fs::copy(path, &tmp)?;
+            }
+            let mode = if key.executable { 0o555 } else { 0o444 };
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+            std::fs::rename(&tmp, self.path(&key))
+        })();
+        match adopted {
+            Ok(()) => {
+                self.insert(key);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
     /// Forgets a file found gone (deleted by hand); the next `ensure` refetches.
     pub fn forget(&self, key: &Key) {
         let mut state = self.state.lock();

@@ -52,7 +52,7 @@ pub struct Task {
 pub struct Executor {
     name: String,
     cas: Arc<dyn ExecCas>,
-    cache: LocalCache,
+    cache: Arc<LocalCache>,
     directories: DirectoryCache,
     exec_dir: PathBuf,
     /// Held for the executor's life: one worker per work directory.
@@ -70,7 +70,7 @@ impl Executor {
             remove_tree(&exec_dir)?;
         }
         std::fs::create_dir_all(&exec_dir)?;
-        let cache = LocalCache::open(&work_dir.join("cache"), cache_bytes)?;
+        let cache = Arc::new(LocalCache::open(&work_dir.join("cache"), cache_bytes)?);
         Ok(Executor {
             name,
             cas,
@@ -191,6 +191,16 @@ impl Executor {
         })
         .await
         .map_err(|e| Error::internal(e.to_string()))??;
+        // Outputs feed the next actions: keep them in this worker's cache.
+        // (The action directory is removed next, so linking is safe.)
+        let adopt: Vec<(cache::Key, PathBuf)> = result
+            .output_files
+            .iter()
+            .filter_map(|f| {
+                let digest = Digest::from_field(function, f.digest.as_ref(), "output").ok()?;
+                Some((cache::Key { digest, executable: f.is_executable }, working_dir.join(&f.path)))
+            })
+            .collect();
         let n = uploads.len();
         result.stdout_digest = Some(uploads[n - 2].digest().to_proto());
         result.stderr_digest = Some(uploads[n - 1].digest().to_proto());
@@ -217,6 +227,15 @@ impl Executor {
             .await
             .into_iter()
             .collect::<Result<Vec<()>>>()?;
+        let cache = self.cache.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for (key, path) in adopt {
+                if let Err(e) = cache.adopt(key, &path) {
+                    tracing::debug!(path = %path.display(), error = %e, "keeping an output in the local cache");
+                }
+            }
+        })
+        .await;
         Ok(result)
     }
 }

@@ -196,6 +196,10 @@ async fn outputs_of_every_kind_and_the_stages() {
     let file = &result.output_files[0];
     assert_eq!((file.path.as_str(), file.is_executable), ("o/file", true));
     assert_eq!(blob(&server, file.digest.as_ref()).await, "x");
+    // Kept in the worker's blob cache for the actions that consume it.
+    let d = Digest::from_proto(DigestFunction::Sha256, file.digest.as_ref().unwrap()).unwrap();
+    let cached = server.data_dir.join(format!("worker/cache/sha256-{}-{}-x", d.hash_hex(), d.size));
+    assert!(cached.exists(), "{} is not in the worker cache", cached.display());
     let mut links: Vec<(String, String)> =
         result.output_symlinks.iter().map(|s| (s.path.clone(), s.target.clone())).collect();
     links.sort();
