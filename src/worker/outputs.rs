@@ -80,7 +80,7 @@ pub fn collect(
     for (path, declared) in declared(command) {
         merkle::path_components(path).map_err(|e| Error::invalid(format!("output path: {}", e.0)))?;
         let full = working_dir.join(path);
-        if !inside(&root, &full) {
+        if !inside(&root, &full, path.is_empty()) {
             return Err(Error::new(
                 tonic::Code::FailedPrecondition,
                 format!("output {path:?} is reached through a symlink that leaves the input root"),
@@ -154,9 +154,11 @@ fn not_a(path: &str, declared: &str, found: &str) -> Error {
 }
 
 /// Whether the parent of `path` resolves to a place inside `root` (the last
-/// component itself is never followed).
-fn inside(root: &Path, path: &Path) -> bool {
-    match path.parent().map(Path::canonicalize) {
+/// component itself is never followed). The empty output path (the whole
+/// working directory) is checked itself.
+fn inside(root: &Path, path: &Path, whole_working_dir: bool) -> bool {
+    let checked = if whole_working_dir { Some(path) } else { path.parent() };
+    match checked.map(Path::canonicalize) {
         Some(Ok(parent)) => parent.starts_with(root),
         // A parent that does not exist holds no output; nothing escapes.
         Some(Err(_)) => true,

@@ -577,6 +577,14 @@ async fn outputs_are_never_read_through_a_symlink_out_of_the_root() {
     assert_eq!(status.code, Code::FailedPrecondition as i32, "{status:?}");
     assert!(status.message.contains("leaves the input root"), "{}", status.message);
 
+    // The whole working directory as one output directory.
+    let whole = Act { output_paths: vec![""], working_directory: "wd", ..Act::sh("echo w > f") };
+    let r = execute(&server, &whole).await;
+    let result = ok(&r);
+    assert_eq!(result.output_directories[0].path, "");
+    let tree = Tree::decode(blob(&server, result.output_directories[0].tree_digest.as_ref()).await).unwrap();
+    assert_eq!(tree.root.unwrap().files[0].name, "f");
+
     // Alone, the symlink is reported as a symlink, its target not read.
     let act = Act { output_paths: vec!["leak"], ..act };
     let r = execute(&server, &act).await;
