@@ -132,6 +132,8 @@ pub struct ExecutionSection {
     /// How long finished operations stay visible to WaitExecution.
     #[serde(with = "humantime_serde")]
     pub operation_retention: Duration,
+    /// At most this many finished operations are remembered.
+    pub max_finished_operations: usize,
     /// How long an action waits when no connected worker could run it.
     #[serde(with = "humantime_serde")]
     pub unmatched_timeout: Duration,
@@ -145,6 +147,7 @@ impl Default for ExecutionSection {
             max_attempts: 3,
             numeric_properties: vec!["cpu-count".into()],
             operation_retention: Duration::from_secs(600),
+            max_finished_operations: 100_000,
             unmatched_timeout: Duration::from_secs(60),
         }
     }

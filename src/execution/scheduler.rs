@@ -38,6 +38,9 @@ pub struct SchedulerConfig {
     pub numeric_properties: Vec<String>,
     /// How long finished operations stay visible (WaitExecution, GetOperation).
     pub retention: Duration,
+    /// At most this many finished operations are kept (oldest go first), so
+    /// a flood of cache hits cannot grow memory without bound.
+    pub max_finished: usize,
     /// How long an action waits when no connected worker could run it.
     pub unmatched_timeout: Duration,
 }
@@ -160,6 +163,8 @@ struct State {
     /// Queued operation names per platform, oldest first (by seq).
     queues: HashMap<Platform, VecDeque<(u64, String)>>,
     workers: HashMap<u64, WorkerEntry>,
+    /// Finished operations in the order they finished: expiry and the cap.
+    finished: VecDeque<(Instant, String)>,
     next_seq: u64,
     next_worker: u64,
     counters: Counters,
@@ -262,7 +267,8 @@ impl Scheduler {
                 done_at: Some(Instant::now()),
             },
         );
-        st.order.insert(seq, name);
+        st.order.insert(seq, name.clone());
+        st.finished.push_back((Instant::now(), name));
         rx
     }
 
@@ -338,10 +344,8 @@ impl Scheduler {
         match st.ops.get(name) {
             None => Err(Error::not_found(format!("operation {name:?} is unknown or expired"))),
             Some(op) if op.done_at.is_none() => Ok(()),
-            Some(op) => {
-                let seq = op.seq;
-                st.order.remove(&seq);
-                st.ops.remove(name);
+            Some(_) => {
+                forget(&mut st, name);
                 Ok(())
             }
         }
@@ -471,15 +475,11 @@ impl Scheduler {
         for id in silent {
             self.drop_worker(&mut st, id, "no keepalive");
         }
-        let expired: Vec<(u64, String)> = st
-            .ops
-            .values()
-            .filter(|op| op.done_at.is_some_and(|t| now.duration_since(t) > self.config.retention))
-            .map(|op| (op.seq, op.view.name.clone()))
-            .collect();
-        for (seq, name) in expired {
-            st.order.remove(&seq);
-            st.ops.remove(&name);
+        while st.finished.len() > self.config.max_finished
+            || st.finished.front().is_some_and(|(t, _)| now.duration_since(*t) > self.config.retention)
+        {
+            let (_, name) = st.finished.pop_front().expect("checked");
+            forget(&mut st, &name);
         }
         let numeric = self.config.numeric_properties.clone();
         let mut stranded = Vec::new();
@@ -613,11 +613,23 @@ fn enqueue(st: &mut State, platform: Platform, seq: u64, name: String) {
     queue.insert(at, (seq, name));
 }
 
-fn complete(st: &mut State, name: &str, response: ExecuteResponse) {
-    let Some(op) = st.ops.get_mut(name) else { return };
-    if op.done_at.is_some() {
-        return;
+/// Removes a finished operation (expired, over the cap, or deleted).
+fn forget(st: &mut State, name: &str) {
+    if let Some(op) = st.ops.get(name)
+        && op.done_at.is_some()
+    {
+        let seq = op.seq;
+        st.order.remove(&seq);
+        st.ops.remove(name);
     }
+}
+
+fn complete(st: &mut State, name: &str, response: ExecuteResponse) {
+    match st.ops.get(name) {
+        Some(op) if op.done_at.is_none() => st.finished.push_back((Instant::now(), name.to_string())),
+        _ => return,
+    }
+    let Some(op) = st.ops.get_mut(name) else { return };
     op.view.stages.push(Stage::Completed);
     op.view.response = Some(Arc::new(response));
     op.done_at = Some(Instant::now());
@@ -650,6 +662,7 @@ mod tests {
                 keepalive_timeout: Duration::from_secs(30),
                 numeric_properties: vec!["cpu-count".into()],
                 retention: Duration::from_secs(60),
+                max_finished: 2,
                 unmatched_timeout: Duration::from_secs(60),
             },
         )
@@ -687,6 +700,22 @@ mod tests {
             Ok(WorkerCommand::Assign(t)) => Some(t),
             _ => None,
         }
+    }
+
+    #[test]
+    fn finished_operations_are_capped_oldest_first() {
+        let s = scheduler(3);
+        let names: Vec<String> = (0..4u8)
+            .map(|i| {
+                let d = DigestFunction::Sha256.digest_of(&[i]);
+                s.record_hit(InstanceName::default(), d, ActionResult::default()).borrow().name.clone()
+            })
+            .collect();
+        assert_eq!(s.list().len(), 4);
+        s.sweep();
+        let kept: Vec<String> = s.list().into_iter().map(|v| v.name).collect();
+        assert_eq!(kept, names[2..], "the two newest stay");
+        assert!(s.get(&names[0]).is_none());
     }
 
     #[test]

@@ -203,6 +203,7 @@ async fn start_execution(
             keepalive_timeout: config.heartbeat_interval * 3,
             numeric_properties: e.numeric_properties.clone(),
             retention: e.operation_retention,
+            max_finished: e.max_finished_operations,
             unmatched_timeout: e.unmatched_timeout,
         },
     ));
