@@ -384,7 +384,11 @@ impl Scheduler {
 
     fn drop_worker(&self, st: &mut State, id: u64, reason: &str) {
         let Some(worker) = st.workers.remove(&id) else { return };
-        tracing::warn!(worker = %worker.info.name, reason, running = worker.running.len(), "worker dropped");
+        if worker.running.is_empty() {
+            tracing::info!(worker = %worker.info.name, reason, "worker gone");
+        } else {
+            tracing::warn!(worker = %worker.info.name, reason, running = worker.running.len(), "worker lost mid-action");
+        }
         for (task, name) in worker.running {
             let Some(op) = st.ops.get_mut(&name) else { continue };
             if op.running.as_ref() != Some(&(id, task)) {
