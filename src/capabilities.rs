@@ -43,6 +43,9 @@ impl CapabilitiesService {
                 symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,
                 supported_compressors: vec![compressor::Value::Zstd as i32],
                 supported_batch_update_compressors: vec![compressor::Value::Zstd as i32],
+                // SplitBlob/GetChunkMapping and SpliceBlob/RegisterChunkMapping.
+                split_blob_support: true,
+                splice_blob_support: true,
                 ..Default::default()
             }),
             execution_capabilities: Some(self.execution()),

@@ -2,6 +2,7 @@
 //! over a [`Store`](crate::store::Store).
 
 mod bytestream;
+mod chunks;
 mod tree;
 
 pub use bytestream::ByteStreamService;
@@ -106,10 +107,36 @@ impl CasService {
     }
 }
 
-fn not_offered(method: &str) -> Status {
-    Status::unimplemented(format!(
-        "{method} is an experimental REAPI extension this server does not offer (see Capabilities)"
-    ))
+/// The chunk digests of a split, in response messages of a bounded size.
+const CHUNKS_PER_MESSAGE: usize = 10_000;
+
+impl CasService {
+    async fn split(
+        &self,
+        instance: &str,
+        function: i32,
+        blob: Option<&remote_apis::reapi::Digest>,
+    ) -> Result<Vec<Digest>> {
+        let (_instance, function) = parse_header(instance, function)?;
+        let blob =
+            Digest::from_field(function, blob, "blob_digest").map_err(|e| Error::bad_field("blob_digest", e.0))?;
+        chunks::split(&self.store, blob).await
+    }
+
+    async fn splice(
+        &self,
+        instance: &str,
+        function: i32,
+        blob: Option<&remote_apis::reapi::Digest>,
+        chunk_digests: &[remote_apis::reapi::Digest],
+    ) -> Result<Digest> {
+        let (_instance, function) = parse_header(instance, function)?;
+        let blob =
+            Digest::from_field(function, blob, "blob_digest").map_err(|e| Error::bad_field("blob_digest", e.0))?;
+        let chunk_digests = parse_digests(function, chunk_digests, "chunk_digests")?;
+        chunks::splice(&self.store, blob, &chunk_digests).await?;
+        Ok(blob)
+    }
 }
 
 /// Decompresses a zstd payload that must expand to exactly `size` bytes;
@@ -180,31 +207,60 @@ impl ContentAddressableStorage for CasService {
         Ok(Response::new(BatchReadBlobsResponse { responses }))
     }
 
-    // Blob splitting and splicing are experimental REAPI extensions that
-    // Capabilities does not advertise (split_blob_support and
-    // splice_blob_support are false), so conforming clients never call them.
-    async fn split_blob(&self, _r: Request<SplitBlobRequest>) -> Result<Response<SplitBlobResponse>, Status> {
-        Err(not_offered("SplitBlob"))
+    // Splitting and splicing (see chunks.rs). The chunking function is the
+    // server's choice (reported as UNKNOWN); splicing accepts any.
+    async fn split_blob(&self, request: Request<SplitBlobRequest>) -> Result<Response<SplitBlobResponse>, Status> {
+        let req = request.into_inner();
+        let chunks = self.split(&req.instance_name, req.digest_function, req.blob_digest.as_ref()).await?;
+        Ok(Response::new(SplitBlobResponse {
+            chunk_digests: chunks.iter().map(Digest::to_proto).collect(),
+            chunking_function: 0,
+        }))
     }
 
-    async fn splice_blob(&self, _r: Request<SpliceBlobRequest>) -> Result<Response<SpliceBlobResponse>, Status> {
-        Err(not_offered("SpliceBlob"))
+    async fn splice_blob(&self, request: Request<SpliceBlobRequest>) -> Result<Response<SpliceBlobResponse>, Status> {
+        let req = request.into_inner();
+        let blob =
+            self.splice(&req.instance_name, req.digest_function, req.blob_digest.as_ref(), &req.chunk_digests).await?;
+        Ok(Response::new(SpliceBlobResponse { blob_digest: Some(blob.to_proto()) }))
     }
 
     type GetChunkMappingStream = futures::stream::BoxStream<'static, Result<GetChunkMappingResponse, Status>>;
 
     async fn get_chunk_mapping(
         &self,
-        _r: Request<GetChunkMappingRequest>,
+        request: Request<GetChunkMappingRequest>,
     ) -> Result<Response<Self::GetChunkMappingStream>, Status> {
-        Err(not_offered("GetChunkMapping"))
+        let req = request.into_inner();
+        let chunks = self.split(&req.instance_name, req.digest_function, req.blob_digest.as_ref()).await?;
+        let messages: Vec<Result<GetChunkMappingResponse, Status>> = chunks
+            .chunks(CHUNKS_PER_MESSAGE)
+            .map(|part| {
+                Ok(GetChunkMappingResponse {
+                    chunk_digests: part.iter().map(Digest::to_proto).collect(),
+                    chunking_function: 0,
+                })
+            })
+            .collect();
+        Ok(Response::new(futures::stream::iter(messages).boxed()))
     }
 
     async fn register_chunk_mapping(
         &self,
-        _r: Request<tonic::Streaming<RegisterChunkMappingRequest>>,
+        request: Request<tonic::Streaming<RegisterChunkMappingRequest>>,
     ) -> Result<Response<RegisterChunkMappingResponse>, Status> {
-        Err(not_offered("RegisterChunkMapping"))
+        let mut stream = request.into_inner();
+        let Some(first) = stream.message().await? else {
+            return Err(Error::invalid("RegisterChunkMapping needs at least one request").into());
+        };
+        let mut chunk_digests = first.chunk_digests.clone();
+        while let Some(more) = stream.message().await? {
+            chunk_digests.extend(more.chunk_digests);
+        }
+        let blob = self
+            .splice(&first.instance_name, first.digest_function, first.blob_digest.as_ref(), &chunk_digests)
+            .await?;
+        Ok(Response::new(RegisterChunkMappingResponse { blob_digest: Some(blob.to_proto()) }))
     }
 
     type GetTreeStream = futures::stream::BoxStream<'static, Result<GetTreeResponse, Status>>;

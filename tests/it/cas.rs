@@ -259,3 +259,116 @@ async fn get_tree_pages_and_skips_missing_subtrees() {
         GetTreeRequest { root_digest: Some(root.to_proto()), page_token: "garbage!".into(), ..Default::default() };
     assert_code(cas.get_tree(req).await.map(|_| ()), Code::InvalidArgument);
 }
+
+/// Concatenates the chunks named by `digests`, read back from the server.
+async fn assemble(server: &TestServer, digests: &[remote_apis::reapi::Digest]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for d in digests {
+        let d = Digest::from_proto(DigestFunction::Sha256, d).unwrap();
+        out.extend_from_slice(&server.client().read_blob(d).await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn split_blobs_into_content_defined_chunks() {
+    use remote_apis::reapi::{GetChunkMappingRequest, SplitBlobRequest};
+    let server = TestServer::start().await;
+    let blob = data(21, 6 << 20);
+    let d = sha(&blob);
+    server.client().upload_blobs(vec![(d, blob.clone())]).await.unwrap();
+    let split = |d: Digest| SplitBlobRequest { blob_digest: Some(d.to_proto()), ..Default::default() };
+    let chunks = server.cas().split_blob(split(d)).await.unwrap().into_inner().chunk_digests;
+    assert!(chunks.len() > 2, "{} chunks", chunks.len());
+    assert!(chunks.iter().all(|c| c.size_bytes <= 2 << 20));
+    assert_eq!(assemble(&server, &chunks).await, blob.to_vec());
+
+    // The streamed 2.13 form gives the same mapping.
+    let mut stream = server
+        .cas()
+        .get_chunk_mapping(GetChunkMappingRequest { blob_digest: Some(d.to_proto()), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut mapped = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        mapped.extend(m.chunk_digests);
+    }
+    assert_eq!(mapped, chunks);
+
+    // Content-defined: a small edit in the middle changes few chunks.
+    let mut edited = blob.to_vec();
+    edited[3 << 20] ^= 0xff;
+    let e = sha(&edited);
+    server.client().upload_blobs(vec![(e, edited.clone().into())]).await.unwrap();
+    let edited_chunks = server.cas().split_blob(split(e)).await.unwrap().into_inner().chunk_digests;
+    let shared = edited_chunks.iter().filter(|c| chunks.contains(c)).count();
+    assert!(shared + 2 >= chunks.len(), "{shared} of {} chunks shared", chunks.len());
+    assert_eq!(assemble(&server, &edited_chunks).await, edited);
+
+    assert_code(server.cas().split_blob(split(sha(b"absent"))).await, Code::NotFound);
+    let small = data(22, 1000);
+    server.client().upload_blobs(vec![(sha(&small), small.clone())]).await.unwrap();
+    let one = server.cas().split_blob(split(sha(&small))).await.unwrap().into_inner().chunk_digests;
+    assert_eq!(one, vec![sha(&small).to_proto()]);
+}
+
+#[tokio::test]
+async fn splice_blobs_from_stored_chunks() {
+    use remote_apis::reapi::{RegisterChunkMappingRequest, SpliceBlobRequest};
+    let server = TestServer::start().await;
+    let blob = data(23, 3_000_000);
+    let d = sha(&blob);
+    let parts: Vec<bytes::Bytes> =
+        vec![blob.slice(..1_000_000), blob.slice(1_000_000..2_500_000), blob.slice(2_500_000..)];
+    let part_digests: Vec<Digest> = parts.iter().map(|p| sha(p)).collect();
+    let splice = |blob: Digest, chunks: &[Digest]| SpliceBlobRequest {
+        blob_digest: Some(blob.to_proto()),
+        chunk_digests: chunks.iter().map(Digest::to_proto).collect(),
+        ..Default::default()
+    };
+    // A chunk is absent: NOT_FOUND, nothing stored.
+    server.client().upload_blobs(vec![(part_digests[0], parts[0].clone())]).await.unwrap();
+    assert_code(server.cas().splice_blob(splice(d, &part_digests)).await, Code::NotFound);
+    server
+        .client()
+        .upload_blobs(parts.iter().cloned().zip(&part_digests).map(|(p, d)| (*d, p)).collect())
+        .await
+        .unwrap();
+    // Sizes that do not add up, or a blob digest the bytes do not match.
+    assert_code(server.cas().splice_blob(splice(d, &part_digests[..2])).await, Code::InvalidArgument);
+    let liar = Digest::new(DigestFunction::Sha256, &"ab".repeat(32), d.size as i64).unwrap();
+    assert_code(server.cas().splice_blob(splice(liar, &part_digests)).await, Code::InvalidArgument);
+    assert_eq!(server.client().find_missing(&[d, liar]).await.unwrap(), vec![d, liar]);
+    // The right splice stores the blob.
+    let resp = server.cas().splice_blob(splice(d, &part_digests)).await.unwrap().into_inner();
+    assert_eq!(resp.blob_digest, Some(d.to_proto()));
+    assert_eq!(server.client().read_blob(d).await.unwrap(), blob);
+
+    // The streamed 2.13 form, the list split across two messages.
+    let other = data(24, 2_000_000);
+    let o = sha(&other);
+    let halves = [other.slice(..700_000), other.slice(700_000..)];
+    let hd: Vec<Digest> = halves.iter().map(|h| sha(h)).collect();
+    server.client().upload_blobs(halves.iter().cloned().zip(&hd).map(|(h, d)| (*d, h)).collect()).await.unwrap();
+    let requests = vec![
+        RegisterChunkMappingRequest {
+            blob_digest: Some(o.to_proto()),
+            chunk_digests: vec![hd[0].to_proto()],
+            ..Default::default()
+        },
+        RegisterChunkMappingRequest { chunk_digests: vec![hd[1].to_proto()], ..Default::default() },
+    ];
+    server.cas().register_chunk_mapping(futures::stream::iter(requests)).await.unwrap();
+    assert_eq!(server.client().read_blob(o).await.unwrap(), other);
+
+    let caps = server
+        .capabilities()
+        .get_capabilities(remote_apis::reapi::GetCapabilitiesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .cache_capabilities
+        .unwrap();
+    assert!(caps.split_blob_support && caps.splice_blob_support);
+}
