@@ -25,7 +25,10 @@
 //!
 //! Usage: execute_bench SERVER_BINARY [ITERATIONS=500] [CONCURRENCY=64]
 
-use std::process::{Child, Command, Stdio};
+#[path = "support/server.rs"]
+mod support;
+
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -38,6 +41,8 @@ use remote_apis::reapi;
 use remote_apis::reapi::execution_client::ExecutionClient;
 use remote_apis::{Digest, DigestFunction, InstanceName};
 use tonic::transport::Channel;
+
+use support::{Server, start_server};
 
 const USAGE: &str = "usage: execute_bench SERVER_BINARY [ITERATIONS=500] [CONCURRENCY=64]";
 
@@ -55,34 +60,6 @@ const CACHED_TOTAL: usize = 20_000;
 
 /// How long the server may take to accept connections.
 const STARTUP: Duration = Duration::from_secs(10);
-
-struct Server {
-    child: Child,
-    _dir: tempfile::TempDir,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts the server with its default built-in workers (one per CPU).
-fn start_server(binary: &str) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(binary)
-        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-        .arg(dir.path())
-        .args(["--backend", "filesystem"])
-        .env("DISTBUILD_LOG", "warn")
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting the server binary");
-    Server { child, _dir: dir, url: format!("grpc://127.0.0.1:{port}") }
-}
 
 /// Retries until the server accepts a connection, for up to [`STARTUP`].
 async fn wait_for_server(server: &mut Server) -> Channel {
@@ -382,7 +359,8 @@ async fn main() {
 
     let spawn = spawn_baseline(iterations);
 
-    let mut server = start_server(binary);
+    // Default built-in workers: one per CPU.
+    let mut server = start_server(binary, &["--backend", "filesystem"]);
     let first = Fixture::new(wait_for_server(&mut server).await).await;
     let uncached = uncached_latencies(&first, iterations).await;
     let cached = cached_latencies(&first, iterations).await;

@@ -8,8 +8,11 @@
 //!
 //! Usage: storage_bench SERVER_BINARY [BLOB_MIB] [SMALL_BLOBS]
 
+#[path = "support/server.rs"]
+mod support;
+
 use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,32 +21,7 @@ use remote_apis::bytestream::byte_stream_client::ByteStreamClient;
 use remote_apis::client::CasClient;
 use remote_apis::{Compressor, Digest, DigestFunction, InstanceName, ReadResource};
 
-struct Server {
-    child: Child,
-    _dir: tempfile::TempDir,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(binary: &str, backend: &str) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(binary)
-        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-        .arg(dir.path())
-        .args(["--max-size", "8GiB", "--backend", backend])
-        .env("DISTBUILD_LOG", "warn")
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting the server binary");
-    Server { child, _dir: dir, url: format!("grpc://127.0.0.1:{port}") }
-}
+use support::{Server, start_server};
 
 /// Peak resident set of `pid` since the last reset, in bytes.
 fn peak_rss(pid: u32) -> u64 {
@@ -129,12 +107,12 @@ async fn main() {
     // The same transfers against a memory store: the server's own cost,
     // without the disk.
     let mem = {
-        let server = start_server(binary, "memory");
+        let server = start_server(binary, &["--max-size", "8GiB", "--backend", "memory"]);
         let client = connect(&server.url).await;
         stream_rounds(&server, &client, &mut big).await
     };
 
-    let server = start_server(binary, "filesystem");
+    let server = start_server(binary, &["--max-size", "8GiB", "--backend", "filesystem"]);
     let pid = server.child.id();
     let client = connect(&server.url).await;
     let idle_rss = peak_rss(pid);

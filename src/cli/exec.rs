@@ -185,14 +185,7 @@ async fn execute(
     skip_cache: bool,
     print_name: bool,
 ) -> anyhow::Result<(String, ExecuteResponse)> {
-    let req = ExecuteRequest {
-        instance_name: instance.to_string(),
-        skip_cache_lookup: skip_cache,
-        action_digest: Some(action.to_proto()),
-        digest_function: action.function.to_proto() as i32,
-        ..Default::default()
-    };
-    let mut stream = execution(channel).execute(req).await.map_err(|s| rpc_error("Execute", s))?.into_inner();
+    let mut stream = start_execute(channel, instance, action, skip_cache).await?;
     let mut printed = false;
     while let Some(op) = stream.message().await.map_err(|s| rpc_error("Execute", s))? {
         if print_name && !printed {
@@ -204,6 +197,23 @@ async fn execute(
         }
     }
     bail!("the server ended the operation stream before the action finished")
+}
+
+/// Sends an ExecuteRequest; returns the operation stream.
+async fn start_execute(
+    channel: Channel,
+    instance: &InstanceName,
+    action: Digest,
+    skip_cache: bool,
+) -> anyhow::Result<tonic::Streaming<Operation>> {
+    let req = ExecuteRequest {
+        instance_name: instance.to_string(),
+        skip_cache_lookup: skip_cache,
+        action_digest: Some(action.to_proto()),
+        digest_function: action.function.to_proto() as i32,
+        ..Default::default()
+    };
+    Ok(execution(channel).execute(req).await.map_err(|s| rpc_error("Execute", s))?.into_inner())
 }
 
 pub fn stage_of(op: &Operation) -> Stage {
@@ -316,15 +326,7 @@ pub async fn job(cmd: JobCommand, server: &str, instance: &str) -> anyhow::Resul
     match cmd {
         JobCommand::Submit { action, skip_cache, no_wait } => {
             if no_wait {
-                let req = ExecuteRequest {
-                    instance_name: instance.to_string(),
-                    skip_cache_lookup: skip_cache,
-                    action_digest: Some(action.to_proto()),
-                    digest_function: action.function.to_proto() as i32,
-                    ..Default::default()
-                };
-                let mut stream =
-                    execution(channel).execute(req).await.map_err(|s| rpc_error("Execute", s))?.into_inner();
+                let mut stream = start_execute(channel, &instance, action, skip_cache).await?;
                 let first = stream.message().await.map_err(|s| rpc_error("Execute", s))?;
                 let op = first.context("the server sent no operation")?;
                 println!("{}", op.name);

@@ -202,33 +202,9 @@ impl Scheduler {
             self.check_satisfiable(&st, &sub.checked.platform)?;
         }
         st.counters.cache_misses += 1;
-        let (seq, name) = new_name(&mut st);
-        let view = OpView {
-            name: name.clone(),
-            instance: sub.instance,
-            action_digest: sub.action_digest,
-            stages: vec![Stage::Queued],
-            response: None,
-            worker: None,
-            queued_at: SystemTime::now(),
-        };
-        let (tx, rx) = watch::channel(Arc::new(view.clone()));
         let platform = sub.checked.platform.clone();
-        st.ops.insert(
-            name.clone(),
-            OpEntry {
-                seq,
-                view,
-                tx,
-                checked: Arc::new(sub.checked),
-                cache_key: sub.cache_key,
-                attempts: 0,
-                running: None,
-                queued_since: Instant::now(),
-                done_at: None,
-            },
-        );
-        st.order.insert(seq, name.clone());
+        let (seq, name, rx) =
+            insert_op(&mut st, sub.instance, sub.action_digest, Arc::new(sub.checked), sub.cache_key, None);
         if let Some(key) = sub.cache_key {
             st.inflight.insert(key, name.clone());
         }
@@ -241,34 +217,8 @@ impl Scheduler {
     pub fn record_hit(&self, instance: InstanceName, action_digest: Digest, result: ActionResult) -> OpWatch {
         let mut st = self.state.lock();
         st.counters.cache_hits += 1;
-        let (seq, name) = new_name(&mut st);
         let response = ExecuteResponse { result: Some(result), cached_result: true, ..Default::default() };
-        let view = OpView {
-            name: name.clone(),
-            instance,
-            action_digest,
-            stages: vec![Stage::Completed],
-            response: Some(Arc::new(response)),
-            worker: None,
-            queued_at: SystemTime::now(),
-        };
-        let (tx, rx) = watch::channel(Arc::new(view.clone()));
-        st.ops.insert(
-            name.clone(),
-            OpEntry {
-                seq,
-                view,
-                tx,
-                checked: Arc::default(),
-                cache_key: None,
-                attempts: 0,
-                running: None,
-                queued_since: Instant::now(),
-                done_at: Some(Instant::now()),
-            },
-        );
-        st.order.insert(seq, name.clone());
-        st.finished.push_back((Instant::now(), name));
+        let (_, _, rx) = insert_op(&mut st, instance, action_digest, Arc::default(), None, Some(response));
         rx
     }
 
@@ -605,9 +555,46 @@ impl Scheduler {
     }
 }
 
-fn new_name(st: &mut State) -> (u64, String) {
+/// Creates an operation: QUEUED, or already finished with `response`.
+fn insert_op(
+    st: &mut State,
+    instance: InstanceName,
+    action_digest: Digest,
+    checked: Arc<Checked>,
+    cache_key: Option<AcKey>,
+    response: Option<ExecuteResponse>,
+) -> (u64, String, OpWatch) {
     st.next_seq += 1;
-    (st.next_seq, format!("operations/{}", uuid::Uuid::new_v4()))
+    let (seq, name) = (st.next_seq, format!("operations/{}", uuid::Uuid::new_v4()));
+    let done = response.is_some();
+    let view = OpView {
+        name: name.clone(),
+        instance,
+        action_digest,
+        stages: vec![if done { Stage::Completed } else { Stage::Queued }],
+        response: response.map(Arc::new),
+        worker: None,
+        queued_at: SystemTime::now(),
+    };
+    let (tx, rx) = watch::channel(Arc::new(view.clone()));
+    let now = Instant::now();
+    let entry = OpEntry {
+        seq,
+        view,
+        tx,
+        checked,
+        cache_key,
+        attempts: 0,
+        running: None,
+        queued_since: now,
+        done_at: done.then_some(now),
+    };
+    st.ops.insert(name.clone(), entry);
+    st.order.insert(seq, name.clone());
+    if done {
+        st.finished.push_back((now, name.clone()));
+    }
+    (seq, name, rx)
 }
 
 /// Inserts by seq, so a re-queued action keeps its place at the front.

@@ -52,13 +52,14 @@ impl ExecCas for StoreCas {
         use tokio::io::AsyncReadExt;
         let mut file = tokio::fs::File::open(path).await.map_err(|e| Error::io(path.display(), e))?;
         let mut sink = self.0.put(digest).await?;
-        let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = file.read(&mut buf).await.map_err(|e| Error::io(path.display(), e))?;
+            // Each chunk is read into its own buffer and handed over, not copied.
+            let mut buf = bytes::BytesMut::with_capacity(crate::store::READ_CHUNK);
+            let n = file.read_buf(&mut buf).await.map_err(|e| Error::io(path.display(), e))?;
             if n == 0 {
                 break;
             }
-            sink.write(Bytes::copy_from_slice(&buf[..n])).await?;
+            sink.write(buf.freeze()).await?;
         }
         sink.commit().await
     }

@@ -1,0 +1,34 @@
+//! The server process a benchmark measures: the real binary on a free
+//! loopback port with a temporary data directory, killed when dropped.
+//! Shared by the benchmarks through `#[path]`.
+
+use std::process::{Child, Command, Stdio};
+
+pub struct Server {
+    pub child: Child,
+    _dir: tempfile::TempDir,
+    pub url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `binary server` with `extra` arguments after the listen address
+/// and data directory.
+pub fn start_server(binary: &str, extra: &[&str]) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(binary)
+        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.path())
+        .args(extra)
+        .env("DISTBUILD_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting the server binary");
+    Server { child, _dir: dir, url: format!("grpc://127.0.0.1:{port}") }
+}
