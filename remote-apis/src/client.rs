@@ -6,7 +6,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::bytestream::byte_stream_client::ByteStreamClient;
@@ -259,19 +259,12 @@ impl CasClient {
     }
 }
 
-/// Computes a file's digest in fixed-size reads.
+/// Computes a file's digest on the blocking pool.
 pub async fn hash_file(function: DigestFunction, path: &Path) -> std::io::Result<Digest> {
-    let mut file = tokio::fs::File::open(path).await?;
-    let mut hasher = function.hasher();
-    let mut buf = vec![0u8; CHUNK_SIZE];
-    loop {
-        let n = file.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finish())
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || crate::merkle::hash_file_blocking(function, &path))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 fn chunks(data: Bytes) -> Vec<std::io::Result<Bytes>> {

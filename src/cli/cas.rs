@@ -106,7 +106,7 @@ pub async fn run(cmd: CasCommand, server: &str, instance: &str) -> anyhow::Resul
 /// non-regular file is written in place (renaming over `/dev/null` would
 /// replace the device); a regular file (also behind a symlink) is replaced
 /// atomically, so a failed download leaves the old contents or nothing.
-async fn download_to(client: &CasClient, digest: Digest, out: &std::path::Path) -> anyhow::Result<()> {
+pub(super) async fn download_to(client: &CasClient, digest: Digest, out: &std::path::Path) -> anyhow::Result<()> {
     let read_err = |s| rpc_error(&format!("reading {digest}"), s);
     if out.as_os_str() == "-" {
         let mut stdout = tokio::io::stdout();

@@ -311,13 +311,11 @@ async fn fetch_file(cas: &CasClient, digest: Digest, path: &Path, executable: bo
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         tokio::fs::create_dir_all(parent).await?;
     }
-    let tmp = path.with_file_name(format!(".{}.distbuild-tmp", path.file_name().unwrap_or_default().to_string_lossy()));
-    let mut file = tokio::fs::File::create(&tmp).await.with_context(|| tmp.display().to_string())?;
-    cas.download(digest, &mut file).await.map_err(|s| rpc_error(&format!("downloading {}", path.display()), s))?;
-    drop(file);
+    super::cas::download_to(cas, digest, path).await?;
     let mode = if executable { 0o755 } else { 0o644 };
-    tokio::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).await?;
-    tokio::fs::rename(&tmp, path).await.with_context(|| path.display().to_string())
+    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .await
+        .with_context(|| path.display().to_string())
 }
 
 pub async fn job(cmd: JobCommand, server: &str, instance: &str) -> anyhow::Result<ExitCode> {
