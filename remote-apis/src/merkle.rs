@@ -115,6 +115,18 @@ struct Node {
     files: BTreeMap<String, (Digest, bool)>,
     symlinks: BTreeMap<String, String>,
     dirs: BTreeMap<String, Node>,
+    /// Directories known only by digest (their messages were built and
+    /// uploaded elsewhere, e.g. a toolchain tree shared by many actions).
+    subtrees: BTreeMap<String, Digest>,
+}
+
+impl Node {
+    fn has(&self, name: &str) -> bool {
+        self.files.contains_key(name)
+            || self.symlinks.contains_key(name)
+            || self.dirs.contains_key(name)
+            || self.subtrees.contains_key(name)
+    }
 }
 
 /// Builds a tree from paths added in any order.
@@ -142,7 +154,7 @@ impl TreeBuilder {
         source: PathBuf,
     ) -> Result<(), ParseError> {
         let (dir, name) = self.parent(path)?;
-        if dir.dirs.contains_key(name) || dir.symlinks.contains_key(name) {
+        if dir.has(name) && !dir.files.contains_key(name) {
             return Err(ParseError::new(format!("{path:?} is added both as a file and as something else")));
         }
         dir.files.insert(name.to_string(), (digest, executable));
@@ -152,10 +164,22 @@ impl TreeBuilder {
 
     pub fn add_symlink(&mut self, path: &str, target: &str) -> Result<(), ParseError> {
         let (dir, name) = self.parent(path)?;
-        if dir.dirs.contains_key(name) || dir.files.contains_key(name) {
+        if dir.has(name) && !dir.symlinks.contains_key(name) {
             return Err(ParseError::new(format!("{path:?} is added both as a symlink and as something else")));
         }
         dir.symlinks.insert(name.to_string(), target.to_string());
+        Ok(())
+    }
+
+    /// Adds a directory at `path` by the digest of its `Directory` message.
+    /// Nothing can be added below it; its messages and files must reach the
+    /// CAS by another way.
+    pub fn add_subtree(&mut self, path: &str, digest: Digest) -> Result<(), ParseError> {
+        let (dir, name) = self.parent(path)?;
+        if dir.has(name) && dir.subtrees.get(name) != Some(&digest) {
+            return Err(ParseError::new(format!("{path:?} is added both as a subtree and as something else")));
+        }
+        dir.subtrees.insert(name.to_string(), digest);
         Ok(())
     }
 
@@ -164,7 +188,7 @@ impl TreeBuilder {
         let parts = path_components(path)?;
         let mut node = &mut self.root;
         for part in parts {
-            if node.files.contains_key(part) || node.symlinks.contains_key(part) {
+            if node.files.contains_key(part) || node.symlinks.contains_key(part) || node.subtrees.contains_key(part) {
                 return Err(ParseError::new(format!("{path:?}: {part:?} is already a file or symlink")));
             }
             node = node.dirs.entry(part.to_string()).or_default();
@@ -213,6 +237,10 @@ fn encode_node(
         out.push((digest, data, message));
         dir.directories.push(DirectoryNode { name: name.clone(), digest: Some(digest.to_proto()) });
     }
+    for (name, digest) in &node.subtrees {
+        dir.directories.push(DirectoryNode { name: name.clone(), digest: Some(digest.to_proto()) });
+    }
+    dir.directories.sort_by(|a, b| a.name.cmp(&b.name));
     for (name, (digest, executable)) in &node.files {
         dir.files.push(FileNode {
             name: name.clone(),
@@ -337,6 +365,28 @@ mod tests {
         assert!(one.root.files[0].is_executable);
         assert_eq!(one.to_tree().children.len(), 2);
         assert_eq!(one.blob_digests().len(), 5);
+    }
+
+    #[test]
+    fn a_subtree_by_digest_equals_the_same_directory_built_in_place() {
+        let f = DigestFunction::Sha256;
+        let d = f.digest_of(b"x");
+        let mut inner = TreeBuilder::new(f);
+        inner.add_file("bin/rustc", d, true, PathBuf::from("/t/bin/rustc")).unwrap();
+        let inner = inner.build();
+
+        let mut whole = TreeBuilder::new(f);
+        whole.add_file("toolchain/bin/rustc", d, true, PathBuf::from("/t/bin/rustc")).unwrap();
+        whole.add_file("ws/a.rs", d, false, PathBuf::from("/w/a.rs")).unwrap();
+        let mut split = TreeBuilder::new(f);
+        split.add_file("ws/a.rs", d, false, PathBuf::from("/w/a.rs")).unwrap();
+        split.add_subtree("toolchain", inner.root_digest).unwrap();
+        assert_eq!(whole.build().root_digest, split.build().root_digest);
+
+        let mut clash = TreeBuilder::new(f);
+        clash.add_subtree("t", inner.root_digest).unwrap();
+        assert!(clash.add_file("t/x", d, false, PathBuf::new()).is_err());
+        assert!(clash.add_file("t", d, false, PathBuf::new()).is_err());
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub fn parse_property(s: &str) -> Result<(String, String), String> {
 
 /// What a worker on this machine offers by default: the OS, the CPU
 /// architecture (names from the REAPI platform lexicon) and its CPU count.
+use distbuild_rustc::key::LINKER_PROPERTY;
+
 pub fn host_properties() -> Vec<(String, String)> {
     let isa = match std::env::consts::ARCH {
         "x86_64" => "x86-64",
@@ -74,11 +76,25 @@ pub fn host_properties() -> Vec<(String, String)> {
         other => other,
     };
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    vec![
+    let mut props = vec![
         ("OSFamily".into(), std::env::consts::OS.into()),
         ("ISA".into(), isa.into()),
         ("cpu-count".into(), cpus.to_string()),
-    ]
+    ];
+    if has_c_linker() {
+        props.push((LINKER_PROPERTY.0.into(), LINKER_PROPERTY.1.into()));
+    }
+    props
+}
+
+/// Whether actions can link: `cc` on the PATH the rustc wrapper gives its
+/// actions. Link steps (binaries, proc-macros, tests) ask for
+/// [`LINKER_PROPERTY`].
+fn has_c_linker() -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    ["/usr/local/bin/cc", "/usr/bin/cc", "/bin/cc"]
+        .iter()
+        .any(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 #[cfg(test)]

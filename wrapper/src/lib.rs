@@ -1,0 +1,14 @@
+//! The rustc wrapper of cargo-distbuild, as a library: the binary
+//! `distbuild-rustc` is its user, and `cargo distbuild stats` reads the
+//! records it leaves (`settings::Record`).
+
+pub mod args;
+pub mod compile;
+pub mod depinfo;
+pub mod hashcache;
+pub mod key;
+pub mod local;
+pub mod remote;
+pub mod roots;
+pub mod settings;
+pub mod toolchain;

@@ -1,0 +1,235 @@
+//! The REAPI side of the wrapper: look an Action up, upload what the server
+//! lacks, execute, fetch outputs, and store results of local runs.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message;
+use remote_apis::client::{CasClient, endpoint};
+use remote_apis::merkle::BuiltTree;
+use remote_apis::reapi::action_cache_client::ActionCacheClient;
+use remote_apis::reapi::execution_client::ExecutionClient;
+use remote_apis::reapi::execution_stage::Value as Stage;
+use remote_apis::reapi::{
+    ActionResult, ExecuteOperationMetadata, ExecuteRequest, ExecuteResponse, GetActionResultRequest,
+    UpdateActionResultRequest,
+};
+use remote_apis::{Digest, DigestFunction, InstanceName};
+use tokio::io::AsyncWriteExt;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::key::BuiltAction;
+
+/// Blobs up to this size are read into memory and sent in batches.
+const SMALL_FILE: u64 = 1 << 20;
+
+#[derive(Clone)]
+pub struct Remote {
+    channel: Channel,
+    cas: CasClient,
+    instance: InstanceName,
+    function: DigestFunction,
+}
+
+impl Remote {
+    /// Connects, giving up after `timeout` (a down server must not stall a build).
+    pub async fn connect(server: &str, instance: &str, timeout: Duration) -> Result<Remote, Status> {
+        let instance = InstanceName::new(instance).map_err(|e| Status::invalid_argument(e.0))?;
+        let channel = tokio::time::timeout(timeout, endpoint(server)?.connect_timeout(timeout).connect())
+            .await
+            .map_err(|_| Status::unavailable(format!("{server}: no answer in {timeout:?}")))?
+            .map_err(|e| Status::unavailable(format!("{server}: {e}")))?;
+        let function = DigestFunction::Sha256;
+        let cas = CasClient::new(channel.clone(), instance.clone()).with_digest_function(function);
+        Ok(Remote { channel, cas, instance, function })
+    }
+
+    pub async fn lookup(&self, action: Digest) -> Result<Option<ActionResult>, Status> {
+        let req = GetActionResultRequest {
+            instance_name: self.instance.to_string(),
+            action_digest: Some(action.to_proto()),
+            inline_stdout: true,
+            inline_stderr: true,
+            digest_function: self.function.to_proto() as i32,
+            ..Default::default()
+        };
+        let mut client = ActionCacheClient::new(self.channel.clone());
+        match tokio::time::timeout(Duration::from_secs(30), client.get_action_result(req)).await {
+            Err(_) => Err(Status::deadline_exceeded("GetActionResult took over 30 s")),
+            Ok(Ok(r)) => Ok(Some(r.into_inner())),
+            Ok(Err(s)) if s.code() == Code::NotFound => Ok(None),
+            Ok(Err(s)) => Err(s),
+        }
+    }
+
+    /// Uploads the Action, its Command, the input root and the toolchain
+    /// tree: only the blobs the server reports missing.
+    pub async fn upload(&self, built: &BuiltAction, toolchain: &BuiltTree) -> Result<(), Status> {
+        let mut memory: Vec<(Digest, Bytes)> = vec![
+            remote_apis::merkle::encode(self.function, &built.action),
+            remote_apis::merkle::encode(self.function, &built.command),
+        ];
+        for tree in [&built.input_root, toolchain] {
+            memory.extend(tree.directories.iter().map(|(d, data, _)| (*d, data.clone())));
+        }
+        let mut files: Vec<(Digest, PathBuf)> = Vec::new();
+        for tree in [&built.input_root, toolchain] {
+            files.extend(tree.files.iter().map(|f| (f.digest, f.path.clone())));
+        }
+        let mut all: Vec<Digest> = memory.iter().map(|(d, _)| *d).chain(files.iter().map(|(d, _)| *d)).collect();
+        all.sort_by_key(|d| (d.hash, d.size));
+        all.dedup();
+        let missing: std::collections::HashSet<Digest> = self.cas.find_missing(&all).await?.into_iter().collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut batch: Vec<(Digest, Bytes)> = memory.into_iter().filter(|(d, _)| missing.contains(d)).collect();
+        let mut sent = std::collections::HashSet::new();
+        for (digest, path) in files {
+            if !missing.contains(&digest) || !sent.insert(digest) {
+                continue;
+            }
+            let io = |e: std::io::Error| Status::failed_precondition(format!("{}: {e}", path.display()));
+            if digest.size <= SMALL_FILE {
+                let data = tokio::fs::read(&path).await.map_err(io)?;
+                batch.push((digest, data.into()));
+            } else {
+                let file = tokio::fs::File::open(&path).await.map_err(io)?;
+                self.cas.upload_reader(digest, file).await?;
+            }
+        }
+        batch.sort_by_key(|(d, _)| (d.hash, d.size));
+        batch.dedup_by_key(|(d, _)| *d);
+        self.cas.upload_blobs(batch).await
+    }
+
+    /// Executes the Action and waits for its result. `queue_timeout` bounds
+    /// how long it may wait for a worker before the caller runs it locally.
+    pub async fn execute(&self, action: Digest, queue_timeout: Duration) -> Result<ExecuteResponse, Status> {
+        let req = ExecuteRequest {
+            instance_name: self.instance.to_string(),
+            action_digest: Some(action.to_proto()),
+            digest_function: self.function.to_proto() as i32,
+            ..Default::default()
+        };
+        let mut stream = ExecutionClient::new(self.channel.clone())
+            .max_decoding_message_size(64 << 20)
+            .execute(req)
+            .await?
+            .into_inner();
+        let mut executing = false;
+        let mut done = None;
+        loop {
+            let next = if executing {
+                stream.message().await
+            } else {
+                match tokio::time::timeout(queue_timeout, stream.message()).await {
+                    Ok(m) => m,
+                    Err(_) => return Err(Status::deadline_exceeded(format!("queued for over {queue_timeout:?}"))),
+                }
+            };
+            // Read to the end of the stream even after the done Operation:
+            // dropping streams early makes h2 reset them.
+            let Some(op) = next? else { break };
+            let stage = op
+                .metadata
+                .as_ref()
+                .and_then(|m| ExecuteOperationMetadata::decode(m.value.as_slice()).ok())
+                .map(|m| m.stage);
+            executing |= matches!(stage, Some(s) if s >= Stage::Executing as i32);
+            if op.done {
+                done = Some(op);
+            }
+        }
+        use remote_apis::longrunning::operation::Result as OpResult;
+        match done.and_then(|op| op.result) {
+            Some(OpResult::Response(any)) => {
+                let resp = ExecuteResponse::decode(any.value.as_slice())
+                    .map_err(|e| Status::internal(format!("decoding the ExecuteResponse: {e}")))?;
+                match &resp.status {
+                    Some(s) if s.code != 0 => Err(Status::new(Code::from_i32(s.code), s.message.clone())),
+                    _ => Ok(resp),
+                }
+            }
+            Some(OpResult::Error(s)) => Err(Status::new(Code::from_i32(s.code), s.message)),
+            None => Err(Status::unavailable("the Execute stream ended without a result")),
+        }
+    }
+
+    /// stdout and stderr of a result, inlined or fetched.
+    pub async fn streams(&self, result: &ActionResult) -> Result<(Bytes, Bytes), Status> {
+        let fetch = |raw: &Vec<u8>, digest: &Option<remote_apis::reapi::Digest>| {
+            let raw = Bytes::from(raw.clone());
+            let digest = digest.clone();
+            async move {
+                match digest {
+                    Some(d) if raw.is_empty() && d.size_bytes > 0 => {
+                        let d = Digest::from_proto(self.function, &d).map_err(|e| Status::data_loss(e.0))?;
+                        self.cas.read_blob(d).await
+                    }
+                    _ => Ok(raw),
+                }
+            }
+        };
+        let out = fetch(&result.stdout_raw, &result.stdout_digest).await?;
+        let err = fetch(&result.stderr_raw, &result.stderr_digest).await?;
+        Ok((out, err))
+    }
+
+    /// Downloads `digest` to `dest` through a temporary file and a rename,
+    /// so cargo never sees half a library.
+    pub async fn download_to(&self, digest: Digest, dest: &Path, executable: bool) -> Result<(), Status> {
+        let io = |e: std::io::Error| Status::internal(format!("{}: {e}", dest.display()));
+        let dir = dest.parent().ok_or_else(|| Status::internal("output without a directory"))?;
+        tokio::fs::create_dir_all(dir).await.map_err(io)?;
+        let tmp = dir.join(format!(".distbuild-{}-{}", std::process::id(), dest.file_name().unwrap_or_default().to_string_lossy()));
+        let result = async {
+            let mut file = tokio::fs::File::create(&tmp).await.map_err(io)?;
+            self.cas.download(digest, &mut file).await?;
+            file.flush().await.map_err(io)?;
+            drop(file);
+            let mode = if executable { 0o755 } else { 0o644 };
+            tokio::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).await.map_err(io)?;
+            tokio::fs::rename(&tmp, dest).await.map_err(io)
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
+    }
+
+    /// Uploads local files (outputs of a local run).
+    pub async fn upload_files(&self, files: &[(Digest, PathBuf)]) -> Result<(), Status> {
+        let digests: Vec<Digest> = files.iter().map(|(d, _)| *d).collect();
+        let missing: std::collections::HashSet<Digest> = self.cas.find_missing(&digests).await?.into_iter().collect();
+        for (digest, path) in files {
+            if missing.contains(digest) {
+                let file = tokio::fs::File::open(path)
+                    .await
+                    .map_err(|e| Status::failed_precondition(format!("{}: {e}", path.display())))?;
+                self.cas.upload_reader(*digest, file).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn upload_blobs(&self, blobs: Vec<(Digest, Bytes)>) -> Result<(), Status> {
+        self.cas.upload_blobs(blobs).await
+    }
+
+    pub async fn store_result(&self, action: Digest, result: ActionResult) -> Result<(), Status> {
+        let req = UpdateActionResultRequest {
+            instance_name: self.instance.to_string(),
+            action_digest: Some(action.to_proto()),
+            action_result: Some(result),
+            digest_function: self.function.to_proto() as i32,
+            ..Default::default()
+        };
+        ActionCacheClient::new(self.channel.clone()).update_action_result(req).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,159 @@
+//! What the wrapper is told through its environment (`cargo distbuild` sets
+//! these from `--server`, `DISTBUILD_SERVER` or `config.toml`), and the
+//! records it leaves: one stats line per invocation, and a marker that keeps
+//! a down server to one warning per build.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Look up, execute remotely on a miss.
+    Remote,
+    /// Look up, run locally on a miss and store the result (CI runners).
+    CacheOnly,
+    /// Plain rustc.
+    Off,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub server: String,
+    pub instance: String,
+    pub mode: Mode,
+    pub cache_dir: PathBuf,
+    pub stats_file: PathBuf,
+    pub sysroot: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub queue_timeout: Duration,
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"))
+}
+
+/// `$XDG_CACHE_HOME/cargo-distbuild` (or `~/.cache/...`).
+pub fn default_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| home().join(".cache")).join("cargo-distbuild")
+}
+
+/// `$XDG_STATE_HOME/cargo-distbuild` (or `~/.local/state/...`).
+pub fn default_state_dir() -> PathBuf {
+    std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".local/state"))
+        .join("cargo-distbuild")
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Settings, String> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let mode = match var("DISTBUILD_MODE").as_deref() {
+            None | Some("remote") => Mode::Remote,
+            Some("cache-only") => Mode::CacheOnly,
+            Some("off") => Mode::Off,
+            Some(other) => return Err(format!("DISTBUILD_MODE={other}: expected remote, cache-only or off")),
+        };
+        let secs = |name: &str, default: f64| -> Result<Duration, String> {
+            match var(name) {
+                None => Ok(Duration::from_secs_f64(default)),
+                Some(v) => v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| *s >= 0.0 && s.is_finite())
+                    .map(Duration::from_secs_f64)
+                    .ok_or_else(|| format!("{name}={v}: expected seconds")),
+            }
+        };
+        let server = var("DISTBUILD_SERVER").unwrap_or_else(|| "127.0.0.1:8980".to_string());
+        let server = if server.contains("://") { server } else { format!("grpc://{server}") };
+        Ok(Settings {
+            server,
+            instance: var("DISTBUILD_INSTANCE").unwrap_or_default(),
+            mode,
+            cache_dir: var("DISTBUILD_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| default_cache_dir().join("wrapper")),
+            stats_file: var("DISTBUILD_STATS").map(PathBuf::from).unwrap_or_else(|| default_state_dir().join("stats.jsonl")),
+            sysroot: var("DISTBUILD_SYSROOT").map(PathBuf::from),
+            connect_timeout: secs("DISTBUILD_CONNECT_TIMEOUT", 2.0)?,
+            queue_timeout: secs("DISTBUILD_QUEUE_TIMEOUT", 60.0)?,
+        })
+    }
+
+    fn down_marker(&self) -> PathBuf {
+        let name: String = self.server.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        self.cache_dir.join(format!("down-{name}"))
+    }
+
+    /// Whether another invocation found the server down moments ago.
+    pub fn recently_down(&self) -> bool {
+        age(&self.down_marker()).is_some_and(|a| a < Duration::from_secs(30))
+    }
+
+    /// Records that the server is down; true if this invocation should warn
+    /// (no other has in the last ten minutes).
+    pub fn mark_down(&self) -> bool {
+        let marker = self.down_marker();
+        let warn = age(&marker).is_none_or(|a| a > Duration::from_secs(600));
+        let _ = std::fs::create_dir_all(&self.cache_dir);
+        if warn {
+            let _ = std::fs::write(&marker, b"");
+        } else {
+            // Refresh the mtime only, keeping when the warning was given
+            // in the file's creation... a touch is enough here.
+            let _ = std::fs::File::options().append(true).open(&marker).and_then(|f| f.set_modified(SystemTime::now()));
+        }
+        warn
+    }
+
+    pub fn mark_up(&self) {
+        let _ = std::fs::remove_file(self.down_marker());
+    }
+}
+
+fn age(path: &Path) -> Option<Duration> {
+    let m = std::fs::metadata(path).ok()?.modified().ok()?;
+    Some(SystemTime::now().duration_since(m).unwrap_or_default())
+}
+
+/// One line of the stats file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    /// Milliseconds since the epoch, when the invocation ended.
+    pub t: u64,
+    /// Crate name ("" for queries such as `-vV`).
+    pub krate: String,
+    /// `hit`, `remote`, `local`.
+    pub outcome: String,
+    /// Why it ran locally, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Whether a local run's result was stored in the cache.
+    #[serde(default)]
+    pub stored: bool,
+    /// Wall time of the invocation.
+    pub ms: u64,
+    /// For hits: what the original execution took, minus this invocation.
+    #[serde(default)]
+    pub saved_ms: i64,
+    pub exit: i32,
+}
+
+/// Appends `record` (one `write` of one line, so concurrent wrappers do not
+/// interleave).
+pub fn append(file: &Path, record: &Record) {
+    let Ok(mut line) = serde_json::to_vec(record) else { return };
+    line.push(b'\n');
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Ok(mut f) = std::fs::File::options().create(true).append(true).open(file) {
+        let _ = f.write_all(&line);
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
