@@ -27,6 +27,7 @@ pub struct FileConfig {
     pub worker: WorkerSection,
     pub execution: ExecutionSection,
     pub server: ServerSection,
+    pub wrapper: WrapperSection,
 }
 
 /// `[scheduler]`: where the server listens and where clients and workers
@@ -165,6 +166,39 @@ pub struct ServerSection {
 impl Default for ServerSection {
     fn default() -> Self {
         ServerSection { shutdown_grace: Duration::from_secs(30) }
+    }
+}
+
+/// `[wrapper]`: what `cargo distbuild build` gives the rustc wrapper.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WrapperSection {
+    /// The server builds use. Unset (and no `--server` or
+    /// `DISTBUILD_SERVER`): a local server is started on demand.
+    pub server: Option<String>,
+    /// `remote` (look up, execute remotely on a miss), `cache-only` (look
+    /// up, compile locally on a miss and store the result: CI runners) or
+    /// `off`.
+    pub mode: WrapperMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WrapperMode {
+    #[default]
+    Remote,
+    CacheOnly,
+    Off,
+}
+
+impl WrapperMode {
+    /// The value of `DISTBUILD_MODE` the wrapper reads.
+    pub fn as_env(self) -> &'static str {
+        match self {
+            WrapperMode::Remote => "remote",
+            WrapperMode::CacheOnly => "cache-only",
+            WrapperMode::Off => "off",
+        }
     }
 }
 

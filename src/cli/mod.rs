@@ -1,6 +1,7 @@
 //! The `cargo-distbuild` command line. Parsing lives here; each command is a
 //! small function over the library or a gRPC client.
 
+mod cargo;
 mod cas;
 mod exec;
 mod repl;
@@ -42,9 +43,30 @@ enum Command {
     /// Put, get, inspect and list blobs.
     #[command(subcommand)]
     Cas(cas::CasCommand),
-    /// Run a command remotely: upload inputs, execute, print its output,
+    /// Execute a command remotely: upload inputs, execute, print its output,
     /// download outputs, exit with its exit code.
-    Run(exec::RunArgs),
+    Exec(exec::RunArgs),
+    /// `cargo build` with the rustc wrapper: cached, remotely executed.
+    Build(CargoArgs),
+    /// `cargo check` with the rustc wrapper.
+    Check(CargoArgs),
+    /// `cargo test` with the rustc wrapper.
+    Test(CargoArgs),
+    /// `cargo run` with the rustc wrapper.
+    Run(CargoArgs),
+    /// `cargo bench` with the rustc wrapper.
+    Bench(CargoArgs),
+    /// `cargo doc` with the rustc wrapper (dependencies' rustc runs).
+    Doc(CargoArgs),
+    /// What the wrapper did: invocations, cache hits, remote and local
+    /// executions with the reasons, time saved.
+    Stats {
+        /// Forget the recorded invocations.
+        #[arg(long)]
+        reset: bool,
+    },
+    /// Stop the local server `cargo distbuild build` started.
+    Stop,
     /// Submit, inspect or cancel one operation.
     #[command(subcommand)]
     Job(exec::JobCommand),
@@ -57,6 +79,13 @@ enum Command {
     /// Show queues, workers and the cache hit rate.
     #[command(subcommand)]
     Scheduler(StatusOnly),
+}
+
+/// Arguments passed to cargo as they are.
+#[derive(clap::Args, Debug)]
+struct CargoArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CARGO ARGS")]
+    args: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -175,13 +204,15 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<FileConfig> {
 pub(crate) struct Session {
     file: FileConfig,
     server: String,
+    /// `--server` or `DISTBUILD_SERVER`, when given.
+    explicit_server: Option<String>,
     instance: String,
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let file = load_config(cli.config.as_ref())?;
     let server = cli.server.clone().unwrap_or_else(|| client_address(&file.scheduler.addr));
-    let ctx = Session { file, server, instance: cli.instance.clone() };
+    let ctx = Session { file, server, explicit_server: cli.server.clone(), instance: cli.instance.clone() };
     match cli.command {
         None => repl::run(ctx).await,
         Some(command) => dispatch(command, ctx).await,
@@ -193,7 +224,15 @@ async fn dispatch(command: Command, ctx: Session) -> anyhow::Result<ExitCode> {
         Command::Server(args) => server(args, ctx.file).await,
         Command::Worker(args) => worker(args, ctx).await,
         Command::Cas(cmd) => cas::run(cmd, &ctx.server, &ctx.instance).await,
-        Command::Run(args) => exec::run(args, &ctx.server, &ctx.instance).await,
+        Command::Exec(args) => exec::run(args, &ctx.server, &ctx.instance).await,
+        Command::Build(a) => cargo::cargo("build", a.args, ctx).await,
+        Command::Check(a) => cargo::cargo("check", a.args, ctx).await,
+        Command::Test(a) => cargo::cargo("test", a.args, ctx).await,
+        Command::Run(a) => cargo::cargo("run", a.args, ctx).await,
+        Command::Bench(a) => cargo::cargo("bench", a.args, ctx).await,
+        Command::Doc(a) => cargo::cargo("doc", a.args, ctx).await,
+        Command::Stats { reset } => cargo::stats(reset),
+        Command::Stop => cargo::stop().await,
         Command::Job(cmd) => exec::job(cmd, &ctx.server, &ctx.instance).await,
         Command::Jobs(cmd) => exec::jobs(cmd, &ctx.server).await,
         Command::Workers(ListOnly::List) => status::workers(&ctx.server).await,

@@ -11,11 +11,13 @@ use super::{Cli, Command, Session};
 const HELP: &str = "\
 Commands (as on the command line, without `cargo-distbuild`):
   cas put|get|stat|list ...     blobs
-  run [--input P] [--output P] -- CMD ARGS...
+  exec [--input P] [--output P] -- CMD ARGS...
   job submit|status|cancel ...  one operation
   jobs list                     operations the server remembers
   workers list                  connected workers
   scheduler status              queues, workers, cache hit rate
+  build|check|test|run ...      cargo through the rustc wrapper
+  stats                         what the wrapper did, time saved
   help [COMMAND]                this text, or a command's options
   history                       commands entered so far
   exit                          leave (also Ctrl-D)";

@@ -170,7 +170,7 @@ async fn run_job_jobs_workers_and_scheduler_status() {
     std::fs::write(d.join("src/words.txt"), "b\na\nc\n").unwrap();
     let run = |script: &str| {
         s(&[
-            "run",
+            "exec",
             "--server",
             &url,
             "--input",
@@ -195,7 +195,7 @@ async fn run_job_jobs_workers_and_scheduler_status() {
     assert_eq!(std::fs::read_to_string(d.join("report/r")).unwrap(), "ok\n");
 
     // An input path outside the current directory is refused.
-    let out = cli_in(d, s(&["run", "--server", &url, "--input", "../x", "--", "true"]), "").await;
+    let out = cli_in(d, s(&["exec", "--server", &url, "--input", "../x", "--", "true"]), "").await;
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("--input"), "{}", text(&out.stderr));
 

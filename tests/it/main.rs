@@ -10,3 +10,4 @@ mod common;
 mod execution;
 mod server;
 mod workers;
+mod wrapper;

@@ -49,6 +49,8 @@ pub enum LocalReason {
     ServerUnavailable,
     /// No worker can link (the action needs a C linker).
     NoLinker,
+    /// No worker took the action (none connected, or the queue was too long).
+    NoWorker,
     /// The remote run failed; the local run is the verdict.
     RemoteFailed,
     /// The dep-info pre-pass failed (usually a compile error, shown by the local run).
@@ -77,6 +79,7 @@ impl fmt::Display for LocalReason {
             LocalReason::Off => write!(f, "wrapper off"),
             LocalReason::ServerUnavailable => write!(f, "server unavailable"),
             LocalReason::NoLinker => write!(f, "no worker with a linker"),
+            LocalReason::NoWorker => write!(f, "no worker available"),
             LocalReason::RemoteFailed => write!(f, "remote run failed"),
             LocalReason::DepInfoFailed => write!(f, "dep-info failed"),
         }
@@ -338,7 +341,10 @@ mod tests {
             ("--crate-name x a.rs b.rs --out-dir t", Some(LocalReason::Source)),
             ("--crate-name x a.rs", Some(LocalReason::NoOutDir)),
             ("--crate-name x a.rs -o out", Some(LocalReason::OutputFile)),
-            ("--crate-name x a.rs --out-dir t -C incremental=/w/target/debug/incremental", Some(LocalReason::Incremental)),
+            (
+                "--crate-name x a.rs --out-dir t -C incremental=/w/target/debug/incremental",
+                Some(LocalReason::Incremental),
+            ),
             ("--crate-name x a.rs --out-dir t -Cincremental=/i", Some(LocalReason::Incremental)),
             ("--crate-name x a.rs --out-dir t --emit=asm", Some(LocalReason::Emit("asm".into()))),
             ("--crate-name x a.rs --out-dir t --emit=link=/tmp/x", Some(LocalReason::Emit("link=/tmp/x".into()))),
@@ -373,7 +379,8 @@ mod tests {
         assert!(c.links());
         assert_eq!(c.output_names(), vec!["foo-0a1b.d", "libfoo-0a1b.rlib", "libfoo-0a1b.rmeta", "libfoo-0a1b.so"]);
 
-        let Classified::Compile(t) = classify(&words("--crate-name it tests/it.rs --test -C extra-filename=-9 --out-dir t"))
+        let Classified::Compile(t) =
+            classify(&words("--crate-name it tests/it.rs --test -C extra-filename=-9 --out-dir t"))
         else {
             panic!("not a compile")
         };

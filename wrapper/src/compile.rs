@@ -17,6 +17,25 @@ use crate::roots::{self, Roots};
 use crate::settings::{Mode, Settings};
 use crate::{depinfo, settings};
 
+/// With `DISTBUILD_TRACE=FILE`, each phase of an invocation appends its
+/// time to FILE (where the time of a build goes).
+struct Trace(Option<(Instant, PathBuf)>);
+
+impl Trace {
+    fn new() -> Trace {
+        Trace(std::env::var_os("DISTBUILD_TRACE").filter(|v| !v.is_empty()).map(|f| (Instant::now(), PathBuf::from(f))))
+    }
+    fn phase(&self, what: &str) {
+        use std::io::Write;
+        if let Some((t, file)) = &self.0 {
+            let line = format!("{:>6} {:>9.1} ms {what}\n", std::process::id(), t.elapsed().as_secs_f64() * 1000.0);
+            if let Ok(mut f) = std::fs::File::options().create(true).append(true).open(file) {
+                let _ = f.write_all(line.as_bytes());
+            }
+        }
+    }
+}
+
 /// How an invocation ended, for the stats file.
 pub struct Outcome {
     pub code: i32,
@@ -29,6 +48,22 @@ pub struct Outcome {
 impl Outcome {
     pub fn local(code: i32, reason: LocalReason) -> Outcome {
         Outcome { code, outcome: "local", reason: Some(reason), stored: false, saved_ms: 0 }
+    }
+}
+
+/// One invocation: what cargo asked and what the wrapper was told.
+struct Job<'a> {
+    settings: &'a Settings,
+    caches: Caches,
+    rustc: &'a Path,
+    words: &'a [String],
+    c: &'a Compile,
+    trace: Trace,
+}
+
+impl Job<'_> {
+    fn plain(&self, reason: LocalReason) -> Outcome {
+        Outcome::local(local::run_plain(self.rustc, self.words), reason)
     }
 }
 
@@ -54,75 +89,91 @@ pub fn run(settings: &Settings, rustc: &Path, words: &[String], c: &Compile) -> 
     if settings.mode == Mode::Remote && settings.recently_down() {
         return Outcome::local(local::run_plain(rustc, words), LocalReason::ServerUnavailable);
     }
-    let caches = Caches::new(settings.cache_dir.clone(), remote_apis::DigestFunction::Sha256);
-    let prepared = match prepare(settings, &caches, rustc, words, c) {
+    let job = Job {
+        settings,
+        caches: Caches::new(settings.cache_dir.clone(), remote_apis::DigestFunction::Sha256),
+        rustc,
+        words,
+        c,
+        trace: Trace::new(),
+    };
+    let prepared = match prepare(&job) {
         Ok(p) => p,
-        Err(reason) => return Outcome::local(local::run_plain(rustc, words), reason),
+        Err(reason) => return job.plain(reason),
     };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
-        Err(_) => return Outcome::local(local::run_plain(rustc, words), LocalReason::ServerUnavailable),
+        Err(_) => return job.plain(LocalReason::ServerUnavailable),
     };
-    rt.block_on(serve(settings, &caches, rustc, words, c, &prepared, started))
+    rt.block_on(serve(&job, &prepared, started))
 }
 
-async fn serve(
-    settings: &Settings,
-    caches: &Caches,
-    rustc: &Path,
-    words: &[String],
-    c: &Compile,
-    p: &Prepared,
-    started: Instant,
-) -> Outcome {
+async fn serve(job: &Job<'_>, p: &Prepared, started: Instant) -> Outcome {
+    let Job { settings, trace, .. } = job;
     let remote = match Remote::connect(&settings.server, &settings.instance, settings.connect_timeout).await {
         Ok(r) => r,
-        Err(e) => return unavailable(settings, rustc, words, &e),
+        Err(e) => return unavailable(job, &e),
     };
+    trace.phase("connected");
     let digest = p.built.action_digest;
-    match remote.lookup(digest).await {
+    let found = remote.lookup(digest).await;
+    trace.phase("looked up");
+    match found {
         Ok(Some(result)) if result.exit_code == 0 => {
-            if let Ok(code) = materialize(&remote, caches, c, p, &result).await {
+            if let Ok(code) = materialize(&remote, job, p, &result).await {
                 settings.mark_up();
                 let saved = original_ms(&result) - started.elapsed().as_millis() as i64;
                 return Outcome { code, outcome: "hit", reason: None, stored: false, saved_ms: saved };
             }
         }
         Ok(_) => {}
-        Err(e) => return unavailable(settings, rustc, words, &e),
+        Err(e) => return unavailable(job, &e),
     }
     settings.mark_up();
     if settings.mode == Mode::CacheOnly {
-        return run_and_store(&remote, caches, rustc, words, c, p, LocalReason::Off).await;
+        return run_and_store(&remote, job, p, LocalReason::Off).await;
+    }
+    if settings.recently_without_workers(p.links) {
+        let reason = if p.links { LocalReason::NoLinker } else { LocalReason::NoWorker };
+        return run_and_store(&remote, job, p, reason).await;
     }
     if let Err(e) = remote.upload(&p.built, &p.toolchain).await {
-        return unavailable(settings, rustc, words, &e);
+        return unavailable(job, &e);
     }
-    match remote.execute(digest, settings.queue_timeout).await {
+    trace.phase("uploaded");
+    let executed = remote.execute(digest, settings.queue_timeout).await;
+    trace.phase("executed");
+    match executed {
         Ok(resp) => {
             let result = resp.result.unwrap_or_default();
             if result.exit_code != 0 {
                 // The worker may lack what this machine has (a system
                 // library, a tool): the local run is the verdict.
-                return Outcome::local(local::run_plain(rustc, words), LocalReason::RemoteFailed);
+                return job.plain(LocalReason::RemoteFailed);
             }
-            match materialize(&remote, caches, c, p, &result).await {
+            match materialize(&remote, job, p, &result).await {
                 Ok(code) => Outcome { code, outcome: "remote", reason: None, stored: false, saved_ms: 0 },
-                Err(_) => Outcome::local(local::run_plain(rustc, words), LocalReason::RemoteFailed),
+                Err(_) => job.plain(LocalReason::RemoteFailed),
             }
         }
-        Err(s) if s.code() == tonic::Code::FailedPrecondition && p.links && s.message().contains(key::LINKER_PROPERTY.0) => {
-            run_and_store(&remote, caches, rustc, words, c, p, LocalReason::NoLinker).await
+        // No worker can run it (none offers the platform, none connected,
+        // or the queue is too long): compile here and share the result.
+        Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::DeadlineExceeded) => {
+            settings.mark_without_workers(p.links);
+            let reason = if p.links && s.message().contains(key::LINKER_PROPERTY.0) {
+                LocalReason::NoLinker
+            } else {
+                LocalReason::NoWorker
+            };
+            run_and_store(&remote, job, p, reason).await
         }
-        Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
-            run_and_store(&remote, caches, rustc, words, c, p, LocalReason::ServerUnavailable).await
-        }
-        Err(e) => unavailable(settings, rustc, words, &e),
+        Err(e) => unavailable(job, &e),
     }
 }
 
 /// The server failed: one warning per build, then plain local runs.
-fn unavailable(settings: &Settings, rustc: &Path, words: &[String], e: &tonic::Status) -> Outcome {
+fn unavailable(job: &Job<'_>, e: &tonic::Status) -> Outcome {
+    let settings = job.settings;
     if settings.mark_down() {
         eprintln!(
             "warning: distbuild: {} is unavailable ({}: {}); compiling locally",
@@ -131,7 +182,7 @@ fn unavailable(settings: &Settings, rustc: &Path, words: &[String], e: &tonic::S
             e.message()
         );
     }
-    Outcome::local(local::run_plain(rustc, words), LocalReason::ServerUnavailable)
+    job.plain(LocalReason::ServerUnavailable)
 }
 
 /// How long the execution that produced `result` took.
@@ -155,11 +206,11 @@ mod prost_types_ts {
 /// output. Fails (nothing replayed) if an expected output is missing.
 async fn materialize(
     remote: &Remote,
-    caches: &Caches,
-    c: &Compile,
+    job: &Job<'_>,
     p: &Prepared,
     result: &ActionResult,
 ) -> Result<i32, tonic::Status> {
+    let Job { caches, c, .. } = job;
     let (stdout, stderr) = remote.streams(result).await?;
     let mut have: Vec<String> = Vec::new();
     for f in &result.output_files {
@@ -168,8 +219,12 @@ async fn materialize(
         if name == p.depinfo_name {
             continue;
         }
-        let dest = p.roots.unmap(&f.path).ok_or_else(|| tonic::Status::data_loss(format!("output {} outside the roots", f.path)))?;
-        let digest = Digest::from_field(caches.function(), f.digest.as_ref(), "digest").map_err(|e| tonic::Status::data_loss(e.0))?;
+        let dest = p
+            .roots
+            .unmap(&f.path)
+            .ok_or_else(|| tonic::Status::data_loss(format!("output {} outside the roots", f.path)))?;
+        let digest = Digest::from_field(caches.function(), f.digest.as_ref(), "digest")
+            .map_err(|e| tonic::Status::data_loss(e.0))?;
         remote.download_to(digest, &dest, f.is_executable).await?;
         caches.record(&dest, digest);
     }
@@ -188,21 +243,14 @@ async fn materialize(
 }
 
 /// Runs the Action's compile here and stores the result for everyone else.
-async fn run_and_store(
-    remote: &Remote,
-    caches: &Caches,
-    rustc: &Path,
-    words: &[String],
-    c: &Compile,
-    p: &Prepared,
-    reason: LocalReason,
-) -> Outcome {
+async fn run_and_store(remote: &Remote, job: &Job<'_>, p: &Prepared, reason: LocalReason) -> Outcome {
+    let Job { caches, rustc, words, c, .. } = job;
     let mut local_words = words.to_vec();
     local_words.extend(p.roots.remap_args());
     let start = settings::now_ms();
     let out = match local::run_captured(rustc, &local_words) {
         Ok(o) => o,
-        Err(_) => return Outcome::local(local::run_plain(rustc, words), reason),
+        Err(_) => return job.plain(reason),
     };
     let end = settings::now_ms();
     if out.code != 0 {
@@ -241,7 +289,10 @@ async fn store(
     let f = caches.function();
     let (so, se) = (f.digest_of(&out.stdout), f.digest_of(&out.stderr));
     remote.upload_blobs(vec![(so, out.stdout.clone().into()), (se, out.stderr.clone().into())]).await?;
-    let ts = |ms: u64| remote_apis::protobuf::Timestamp { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 };
+    let ts = |ms: u64| remote_apis::protobuf::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    };
     let result = ActionResult {
         output_files,
         exit_code: 0,
@@ -261,7 +312,11 @@ async fn store(
 fn write_atomic(dest: &Path, data: &[u8]) -> std::io::Result<()> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".distbuild-{}-{}", std::process::id(), dest.file_name().unwrap_or_default().to_string_lossy()));
+    let tmp = dir.join(format!(
+        ".distbuild-{}-{}",
+        std::process::id(),
+        dest.file_name().unwrap_or_default().to_string_lossy()
+    ));
     std::fs::write(&tmp, data)?;
     std::fs::rename(&tmp, dest).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
@@ -282,7 +337,8 @@ fn write_sidecar(c: &Compile, p: &Prepared) {
 
 /// Maps, hashes and assembles everything; an error is the reason to run
 /// locally.
-fn prepare(settings: &Settings, caches: &Caches, rustc: &Path, words: &[String], c: &Compile) -> Result<Prepared, LocalReason> {
+fn prepare(job: &Job<'_>) -> Result<Prepared, LocalReason> {
+    let Job { settings, caches, rustc, c, trace, .. } = job;
     let sysroot = match &settings.sysroot {
         Some(s) => s.clone(),
         None => crate::toolchain::sysroot(rustc).map_err(|_| LocalReason::LocalPath(rustc.display().to_string()))?,
@@ -322,24 +378,27 @@ fn prepare(settings: &Settings, caches: &Caches, rustc: &Path, words: &[String],
             (Some("--extern"), Some(v)) => {
                 if let Some((name, path)) = v.split_once('=') {
                     let m = roots.map(path).ok_or_else(|| LocalReason::LocalPath(path.to_string()))?;
-                    externs.push((name.rsplit(':').next().unwrap_or(name).to_string(), roots.absolute(path), m.clone()));
+                    externs.push((
+                        name.rsplit(':').next().unwrap_or(name).to_string(),
+                        roots.absolute(path),
+                        m.clone(),
+                    ));
                     words[1] = format!("{name}={}", roots.relative_to_cwd(&m));
                 }
             }
-            (_, Some(v)) => {
-                if roots.mentioned_in(v).is_some() {
-                    return Err(LocalReason::LocalPath(v.to_string()));
-                }
-            }
+            (_, Some(v)) if roots.mentioned_in(v).is_some() => return Err(LocalReason::LocalPath(v.to_string())),
             _ => {}
         }
         mapped.extend(words);
     }
 
     let lock = settings.cache_dir.join("toolchain.lock");
-    let toolchain = crate::toolchain::tree_locked(caches, &sysroot, &lock).map_err(|_| LocalReason::LocalPath(sysroot.display().to_string()))?;
-    let (depinfo_text, info) = dep_info(caches, &roots, rustc, words, c, &mapped, &toolchain, &out_dir)?;
+    let toolchain = crate::toolchain::tree_locked(caches, &sysroot, &lock)
+        .map_err(|_| LocalReason::LocalPath(sysroot.display().to_string()))?;
+    trace.phase("toolchain tree");
+    let (depinfo_text, info) = dep_info(job, &roots, &mapped, &toolchain, &out_dir)?;
 
+    trace.phase("dep-info");
     // 5. Variables the crate reads.
     let mut env = Vec::new();
     for (name, value) in &info.env {
@@ -372,7 +431,8 @@ fn prepare(settings: &Settings, caches: &Caches, rustc: &Path, words: &[String],
     for (name, local, m) in &externs {
         add(m.clone(), local.clone())?;
         let stem = local.with_extension("").to_string_lossy().to_string();
-        let deps = std::fs::read_to_string(sidecar_path(&stem)).map_err(|_| LocalReason::UnknownDependency(name.clone()))?;
+        let deps =
+            std::fs::read_to_string(sidecar_path(&stem)).map_err(|_| LocalReason::UnknownDependency(name.clone()))?;
         closure.push(stem);
         closure.extend(deps.lines().filter(|l| !l.is_empty()).map(str::to_string));
     }
@@ -383,7 +443,9 @@ fn prepare(settings: &Settings, caches: &Caches, rustc: &Path, words: &[String],
         let chosen = preference.iter().map(|ext| PathBuf::from(format!("{stem}.{ext}"))).find(|p| p.is_file());
         let so = PathBuf::from(format!("{stem}.so"));
         for local in chosen.into_iter().chain(so.is_file().then_some(so)) {
-            let m = roots.map(&local.to_string_lossy()).ok_or_else(|| LocalReason::LocalPath(local.display().to_string()))?;
+            let m = roots
+                .map(&local.to_string_lossy())
+                .ok_or_else(|| LocalReason::LocalPath(local.display().to_string()))?;
             add(m, local)?;
         }
     }
@@ -412,6 +474,7 @@ fn prepare(settings: &Settings, caches: &Caches, rustc: &Path, words: &[String],
         links,
     };
     let built = key::build(caches.function(), &inputs).map_err(LocalReason::LocalPath)?;
+    trace.phase("action built");
     Ok(Prepared {
         depinfo_name: format!("{}{}.d", c.crate_name, c.extra_filename),
         roots,
@@ -426,17 +489,14 @@ fn prepare(settings: &Settings, caches: &Caches, rustc: &Path, words: &[String],
 
 /// The crate's dep-info: remembered (when every file and variable it lists
 /// is unchanged) or from a `--emit=dep-info` pre-pass of rustc.
-#[allow(clippy::too_many_arguments)]
 fn dep_info(
-    caches: &Caches,
+    job: &Job<'_>,
     roots: &Roots,
-    rustc: &Path,
-    words: &[String],
-    c: &Compile,
     mapped: &[String],
     toolchain: &BuiltTree,
     out_dir: &Path,
 ) -> Result<(String, depinfo::DepInfo), LocalReason> {
+    let Job { caches, rustc, words, c, .. } = job;
     let toolchain_digest = toolchain.root_digest.to_string();
     let args = mapped.join("\0");
     let key = depinfo_key(&[KEY_VERSION, &toolchain_digest, roots.cwd_mapped(), &args]);
@@ -485,9 +545,6 @@ fn entry_is_current(caches: &Caches, roots: &Roots, entry: &DepInfoEntry) -> boo
     let files_ok = entry.files.iter().all(|(m, d)| {
         roots.unmap(m).and_then(|p| caches.digest(&p).ok()).is_some_and(|now| now.digest.to_string() == *d)
     });
-    let env_ok = entry
-        .env
-        .iter()
-        .all(|(n, v)| std::env::var(n).ok().map(|now| roots.abstract_text(&now)) == *v);
+    let env_ok = entry.env.iter().all(|(n, v)| std::env::var(n).ok().map(|now| roots.abstract_text(&now)) == *v);
     files_ok && env_ok
 }

@@ -18,7 +18,14 @@ use sha2::{Digest as _, Sha256};
 /// A file's identity as the filesystem reports it; if it is unchanged, so is
 /// the content.
 fn stamp(meta: &std::fs::Metadata) -> String {
-    format!("{} {} {} {} {}", meta.ino(), meta.size(), meta.mtime_nsec() + meta.mtime() * 1_000_000_000, meta.ctime_nsec() + meta.ctime() * 1_000_000_000, meta.mode() & 0o111 != 0)
+    format!(
+        "{} {} {} {} {}",
+        meta.ino(),
+        meta.size(),
+        meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
+        meta.ctime_nsec() + meta.ctime() * 1_000_000_000,
+        meta.mode() & 0o111 != 0
+    )
 }
 
 fn key_of(parts: &[&[u8]]) -> String {
@@ -83,7 +90,11 @@ impl Caches {
         let digest = remote_apis::merkle::hash_file_blocking(self.function, path)?;
         // A file changed within the last second could change again with the
         // same stamp granularity on some filesystems: do not remember it.
-        let settled = meta.modified().ok().and_then(|m| SystemTime::now().duration_since(m).ok()).is_some_and(|age| age > Duration::from_secs(1));
+        let settled = meta
+            .modified()
+            .ok()
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_some_and(|age| age > Duration::from_secs(1));
         if settled {
             self.write_entry(&entry, format!("{stamp} {digest}").as_bytes());
         }
@@ -154,7 +165,11 @@ mod tests {
         let key = depinfo_key(&["a", "b"]);
         assert_ne!(key, depinfo_key(&["ab", ""]));
         assert!(caches.load_depinfo(&key).is_none());
-        let e = DepInfoEntry { text: "x: y".into(), files: vec![("ws/y".into(), "h/1".into())], env: vec![("A".into(), None)] };
+        let e = DepInfoEntry {
+            text: "x: y".into(),
+            files: vec![("ws/y".into(), "h/1".into())],
+            env: vec![("A".into(), None)],
+        };
         caches.store_depinfo(&key, &e);
         assert_eq!(caches.load_depinfo(&key), Some(e));
     }

@@ -143,48 +143,79 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    fn inputs_digest(change: impl FnOnce(&mut Vec<String>, &mut Vec<(String, String)>, &mut Vec<(String, Digest, bool, PathBuf)>, &mut bool)) -> Digest {
+    /// The inputs of one compile, as a test changes them.
+    struct Case {
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        files: Vec<(String, Digest, bool, PathBuf)>,
+        links: bool,
+    }
+
+    type Change = (&'static str, fn(&mut Case));
+
+    fn digest_after(change: fn(&mut Case)) -> Digest {
         let f = DigestFunction::Sha256;
-        let mut args = vec!["--crate-name".to_string(), "x".into(), "src/lib.rs".into()];
-        let mut env = vec![("CARGO_PKG_NAME".to_string(), "x".to_string())];
-        let mut files = vec![("ws/src/lib.rs".to_string(), f.digest_of(b"fn x() {}"), false, PathBuf::from("/a/src/lib.rs"))];
-        let mut links = false;
-        change(&mut args, &mut env, &mut files, &mut links);
+        let mut c = Case {
+            args: vec!["--crate-name".to_string(), "x".into(), "src/lib.rs".into()],
+            env: vec![("CARGO_PKG_NAME".to_string(), "x".to_string())],
+            files: vec![(
+                "ws/src/lib.rs".to_string(),
+                f.digest_of(b"fn x() {}"),
+                false,
+                PathBuf::from("/a/src/lib.rs"),
+            )],
+            links: false,
+        };
+        change(&mut c);
         let outputs = vec!["target/debug/deps/libx.rlib".to_string()];
-        let k = KeyInputs { toolchain: f.digest_of(b"toolchain"), args: &args, cwd: "ws", env: &env, files: &files, outputs: &outputs, links };
+        let k = KeyInputs {
+            toolchain: f.digest_of(b"toolchain"),
+            args: &c.args,
+            cwd: "ws",
+            env: &c.env,
+            files: &c.files,
+            outputs: &outputs,
+            links: c.links,
+        };
         build(f, &k).unwrap().action_digest
     }
 
     /// Every numbered input changes the key; the local path of a file does not.
     #[test]
     fn key_inputs_table() {
-        let base = inputs_digest(|_, _, _, _| {});
-        assert_eq!(base, inputs_digest(|_, _, _, _| {}), "deterministic");
-        let same: &[(&str, Box<dyn Fn(&mut Vec<String>, &mut Vec<(String, String)>, &mut Vec<(String, Digest, bool, PathBuf)>, &mut bool)>)] = &[
-            ("local path of a file", Box::new(|_, _, f, _| f[0].3 = PathBuf::from("/elsewhere/src/lib.rs"))),
-        ];
+        let base = digest_after(|_| {});
+        assert_eq!(base, digest_after(|_| {}), "deterministic");
+        let same: &[Change] = &[("local path of a file", |c| c.files[0].3 = PathBuf::from("/elsewhere/src/lib.rs"))];
         for (what, change) in same {
-            assert_eq!(base, inputs_digest(|a, e, f, l| change(a, e, f, l)), "{what} must not change the key");
+            assert_eq!(base, digest_after(*change), "{what} must not change the key");
         }
-        let differ: &[(&str, Box<dyn Fn(&mut Vec<String>, &mut Vec<(String, String)>, &mut Vec<(String, Digest, bool, PathBuf)>, &mut bool)>)] = &[
-            ("an argument", Box::new(|a, _, _, _| a.push("-O".into()))),
-            ("argument order", Box::new(|a, _, _, _| a.swap(0, 2))),
-            ("a variable's value", Box::new(|_, e, _, _| e[0].1 = "y".into())),
-            ("a new variable", Box::new(|_, e, _, _| e.push(("OUT_DIR".into(), "target/o".into())))),
-            ("a file's content", Box::new(|_, _, f, _| f[0].1 = DigestFunction::Sha256.digest_of(b"fn y() {}"))),
-            ("a file's place", Box::new(|_, _, f, _| f[0].0 = "ws/src/main.rs".into())),
-            ("a file's exec bit", Box::new(|_, _, f, _| f[0].2 = true)),
-            ("linking", Box::new(|_, _, _, l| *l = true)),
+        let differ: &[Change] = &[
+            ("an argument", |c| c.args.push("-O".into())),
+            ("argument order", |c| c.args.swap(0, 2)),
+            ("a variable's value", |c| c.env[0].1 = "y".into()),
+            ("a new variable", |c| c.env.push(("OUT_DIR".into(), "target/o".into()))),
+            ("a file's content", |c| c.files[0].1 = DigestFunction::Sha256.digest_of(b"fn y() {}")),
+            ("a file's place", |c| c.files[0].0 = "ws/src/main.rs".into()),
+            ("a file's exec bit", |c| c.files[0].2 = true),
+            ("linking", |c| c.links = true),
         ];
         for (what, change) in differ {
-            assert_ne!(base, inputs_digest(|a, e, f, l| change(a, e, f, l)), "{what} must change the key");
+            assert_ne!(base, digest_after(*change), "{what} must change the key");
         }
     }
 
     #[test]
     fn the_command_starts_rustc_from_the_toolchain_tree() {
         let f = DigestFunction::Sha256;
-        let k = KeyInputs { toolchain: f.digest_of(b"t"), args: &["a.rs".into()], cwd: "ws", env: &[], files: &[], outputs: &["target/b".into(), "target/a".into()], links: true };
+        let k = KeyInputs {
+            toolchain: f.digest_of(b"t"),
+            args: &["a.rs".into()],
+            cwd: "ws",
+            env: &[],
+            files: &[],
+            outputs: &["target/b".into(), "target/a".into()],
+            links: true,
+        };
         let b = build(f, &k).unwrap();
         assert_eq!(&b.command.arguments[3..], &["toolchain/bin/rustc", "ws", "a.rs"]);
         assert_eq!(b.command.output_paths, vec!["target/a", "target/b"]);

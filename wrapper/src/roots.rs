@@ -182,8 +182,10 @@ mod tests {
             ("/home/a/proj/target/debug/deps", Some("target/debug/deps")),
             ("/home/a/proj/target", Some("target")),
             ("/home/a/proj/targets/x", Some("ws/targets/x")),
-            ("/home/a/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/serde-1.0.0/src/lib.rs",
-             Some("cargo-home/registry/src/index.crates.io-1949cf8c6b5b557f/serde-1.0.0/src/lib.rs")),
+            (
+                "/home/a/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/serde-1.0.0/src/lib.rs",
+                Some("cargo-home/registry/src/index.crates.io-1949cf8c6b5b557f/serde-1.0.0/src/lib.rs"),
+            ),
             ("/opt/rust/toolchains/stable/lib/rustlib", Some("toolchain/lib/rustlib")),
             ("/usr/lib/x86_64-linux-gnu", None),
             ("../other/src/lib.rs", None),

@@ -37,7 +37,10 @@ fn home() -> PathBuf {
 
 /// `$XDG_CACHE_HOME/cargo-distbuild` (or `~/.cache/...`).
 pub fn default_cache_dir() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| home().join(".cache")).join("cargo-distbuild")
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cache"))
+        .join("cargo-distbuild")
 }
 
 /// `$XDG_STATE_HOME/cargo-distbuild` (or `~/.local/state/...`).
@@ -74,17 +77,39 @@ impl Settings {
             server,
             instance: var("DISTBUILD_INSTANCE").unwrap_or_default(),
             mode,
-            cache_dir: var("DISTBUILD_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| default_cache_dir().join("wrapper")),
-            stats_file: var("DISTBUILD_STATS").map(PathBuf::from).unwrap_or_else(|| default_state_dir().join("stats.jsonl")),
+            cache_dir: var("DISTBUILD_CACHE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| default_cache_dir().join("wrapper")),
+            stats_file: var("DISTBUILD_STATS")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| default_state_dir().join("stats.jsonl")),
             sysroot: var("DISTBUILD_SYSROOT").map(PathBuf::from),
             connect_timeout: secs("DISTBUILD_CONNECT_TIMEOUT", 2.0)?,
-            queue_timeout: secs("DISTBUILD_QUEUE_TIMEOUT", 60.0)?,
+            queue_timeout: secs("DISTBUILD_QUEUE_TIMEOUT", 30.0)?,
         })
     }
 
-    fn down_marker(&self) -> PathBuf {
+    /// A marker file shared by the wrappers of one build (cargo runs them
+    /// as separate processes), e.g. `down-<server>`.
+    fn marker(&self, kind: &str) -> PathBuf {
         let name: String = self.server.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-        self.cache_dir.join(format!("down-{name}"))
+        self.cache_dir.join(format!("{kind}-{name}"))
+    }
+
+    fn down_marker(&self) -> PathBuf {
+        self.marker("down")
+    }
+
+    /// Whether the server recently had no worker for this kind of action
+    /// (`links`: needs a C linker); such actions then run here at once
+    /// instead of each waiting in the queue.
+    pub fn recently_without_workers(&self, links: bool) -> bool {
+        age(&self.marker(if links { "nolink" } else { "noexec" })).is_some_and(|a| a < Duration::from_secs(60))
+    }
+
+    pub fn mark_without_workers(&self, links: bool) {
+        let _ = std::fs::create_dir_all(&self.cache_dir);
+        let _ = std::fs::write(self.marker(if links { "nolink" } else { "noexec" }), b"");
     }
 
     /// Whether another invocation found the server down moments ago.
@@ -152,6 +177,21 @@ pub fn append(file: &Path, record: &Record) {
     if let Ok(mut f) = std::fs::File::options().create(true).append(true).open(file) {
         let _ = f.write_all(&line);
     }
+}
+
+/// The records appended to `file` after byte `offset` (lines that do not
+/// parse, such as a torn last line, are skipped).
+pub fn read_records(file: &Path, offset: u64) -> Vec<Record> {
+    use std::io::{BufRead, Seek};
+    let Ok(mut f) = std::fs::File::open(file) else { return Vec::new() };
+    if f.seek(std::io::SeekFrom::Start(offset)).is_err() {
+        return Vec::new();
+    }
+    std::io::BufReader::new(f)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<Record>(&l).ok())
+        .collect()
 }
 
 pub fn now_ms() -> u64 {

@@ -1,0 +1,280 @@
+//! `cargo distbuild build|check|test|run|bench|doc [cargo args]`: cargo with
+//! the rustc wrapper set, against the configured server or a local one
+//! started on demand; `cargo distbuild stats` and `cargo distbuild stop`.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use distbuild_rustc::settings::{Record, default_state_dir, read_records};
+
+use super::Session;
+use crate::config::WrapperMode;
+
+pub async fn cargo(command: &str, args: Vec<String>, ctx: Session) -> anyhow::Result<ExitCode> {
+    let wrapper = wrapper_path()?;
+    let mode = ctx.file.wrapper.mode;
+    let server = match (&ctx.explicit_server, &ctx.file.wrapper.server) {
+        (Some(s), _) | (None, Some(s)) => super::client_address(s),
+        (None, None) if mode == WrapperMode::Off => String::new(),
+        (None, None) => local_server().await?,
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    if let Some(w) = std::env::var_os("RUSTC_WRAPPER").filter(|w| !w.is_empty() && Path::new(w) != wrapper) {
+        eprintln!("warning: distbuild: replacing RUSTC_WRAPPER={}", w.to_string_lossy());
+    }
+    let sysroot = std::process::Command::new(&rustc).args(["--print", "sysroot"]).output().ok();
+    let stats = stats_file();
+    let offset = std::fs::metadata(&stats).map(|m| m.len()).unwrap_or(0);
+
+    let started = Instant::now();
+    let mut cmd = std::process::Command::new(&cargo);
+    cmd.arg(command)
+        .args(&args)
+        .env("RUSTC_WRAPPER", &wrapper)
+        // The incremental cache is local state no Action can carry; with it
+        // on, cargo's dev profile would keep every workspace crate local.
+        .env("CARGO_INCREMENTAL", "0")
+        .env("DISTBUILD_SERVER", &server)
+        .env("DISTBUILD_INSTANCE", &ctx.instance)
+        .env("DISTBUILD_MODE", mode.as_env())
+        .env("DISTBUILD_STATS", &stats);
+    if let Some(out) = sysroot.filter(|o| o.status.success()) {
+        cmd.env("DISTBUILD_SYSROOT", String::from_utf8_lossy(&out.stdout).trim());
+    }
+    let status = tokio::task::spawn_blocking(move || cmd.status())
+        .await?
+        .with_context(|| format!("running {}", cargo.to_string_lossy()))?;
+    let records = read_records(&stats, offset);
+    if !records.is_empty() {
+        eprintln!("{}", summary_line(&records, started.elapsed()));
+    }
+    Ok(match status.code() {
+        Some(c) => ExitCode::from(c.clamp(0, 255) as u8),
+        None => ExitCode::FAILURE,
+    })
+}
+
+/// `distbuild-rustc`: beside this binary (how `cargo install` and
+/// `cargo build` place them), else on PATH.
+fn wrapper_path() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating cargo-distbuild")?;
+    let beside = exe.with_file_name("distbuild-rustc");
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("distbuild-rustc"))
+        .find(|p| p.is_file())
+        .context("distbuild-rustc is neither beside cargo-distbuild nor on PATH (cargo install --path wrapper)")
+}
+
+fn stats_file() -> PathBuf {
+    std::env::var_os("DISTBUILD_STATS").map(PathBuf::from).unwrap_or_else(|| default_state_dir().join("stats.jsonl"))
+}
+
+/// Counts over stats records: compiles only (queries such as `-vV` are
+/// not counted as compiles).
+#[derive(Default, Debug)]
+struct Totals {
+    compiles: usize,
+    hits: usize,
+    remote: usize,
+    local: usize,
+    stored: usize,
+    saved_ms: i64,
+    reasons: std::collections::BTreeMap<String, usize>,
+}
+
+fn totals(records: &[Record]) -> Totals {
+    let mut t = Totals::default();
+    for r in records.iter().filter(|r| !r.krate.is_empty()) {
+        t.compiles += 1;
+        match r.outcome.as_str() {
+            "hit" => {
+                t.hits += 1;
+                t.saved_ms += r.saved_ms.max(0);
+            }
+            "remote" => t.remote += 1,
+            _ => {
+                t.local += 1;
+                t.stored += usize::from(r.stored);
+                *t.reasons.entry(r.reason.clone().unwrap_or_default()).or_default() += 1;
+            }
+        }
+    }
+    t
+}
+
+fn summary_line(records: &[Record], took: Duration) -> String {
+    let t = totals(records);
+    let reasons: Vec<String> = t.reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
+    let why = if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) };
+    format!(
+        "distbuild: {} rustc invocations in {:.1}s: {} cache hits, {} remote, {} local{why}; {:.1}s of compiling saved",
+        t.compiles,
+        took.as_secs_f64(),
+        t.hits,
+        t.remote,
+        t.local,
+        t.saved_ms as f64 / 1000.0
+    )
+}
+
+/// `cargo distbuild stats`.
+pub fn stats(reset: bool) -> anyhow::Result<ExitCode> {
+    let file = stats_file();
+    if reset {
+        match std::fs::remove_file(&file) {
+            Ok(()) => println!("cleared {}", file.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => println!("no stats yet"),
+            Err(e) => return Err(e).with_context(|| format!("removing {}", file.display())),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let records = read_records(&file, 0);
+    let t = totals(&records);
+    let pct = |n: usize| if t.compiles == 0 { 0.0 } else { n as f64 * 100.0 / t.compiles as f64 };
+    println!("stats file          {}", file.display());
+    println!("rustc invocations   {} compiles, {} queries", t.compiles, records.len() - t.compiles);
+    println!("cache hits          {} ({:.1}%)", t.hits, pct(t.hits));
+    println!("remote executions   {} ({:.1}%)", t.remote, pct(t.remote));
+    println!("local executions    {} ({:.1}%), {} of them stored in the cache", t.local, pct(t.local), t.stored);
+    for (reason, n) in &t.reasons {
+        println!("  {n:>6}  {reason}");
+    }
+    println!(
+        "time saved          {:.1}s (what the cached executions took, minus fetching them)",
+        t.saved_ms as f64 / 1000.0
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where the on-demand server keeps its pid, address and log.
+fn local_dir() -> PathBuf {
+    default_state_dir().join("local-server")
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+fn read_local() -> Option<(i32, String)> {
+    let dir = local_dir();
+    let pid = std::fs::read_to_string(dir.join("pid")).ok()?.trim().parse().ok()?;
+    let addr = std::fs::read_to_string(dir.join("addr")).ok()?.trim().to_string();
+    alive(pid).then_some((pid, addr))
+}
+
+async fn reachable(addr: &str) -> bool {
+    let hostport = addr.trim_start_matches("grpc://").to_string();
+    matches!(tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(hostport)).await, Ok(Ok(_)))
+}
+
+/// The local server's address, starting it if it is not running: a
+/// filesystem cache in the default data directory, built-in workers, left
+/// running for the next build (`cargo distbuild stop` ends it).
+async fn local_server() -> anyhow::Result<String> {
+    let dir = local_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let lock = std::fs::File::options().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor we own; released when `lock` closes.
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    }
+    if let Some((_, addr)) = read_local()
+        && reachable(&addr).await
+    {
+        return Ok(addr);
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let listen = format!("127.0.0.1:{port}");
+    let log = std::fs::File::create(dir.join("server.log"))?;
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["server", "--listen", &listen]).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setsid is async-signal-safe; the server outlives this
+        // process and must not get the terminal's Ctrl-C.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            })
+        };
+    }
+    let child = cmd.spawn().context("starting the local server")?;
+    let addr = format!("grpc://{listen}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !reachable(&addr).await {
+        if Instant::now() > deadline {
+            bail!("the local server did not start; see {}", dir.join("server.log").display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(dir.join("pid"), child.id().to_string())?;
+    std::fs::write(dir.join("addr"), &addr)?;
+    eprintln!("distbuild: started a local server at {addr} (pid {}; `cargo distbuild stop` ends it)", child.id());
+    Ok(addr)
+}
+
+/// `cargo distbuild stop`.
+pub async fn stop() -> anyhow::Result<ExitCode> {
+    let Some((pid, addr)) = read_local() else {
+        println!("no local server is running");
+        return Ok(ExitCode::SUCCESS);
+    };
+    // SAFETY: plain kill(2) of the pid we started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while alive(pid) {
+        if Instant::now() > deadline {
+            bail!("the local server (pid {pid}) did not stop within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = std::fs::remove_file(local_dir().join("pid"));
+    println!("stopped the local server at {addr} (pid {pid})");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(krate: &str, outcome: &str, reason: Option<&str>, saved: i64) -> Record {
+        Record {
+            t: 0,
+            krate: krate.into(),
+            outcome: outcome.into(),
+            reason: reason.map(str::to_string),
+            stored: reason == Some("no worker with a linker"),
+            ms: 1,
+            saved_ms: saved,
+            exit: 0,
+        }
+    }
+
+    #[test]
+    fn summary_counts_compiles_and_reasons() {
+        let records = vec![
+            rec("", "local", Some("version query"), 0),
+            rec("a", "hit", None, 1500),
+            rec("b", "hit", None, -20),
+            rec("c", "remote", None, 0),
+            rec("d", "local", Some("no worker with a linker"), 0),
+        ];
+        let line = summary_line(&records, Duration::from_millis(2500));
+        assert_eq!(
+            line,
+            "distbuild: 4 rustc invocations in 2.5s: 2 cache hits, 1 remote, 1 local (1 no worker with a linker); 1.5s of compiling saved"
+        );
+        assert_eq!(totals(&records).stored, 1);
+    }
+}

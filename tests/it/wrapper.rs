@@ -1,0 +1,228 @@
+//! The rustc wrapper end to end: real cargo builds of a workspace with
+//! crates.io dependencies (`tests/fixtures/cargo-ws`: serde_derive as a
+//! proc-macro, build scripts, a member with its own build script, a binary,
+//! tests) through `cargo distbuild` against an in-process server.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use cargo_distbuild::config::Backend;
+use distbuild_rustc::settings::{Record, read_records};
+
+use crate::common::TestServer;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cargo-ws")
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name();
+        if name == "target" {
+            continue;
+        }
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to.join(&name));
+        } else {
+            std::fs::copy(e.path(), to.join(&name)).unwrap();
+        }
+    }
+}
+
+/// The wrapper binary `cargo test --workspace` builds beside cargo-distbuild.
+fn wrapper_binary() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_cargo-distbuild")).with_file_name("distbuild-rustc");
+    assert!(p.is_file(), "{} is missing: run the tests with `cargo test --workspace`", p.display());
+    p
+}
+
+/// One machine: its own CARGO_HOME, wrapper cache and stats file.
+struct Machine {
+    home: PathBuf,
+    cargo_home: Option<PathBuf>,
+}
+
+impl Machine {
+    fn new(root: &Path, name: &str, cargo_home: Option<PathBuf>) -> Machine {
+        let home = root.join(name);
+        std::fs::create_dir_all(&home).unwrap();
+        Machine { home, cargo_home }
+    }
+
+    fn stats(&self) -> PathBuf {
+        self.home.join("state/cargo-distbuild/stats.jsonl")
+    }
+
+    async fn run(&self, dir: &Path, program: &Path, args: &[&str], server: Option<&str>) -> Output {
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .current_dir(dir)
+            .env("XDG_CACHE_HOME", self.home.join("cache"))
+            .env("XDG_STATE_HOME", self.home.join("state"))
+            .env("XDG_CONFIG_HOME", self.home.join("config"))
+            .env_remove("DISTBUILD_CONFIG")
+            .env_remove("DISTBUILD_STATS")
+            .env_remove("DISTBUILD_SERVER")
+            .env_remove("RUSTC_WRAPPER")
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("CARGO_BUILD_TARGET_DIR");
+        if let Some(s) = server {
+            cmd.env("DISTBUILD_SERVER", s);
+        }
+        if let Some(h) = &self.cargo_home {
+            cmd.env("CARGO_HOME", h);
+        }
+        cmd.output().await.unwrap()
+    }
+
+    /// `cargo-distbuild <args>` as `cargo distbuild <args>` runs it.
+    async fn distbuild(&self, dir: &Path, args: &[&str], server: Option<&str>) -> Output {
+        let mut full = vec!["distbuild"];
+        full.extend(args);
+        self.run(dir, Path::new(env!("CARGO_BIN_EXE_cargo-distbuild")), &full, server).await
+    }
+
+    async fn cargo(&self, dir: &Path, args: &[&str]) -> Output {
+        self.run(dir, Path::new(&std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())), args, None).await
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(what: &str, out: &Output) {
+    assert!(out.status.success(), "{what} failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
+}
+
+/// The compiles of one build (queries such as `-vV` left out), and the
+/// failed probes build scripts run on purpose.
+fn compiles(records: &[Record]) -> (Vec<&Record>, usize) {
+    let all: Vec<&Record> = records.iter().filter(|r| !r.krate.is_empty()).collect();
+    let probes = all.iter().filter(|r| r.exit != 0).count();
+    (all.into_iter().filter(|r| r.exit == 0).collect(), probes)
+}
+
+async fn app_output(m: &Machine, dir: &Path) -> String {
+    let out = m.run(dir, &dir.join("target/debug/app"), &["one", "two"], None).await;
+    ok("the app", &out);
+    text(&out.stdout)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cargo_builds_are_cached_executed_and_location_independent() {
+    wrapper_binary();
+    let root = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(Backend::Filesystem, |_| {}).await;
+    let url = server.url();
+
+    // A plain local build: the reference output.
+    let plain = Machine::new(root.path(), "plain", None);
+    let p_dir = root.path().join("plain-ws");
+    copy_tree(&fixture(), &p_dir);
+    ok("cargo fetch", &plain.cargo(&p_dir, &["fetch"]).await);
+    ok("plain cargo build", &plain.cargo(&p_dir, &["build"]).await);
+    let reference = app_output(&plain, &p_dir).await;
+    assert!(reference.starts_with("{\"greeting\":\"hello, distbuild\",\"build_number\":42,"), "{reference}");
+
+    // Machine A: cold cache, every compile executed remotely.
+    let a = Machine::new(root.path(), "a", None);
+    let a_dir = root.path().join("checkout-a");
+    copy_tree(&fixture(), &a_dir);
+    let out = a.distbuild(&a_dir, &["build"], Some(&url)).await;
+    ok("cargo distbuild build (cold)", &out);
+    assert_eq!(app_output(&a, &a_dir).await, reference, "the wrapper's binary behaves as the local build's");
+    let records = read_records(&a.stats(), 0);
+    let (cold, _) = compiles(&records);
+    assert!(cold.len() >= 20, "{} compiles", cold.len());
+    for r in &cold {
+        assert_eq!(r.outcome, "remote", "{} ran {} ({:?})", r.krate, r.outcome, r.reason);
+    }
+    let summary = text(&out.stderr);
+    assert!(
+        summary.contains(&format!(
+            "distbuild: {} rustc invocations",
+            records.iter().filter(|r| !r.krate.is_empty()).count()
+        )),
+        "{summary}"
+    );
+
+    // Tests build (test harnesses link) and pass.
+    let out = a.distbuild(&a_dir, &["test"], Some(&url)).await;
+    ok("cargo distbuild test", &out);
+    assert!(text(&out.stdout).contains("test tests::greets ... ok"), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("test the_binary_prints_its_report ... ok"), "{}", text(&out.stdout));
+
+    // Machine B: another directory, another CARGO_HOME, an empty wrapper
+    // cache. After `cargo clean`, every compile is a cache hit.
+    let b = Machine::new(root.path(), "b", Some(root.path().join("b/cargo-home")));
+    let b_dir = root.path().join("elsewhere/deeper/checkout-b");
+    copy_tree(&fixture(), &b_dir);
+    ok("cargo fetch (B)", &b.cargo(&b_dir, &["fetch"]).await);
+    ok("cargo clean (B)", &b.cargo(&b_dir, &["clean"]).await);
+    let out = b.distbuild(&b_dir, &["build"], Some(&url)).await;
+    ok("cargo distbuild build (B)", &out);
+    let records = read_records(&b.stats(), 0);
+    let (warm, probes) = compiles(&records);
+    assert_eq!(warm.len(), cold.len(), "the same compiles");
+    for r in &warm {
+        assert_eq!(r.outcome, "hit", "{} was not served from the cache: {} ({:?})", r.krate, r.outcome, r.reason);
+    }
+    assert!(probes <= 2, "{probes} failed compiles");
+    assert_eq!(app_output(&b, &b_dir).await, reference);
+
+    // The server unreachable: the build still succeeds, with one warning.
+    ok("cargo clean (A)", &a.cargo(&a_dir, &["clean"]).await);
+    let out = a.distbuild(&a_dir, &["build"], Some("127.0.0.1:1")).await;
+    ok("cargo distbuild build (server down)", &out);
+    assert_eq!(text(&out.stderr).matches("warning: distbuild:").count(), 1, "{}", text(&out.stderr));
+    assert_eq!(app_output(&a, &a_dir).await, reference);
+
+    // `stats` reads what the builds recorded.
+    let out = a.distbuild(&a_dir, &["stats"], None).await;
+    ok("cargo distbuild stats", &out);
+    let stats = text(&out.stdout);
+    assert!(stats.contains("server unavailable"), "{stats}");
+    assert!(stats.contains("remote executions"), "{stats}");
+    server.stop().await.unwrap();
+}
+
+/// Cache-only mode (CI runners): misses compile locally and are stored,
+/// so another machine's build is served from the cache.
+#[tokio::test(flavor = "multi_thread")]
+async fn cache_only_mode_stores_local_results() {
+    wrapper_binary();
+    let root = tempfile::tempdir().unwrap();
+    // No workers: a miss on the second machine fails fast and compiles there.
+    let server = TestServer::start_with(Backend::Filesystem, |f| {
+        f.worker.capacity = Some(0);
+        f.execution.unmatched_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let url = server.url();
+    let ci = Machine::new(root.path(), "ci", None);
+    std::fs::create_dir_all(ci.home.join("config/cargo-distbuild")).unwrap();
+    std::fs::write(ci.home.join("config/cargo-distbuild/config.toml"), "[wrapper]\nmode = \"cache-only\"\n").unwrap();
+    let dir = root.path().join("ci-ws");
+    copy_tree(&fixture(), &dir);
+    ok("cargo fetch", &ci.cargo(&dir, &["fetch"]).await);
+    ok("cache-only build", &ci.distbuild(&dir, &["build"], Some(&url)).await);
+    let ci_records = read_records(&ci.stats(), 0);
+    let (first, _) = compiles(&ci_records);
+    assert!(first.len() >= 20);
+    for r in &first {
+        assert!(r.outcome == "local" && r.stored, "{} was not stored: {} {:?}", r.krate, r.outcome, r.reason);
+    }
+
+    let dev = Machine::new(root.path(), "dev", None);
+    let dir2 = root.path().join("dev-ws");
+    copy_tree(&fixture(), &dir2);
+    ok("warm build", &dev.distbuild(&dir2, &["build"], Some(&url)).await);
+    let dev_records = read_records(&dev.stats(), 0);
+    let (second, _) = compiles(&dev_records);
+    assert_eq!(second.len(), first.len());
+    assert!(second.iter().all(|r| r.outcome == "hit"), "{second:?}");
+    server.stop().await.unwrap();
+}
