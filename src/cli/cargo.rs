@@ -44,6 +44,9 @@ pub async fn cargo(command: &str, args: Vec<String>, ctx: Session) -> anyhow::Re
     if let Some(out) = sysroot.filter(|o| o.status.success()) {
         cmd.env("DISTBUILD_SYSROOT", String::from_utf8_lossy(&out.stdout).trim());
     }
+    for (var, value) in c_prefix_maps(&cargo) {
+        cmd.env(var, value);
+    }
     let status = tokio::task::spawn_blocking(move || cmd.status())
         .await?
         .with_context(|| format!("running {}", cargo.to_string_lossy()))?;
@@ -55,6 +58,43 @@ pub async fn cargo(command: &str, args: Vec<String>, ctx: Session) -> anyhow::Re
         Some(c) => ExitCode::from(c.clamp(0, 255) as u8),
         None => ExitCode::FAILURE,
     })
+}
+
+/// `CFLAGS` and `CXXFLAGS` with `-ffile-prefix-map` for `CARGO_HOME` and
+/// the workspace: C that build scripts compile (cc-rs reads these) then
+/// embeds the same paths in every checkout, so the static libraries it
+/// bundles into rlibs, and the rlibs' cache keys, are the same too.
+fn c_prefix_maps(cargo: &std::ffi::OsStr) -> Vec<(&'static str, String)> {
+    let mut maps = Vec::new();
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    if let Some(h) = cargo_home {
+        maps.push(format!("-ffile-prefix-map={}=cargo-home", h.display()));
+    }
+    let ws = std::process::Command::new(cargo)
+        .args(["locate-project", "--workspace", "--message-format", "plain"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    if let Some(dir) = ws.as_deref().and_then(Path::parent) {
+        maps.push(format!("-ffile-prefix-map={}=ws", dir.display()));
+    }
+    ["CFLAGS", "CXXFLAGS"]
+        .into_iter()
+        .map(|var| {
+            let mut flags = std::env::var(var).unwrap_or_default();
+            for m in &maps {
+                if !flags.is_empty() {
+                    flags.push(' ');
+                }
+                flags.push_str(m);
+            }
+            (var, flags)
+        })
+        .collect()
 }
 
 /// `distbuild-rustc`: beside this binary (how `cargo install` and

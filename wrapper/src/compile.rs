@@ -423,9 +423,11 @@ fn prepare(job: &Job<'_>) -> Result<Prepared, LocalReason> {
         files.push((mapped, d.digest, d.executable, local));
         Ok(())
     };
+    let mut dirs = Vec::new();
     for f in &info.files {
         let m = roots.map(f).ok_or_else(|| LocalReason::LocalPath(f.clone()))?;
         add(m, roots.absolute(f))?;
+        dirs.extend(climbed_dirs(&roots, f));
     }
     let mut closure: Vec<String> = Vec::new();
     for (name, local, m) in &externs {
@@ -470,6 +472,7 @@ fn prepare(job: &Job<'_>) -> Result<Prepared, LocalReason> {
         cwd: roots.cwd_mapped(),
         env: &env,
         files: &files,
+        dirs: &dirs,
         outputs: &outputs,
         links,
     };
@@ -485,6 +488,23 @@ fn prepare(job: &Job<'_>) -> Result<Prepared, LocalReason> {
         closure,
         links,
     })
+}
+
+/// The directories `path` (as rustc wrote it) climbs out of with `..`,
+/// mapped: `src/a/b/../c.rs` needs `src/a/b` to exist even when nothing in
+/// it is read (libc's `#[path]` modules do this).
+fn climbed_dirs(roots: &Roots, path: &str) -> Vec<String> {
+    let mut prefix = PathBuf::new();
+    let mut out = Vec::new();
+    for comp in Path::new(path).components() {
+        if comp == std::path::Component::ParentDir
+            && let Some(m) = prefix.to_str().and_then(|p| roots.map(p))
+        {
+            out.push(m);
+        }
+        prefix.push(comp);
+    }
+    out
 }
 
 /// The crate's dep-info: remembered (when every file and variable it lists
@@ -547,4 +567,20 @@ fn entry_is_current(caches: &Caches, roots: &Roots, entry: &DepInfoEntry) -> boo
     });
     let env_ok = entry.env.iter().all(|(n, v)| std::env::var(n).ok().map(|now| roots.abstract_text(&now)) == *v);
     files_ok && env_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directories_climbed_out_of_are_kept() {
+        let roots = Roots::new(Path::new("/t"), Some(Path::new("/h")), None, Path::new("/w"));
+        assert_eq!(climbed_dirs(&roots, "src/lib.rs"), Vec::<String>::new());
+        assert_eq!(
+            climbed_dirs(&roots, "src/new/glibc/sysdeps/nptl/bits/../../x86/nptl/bits/m.rs"),
+            vec!["ws/src/new/glibc/sysdeps/nptl/bits", "ws/src/new/glibc/sysdeps/nptl"]
+        );
+        assert_eq!(climbed_dirs(&roots, "/h/registry/src/x/a/../b.rs"), vec!["cargo-home/registry/src/x/a"]);
+    }
 }

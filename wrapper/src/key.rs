@@ -17,7 +17,9 @@
 //!    when set.
 //! 6. The input files, by mapped path and digest: the sources dep-info lists,
 //!    the `--extern` libraries and the libraries they depend on, the files in
-//!    `-L native=` directories under a root.
+//!    `-L native=` directories under a root; and the directories that a
+//!    listed path climbs out of with `..` (`#[path = "../x.rs"]` inside an
+//!    otherwise unused directory), which must exist for the OS to resolve it.
 //! 7. The expected outputs.
 //! 8. The platform: OS and ISA of the toolchain's host, and a C linker when
 //!    the crate links.
@@ -61,6 +63,8 @@ pub struct KeyInputs<'a> {
     pub env: &'a [(String, String)],
     /// 6. Input files: (path in the input root, digest, executable, local path).
     pub files: &'a [(String, Digest, bool, std::path::PathBuf)],
+    /// 6. Directories that must exist (paths in the input root).
+    pub dirs: &'a [String],
     /// 7. Output files, paths in the input root.
     pub outputs: &'a [String],
     /// 8. Whether the compile links.
@@ -96,6 +100,9 @@ pub fn build(function: DigestFunction, k: &KeyInputs) -> Result<BuiltAction, Str
     let mut tree = TreeBuilder::new(function);
     tree.add_subtree(crate::roots::TOOLCHAIN, k.toolchain).map_err(|e| e.0)?;
     tree.add_directory(k.cwd).map_err(|e| e.0)?;
+    for d in k.dirs {
+        tree.add_directory(d).map_err(|e| e.0)?;
+    }
     for (path, digest, executable, local) in k.files {
         if path.starts_with(&format!("{}/", crate::roots::TOOLCHAIN)) {
             continue; // inside the toolchain tree already
@@ -148,6 +155,7 @@ mod tests {
         args: Vec<String>,
         env: Vec<(String, String)>,
         files: Vec<(String, Digest, bool, PathBuf)>,
+        dirs: Vec<String>,
         links: bool,
     }
 
@@ -164,6 +172,7 @@ mod tests {
                 false,
                 PathBuf::from("/a/src/lib.rs"),
             )],
+            dirs: vec![],
             links: false,
         };
         change(&mut c);
@@ -174,6 +183,7 @@ mod tests {
             cwd: "ws",
             env: &c.env,
             files: &c.files,
+            dirs: &c.dirs,
             outputs: &outputs,
             links: c.links,
         };
@@ -197,6 +207,7 @@ mod tests {
             ("a file's content", |c| c.files[0].1 = DigestFunction::Sha256.digest_of(b"fn y() {}")),
             ("a file's place", |c| c.files[0].0 = "ws/src/main.rs".into()),
             ("a file's exec bit", |c| c.files[0].2 = true),
+            ("a directory that must exist", |c| c.dirs.push("ws/src/unused".into())),
             ("linking", |c| c.links = true),
         ];
         for (what, change) in differ {
@@ -213,6 +224,7 @@ mod tests {
             cwd: "ws",
             env: &[],
             files: &[],
+            dirs: &[],
             outputs: &["target/b".into(), "target/a".into()],
             links: true,
         };
