@@ -294,13 +294,7 @@ impl FileConfig {
 }
 
 fn default_data_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir).join("cargo-distbuild");
-    }
-    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-        Some(home) => PathBuf::from(home).join(".cache").join("cargo-distbuild"),
-        None => PathBuf::from("distbuild-data"),
-    }
+    distbuild_rustc::settings::default_cache_dir()
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use distbuild_rustc::settings::{Record, default_state_dir, read_records};
+use distbuild_rustc::settings::{Record, default_state_dir, lock_file, read_records};
 
 use super::Session;
 use crate::config::WrapperMode;
@@ -220,13 +220,8 @@ async fn reachable(addr: &str) -> bool {
 /// running for the next build (`cargo distbuild stop` ends it).
 async fn local_server() -> anyhow::Result<String> {
     let dir = local_dir();
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let lock = std::fs::File::options().create(true).truncate(false).write(true).open(dir.join("lock"))?;
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on a descriptor we own; released when `lock` closes.
-        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-    }
+    // One `cargo distbuild` at a time checks for, and starts, the server.
+    let _lock = lock_file(&dir.join("lock")).with_context(|| format!("locking {}", dir.display()))?;
     if let Some((_, addr)) = read_local()
         && reachable(&addr).await
     {

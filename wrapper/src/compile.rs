@@ -71,8 +71,11 @@ impl Job<'_> {
 struct Prepared {
     roots: Roots,
     out_dir: PathBuf,
-    /// dep-info text with this machine's paths, as rustc would write it.
-    depinfo_text: String,
+    /// dep-info text with this machine's paths, as rustc would write it;
+    /// `None` for registry crates, whose dep-info comes with the result.
+    depinfo_text: Option<String>,
+    /// The variables in the key (5).
+    env: Vec<(String, String)>,
     depinfo_name: String,
     toolchain: BuiltTree,
     built: BuiltAction,
@@ -151,7 +154,9 @@ async fn serve(job: &Job<'_>, p: &Prepared, started: Instant) -> Outcome {
                 // library, a tool): the local run is the verdict.
                 return job.plain(LocalReason::RemoteFailed);
             }
-            match materialize(&remote, job, p, &result).await {
+            let written = materialize(&remote, job, p, &result).await;
+            trace.phase("materialized");
+            match written {
                 Ok(code) => Outcome { code, outcome: "remote", reason: None, stored: false, saved_ms: 0 },
                 Err(_) => job.plain(LocalReason::RemoteFailed),
             }
@@ -213,10 +218,14 @@ async fn materialize(
     let Job { caches, c, .. } = job;
     let (stdout, stderr) = remote.streams(result).await?;
     let mut have: Vec<String> = Vec::new();
+    let mut depinfo = p.depinfo_text.clone();
     for f in &result.output_files {
         let name = f.path.rsplit('/').next().unwrap_or_default().to_string();
         have.push(name.clone());
         if name == p.depinfo_name {
+            if depinfo.is_none() {
+                depinfo = Some(remote_depinfo(remote, caches.function(), c, p, f).await?);
+            }
             continue;
         }
         let dest = p
@@ -234,12 +243,34 @@ async fn materialize(
         }
     }
     if c.emit.iter().any(|e| e == "dep-info") {
-        write_atomic(&p.out_dir.join(&p.depinfo_name), p.depinfo_text.as_bytes())
+        let text = depinfo.ok_or_else(|| tonic::Status::data_loss("the result lacks the dep-info"))?;
+        write_atomic(&p.out_dir.join(&p.depinfo_name), text.as_bytes())
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
     }
     write_sidecar(c, p);
     local::replay(&stdout, &stderr);
     Ok(result.exit_code)
+}
+
+/// A registry crate's dep-info from its result, with this machine's paths.
+/// Refused (so the result is not used) when the crate read a variable whose
+/// value here differs from the one it saw.
+async fn remote_depinfo(
+    remote: &Remote,
+    function: remote_apis::DigestFunction,
+    c: &Compile,
+    p: &Prepared,
+    f: &remote_apis::reapi::OutputFile,
+) -> Result<String, tonic::Status> {
+    let digest =
+        Digest::from_field(function, f.digest.as_ref(), "digest").map_err(|e| tonic::Status::data_loss(e.0))?;
+    let text = String::from_utf8_lossy(&remote.read_blob(digest).await?).into_owned();
+    if !crate::immutable::env_agrees(&depinfo::parse(&text), &p.env) {
+        return Err(tonic::Status::failed_precondition("the crate read a variable whose value differs here"));
+    }
+    let outputs: Vec<PathBuf> =
+        c.output_names().iter().filter(|n| **n != p.depinfo_name).map(|n| p.out_dir.join(n)).collect();
+    Ok(crate::immutable::local_depinfo(&text, &p.roots, &p.env, &outputs))
 }
 
 /// Runs the Action's compile here and stores the result for everyone else.
@@ -396,11 +427,20 @@ fn prepare(job: &Job<'_>) -> Result<Prepared, LocalReason> {
     let toolchain = crate::toolchain::tree_locked(caches, &sysroot, &lock)
         .map_err(|_| LocalReason::LocalPath(sysroot.display().to_string()))?;
     trace.phase("toolchain tree");
-    let (depinfo_text, info) = dep_info(job, &roots, &mapped, &toolchain, &out_dir)?;
-
+    let immutable = crate::immutable::applies(roots.cwd_mapped());
+    let (depinfo_text, info) = if immutable {
+        (None, depinfo::DepInfo::default())
+    } else {
+        let (text, info) = dep_info(job, &roots, &mapped, &toolchain, &out_dir)?;
+        (Some(text), info)
+    };
     trace.phase("dep-info");
+
     // 5. Variables the crate reads.
     let mut env = Vec::new();
+    if immutable {
+        env = crate::immutable::package_env(&roots);
+    }
     for (name, value) in &info.env {
         let Some(v) = value else { continue };
         if name == "OUT_DIR" {
@@ -429,6 +469,19 @@ fn prepare(job: &Job<'_>) -> Result<Prepared, LocalReason> {
         add(m, roots.absolute(f))?;
         dirs.extend(climbed_dirs(&roots, f));
     }
+    if immutable {
+        let out = std::env::var("OUT_DIR").ok().filter(|o| roots.map(o).is_some()).map(PathBuf::from);
+        for dir in std::iter::once(roots.cwd().to_path_buf()).chain(out) {
+            let below =
+                crate::immutable::files_below(&dir).map_err(|_| LocalReason::LocalPath(dir.display().to_string()))?;
+            for local in below {
+                let m = roots
+                    .map(&local.to_string_lossy())
+                    .ok_or_else(|| LocalReason::LocalPath(local.display().to_string()))?;
+                add(m, local)?;
+            }
+        }
+    }
     let mut closure: Vec<String> = Vec::new();
     for (name, local, m) in &externs {
         add(m.clone(), local.clone())?;
@@ -454,8 +507,9 @@ fn prepare(job: &Job<'_>) -> Result<Prepared, LocalReason> {
     for (m, dir) in &native_dirs {
         let entries = std::fs::read_dir(dir).map_err(|_| LocalReason::LocalPath(dir.display().to_string()))?;
         for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_file()) {
-                add(format!("{m}/{}", e.file_name().to_string_lossy()), e.path())?;
+            let name = e.file_name().to_string_lossy().to_string();
+            if is_library(&name) && e.file_type().is_ok_and(|t| t.is_file()) {
+                add(format!("{m}/{name}"), e.path())?;
             }
         }
     }
@@ -483,11 +537,24 @@ fn prepare(job: &Job<'_>) -> Result<Prepared, LocalReason> {
         roots,
         out_dir,
         depinfo_text,
+        env,
         toolchain,
         built,
         closure,
         links,
     })
+}
+
+/// What rustc and the linker look for in `-L native=` directories: libraries
+/// by name. A build script's `OUT_DIR` also holds objects and probe
+/// programs (cc-rs's `flag_check`) whose bytes vary between runs; they are
+/// never read and would only make the key unstable.
+fn is_library(name: &str) -> bool {
+    name.ends_with(".a")
+        || name.ends_with(".so")
+        || name.contains(".so.")
+        || name.ends_with(".rlib")
+        || name.ends_with(".rmeta")
 }
 
 /// The directories `path` (as rustc wrote it) climbs out of with `..`,
@@ -572,6 +639,21 @@ fn entry_is_current(caches: &Caches, roots: &Roots, entry: &DepInfoEntry) -> boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_libraries_are_taken_from_native_directories() {
+        for (name, want) in [
+            ("libzstd.a", true),
+            ("libssl.so", true),
+            ("libssl.so.3", true),
+            ("93acce08ba6f4ffe-static.o", false),
+            ("flag_check", false),
+            ("flag_check.c", false),
+            ("generated.rs", false),
+        ] {
+            assert_eq!(is_library(name), want, "{name}");
+        }
+    }
 
     #[test]
     fn directories_climbed_out_of_are_kept() {

@@ -14,8 +14,11 @@
 //! 4. The working directory, mapped.
 //! 5. The environment variables the crate reads (`env-dep` lines of its
 //!    dep-info) with their values, plus a fixed `PATH` and `RUSTC_BOOTSTRAP`
-//!    when set.
-//! 6. The input files, by mapped path and digest: the sources dep-info lists,
+//!    when set. For registry and git crates (`immutable.rs`): every variable
+//!    cargo sets for the package instead.
+//! 6. The input files, by mapped path and digest: the sources dep-info lists
+//!    (for registry and git crates: every file of the package and its
+//!    `OUT_DIR`),
 //!    the `--extern` libraries and the libraries they depend on, the files in
 //!    `-L native=` directories under a root; and the directories that a
 //!    listed path climbs out of with `..` (`#[path = "../x.rs"]` inside an
@@ -37,7 +40,7 @@ use remote_apis::reapi::{Action, Command, Platform, command::EnvironmentVariable
 use remote_apis::{Digest, DigestFunction};
 
 /// Bumped when the key's inputs, or their encoding, change.
-pub const KEY_VERSION: &str = "distbuild-rustc-key/1";
+pub const KEY_VERSION: &str = "distbuild-rustc-key/2";
 
 /// The fixed `PATH` actions run with: rustc finds `cc` there when it links.
 pub const ACTION_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -46,10 +49,11 @@ pub const ACTION_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 pub const LINKER_PROPERTY: (&str, &str) = ("c-linker", "cc");
 
 /// The script that starts rustc in the worker's input root: it `cd`s into
-/// the mapped working directory, makes `OUT_DIR` absolute (crates
+/// the mapped working directory, makes the path variables absolute
+/// (`OUT_DIR`, and for registry crates `CARGO_MANIFEST_DIR`/`_PATH`: crates
 /// `include!(concat!(env!("OUT_DIR"), ...))`), and remaps the exec root out
 /// of every embedded path, so outputs do not depend on where they were built.
-pub const LAUNCHER: &str = r#"r=$(pwd); if [ -n "$OUT_DIR" ]; then OUT_DIR="$r/$OUT_DIR"; export OUT_DIR; fi; cd "$1" || exit 1; shift; exec "$r/$0" "$@" "--remap-path-prefix=$r/=""#;
+pub const LAUNCHER: &str = r#"r=$(pwd); for v in OUT_DIR CARGO_MANIFEST_DIR CARGO_MANIFEST_PATH; do eval "x=\${$v-}"; if [ -n "$x" ]; then export "$v=$r/$x"; fi; done; cd "$1" || exit 1; shift; exec "$r/$0" "$@" "--remap-path-prefix=$r/=""#;
 
 /// Everything that goes into the key (see the module comment for the list).
 pub struct KeyInputs<'a> {

@@ -6,6 +6,7 @@ pub mod args;
 pub mod compile;
 pub mod depinfo;
 pub mod hashcache;
+pub mod immutable;
 pub mod key;
 pub mod local;
 pub mod remote;

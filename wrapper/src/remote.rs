@@ -159,6 +159,11 @@ impl Remote {
         }
     }
 
+    /// A small blob, whole.
+    pub async fn read_blob(&self, digest: Digest) -> Result<Bytes, Status> {
+        self.cas.read_blob(digest).await
+    }
+
     /// stdout and stderr of a result, inlined or fetched.
     pub async fn streams(&self, result: &ActionResult) -> Result<(Bytes, Bytes), Status> {
         let fetch = |raw: &Vec<u8>, digest: &Option<remote_apis::reapi::Digest>| {

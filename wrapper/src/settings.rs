@@ -31,24 +31,41 @@ pub struct Settings {
     pub queue_timeout: Duration,
 }
 
-fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"))
+/// `$VAR/cargo-distbuild`, else `~/<fallback>/cargo-distbuild`, else
+/// `./distbuild-data` (no home at all).
+fn xdg_dir(var: &str, fallback: &str) -> PathBuf {
+    let non_empty = |v: &str| std::env::var_os(v).filter(|d| !d.is_empty()).map(PathBuf::from);
+    match (non_empty(var), non_empty("HOME")) {
+        (Some(dir), _) => dir.join("cargo-distbuild"),
+        (None, Some(home)) => home.join(fallback).join("cargo-distbuild"),
+        (None, None) => PathBuf::from("distbuild-data"),
+    }
 }
 
-/// `$XDG_CACHE_HOME/cargo-distbuild` (or `~/.cache/...`).
+/// `$XDG_CACHE_HOME/cargo-distbuild` (or `~/.cache/...`): the server's
+/// default data directory, and the wrapper's caches below it.
 pub fn default_cache_dir() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home().join(".cache"))
-        .join("cargo-distbuild")
+    xdg_dir("XDG_CACHE_HOME", ".cache")
 }
 
 /// `$XDG_STATE_HOME/cargo-distbuild` (or `~/.local/state/...`).
 pub fn default_state_dir() -> PathBuf {
-    std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home().join(".local/state"))
-        .join("cargo-distbuild")
+    xdg_dir("XDG_STATE_HOME", ".local/state")
+}
+
+/// Takes an exclusive lock on `path` (created if needed), held until the
+/// returned file is dropped.
+pub fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = std::fs::File::options().create(true).truncate(false).write(true).open(path)?;
+    // SAFETY: flock on a descriptor we own; released when `file` closes.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
 }
 
 impl Settings {

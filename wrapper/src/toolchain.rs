@@ -31,15 +31,9 @@ pub fn sysroot(rustc: &Path) -> std::io::Result<PathBuf> {
 /// cold cache, one hashes the toolchain (half a gigabyte) and the others
 /// wait and then read its digests from the stat cache.
 pub fn tree_locked(caches: &Caches, sysroot: &Path, lock: &Path) -> std::io::Result<BuiltTree> {
-    use std::os::fd::AsRawFd;
-    if let Some(dir) = lock.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let file = std::fs::File::options().create(true).truncate(false).write(true).open(lock)?;
-    // SAFETY: flock on a descriptor we own; released when `file` closes.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    let held = crate::settings::lock_file(lock)?;
     let tree = tree(caches, sysroot);
-    drop(file);
+    drop(held);
     tree
 }
 

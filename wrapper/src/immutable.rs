@@ -1,0 +1,179 @@
+//! Crates from the registry (and git checkouts) are immutable: a package
+//! directory under `CARGO_HOME` holds exactly what its published version
+//! holds. For them the wrapper skips the dep-info pre-pass, which costs a
+//! parse and macro expansion of every crate on a cold build: the inputs are
+//! the whole package directory and the build script's `OUT_DIR`, the
+//! variables are those cargo sets for the package, and the dep-info cargo
+//! needs comes from the compile itself, translated to local paths.
+//!
+//! A crate can still read a variable cargo does not set (`option_env!`):
+//! its dep-info records the value it saw, and a cached result whose
+//! recorded values differ from this machine's is not used.
+
+use std::path::{Path, PathBuf};
+
+use crate::depinfo::DepInfo;
+use crate::roots::Roots;
+
+/// Whether rustc's working directory (mapped) is an immutable package.
+pub fn applies(cwd_mapped: &str) -> bool {
+    ["cargo-home/registry/src/", "cargo-home/git/checkouts/"].iter().any(|p| cwd_mapped.starts_with(p))
+}
+
+/// Variables whose values are local paths: mapped into the input root, and
+/// made absolute on the worker by the launcher (`key::LAUNCHER`).
+pub const PATH_VARS: &[&str] = &["OUT_DIR", "CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH"];
+
+/// Whether cargo sets `name` for the compile of a package.
+fn set_by_cargo(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || PATH_VARS.contains(&name)
+        || matches!(name, "CARGO_CRATE_NAME" | "CARGO_MANIFEST_LINKS" | "CARGO_PRIMARY_PACKAGE" | "CARGO_BIN_NAME")
+}
+
+/// The variables cargo set for this compile, path values mapped. A path
+/// outside the roots was not set by cargo for this package (an `OUT_DIR`
+/// inherited from an outer cargo): it is left out, and if the crate reads
+/// it after all, its recorded value will not agree and the result is not
+/// used ([`env_agrees`]).
+pub fn package_env(roots: &Roots) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    for (name, value) in std::env::vars() {
+        if !set_by_cargo(&name) {
+            continue;
+        }
+        if PATH_VARS.contains(&name.as_str()) {
+            if let Some(m) = roots.map(&value) {
+                env.push((name, m));
+            }
+        } else {
+            env.push((name, value));
+        }
+    }
+    env.sort();
+    env
+}
+
+/// Every regular file below `dir` (symlinks followed, as rustc would).
+pub fn files_below(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let path = e?.path();
+            let meta = std::fs::metadata(&path)?;
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file() {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The exec root of the worker that wrote `info`, from a path variable's
+/// recorded value (`<root>/<mapped value>`).
+fn exec_root(info: &DepInfo, env: &[(String, String)]) -> Option<String> {
+    info.env.iter().find_map(|(name, value)| {
+        let mapped = env.iter().find(|(n, _)| n == name && PATH_VARS.contains(&n.as_str()))?;
+        value.as_deref()?.strip_suffix(&format!("/{}", mapped.1)).map(str::to_string)
+    })
+}
+
+/// Whether the variables the compile recorded agree with this machine: the
+/// ones in the key by construction, the others by value.
+pub fn env_agrees(info: &DepInfo, key_env: &[(String, String)]) -> bool {
+    info.env.iter().all(|(name, value)| {
+        key_env.iter().any(|(n, _)| n == name) || std::env::var(name).ok().as_deref() == value.as_deref()
+    })
+}
+
+/// Rewrites the dep-info a worker wrote into the one rustc would have
+/// written here: every path local and absolute, targets the local outputs.
+pub fn local_depinfo(remote: &str, roots: &Roots, key_env: &[(String, String)], outputs: &[PathBuf]) -> String {
+    let info = crate::depinfo::parse(remote);
+    let root = exec_root(&info, key_env);
+    let localize = |p: &str| -> String {
+        let mapped = match &root {
+            Some(r) if p.starts_with(&format!("{r}/")) => Some(p[r.len() + 1..].to_string()),
+            _ if !p.starts_with('/') => {
+                crate::roots::normalize(&Path::new(roots.cwd_mapped()).join(p)).to_str().map(str::to_string)
+            }
+            _ => None,
+        };
+        mapped.and_then(|m| roots.unmap(&m)).map(|l| l.display().to_string()).unwrap_or_else(|| p.to_string())
+    };
+    let escape = |p: &str| p.replace(' ', "\\ ");
+    let deps: Vec<String> = info.files.iter().map(|f| escape(&localize(f))).collect();
+    let mut text = String::new();
+    for out in outputs {
+        text.push_str(&format!("{}: {}\n", escape(&out.display().to_string()), deps.join(" ")));
+    }
+    text.push('\n');
+    for d in &deps {
+        text.push_str(&format!("{d}:\n"));
+    }
+    if !info.env.is_empty() {
+        text.push('\n');
+        for (name, value) in &info.env {
+            match value {
+                Some(v) => {
+                    let v = if PATH_VARS.contains(&name.as_str()) { localize(v) } else { v.clone() };
+                    let v = v.replace('\\', "\\\\").replace('\n', "\\n").replace('\r', "\\r");
+                    text.push_str(&format!("# env-dep:{name}={v}\n"));
+                }
+                None => text.push_str(&format!("# env-dep:{name}\n")),
+            }
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_and_git_packages_are_immutable() {
+        assert!(applies("cargo-home/registry/src/index.crates.io-1949cf8c6b5b557f/serde-1.0.0"));
+        assert!(applies("cargo-home/git/checkouts/repo-abc/123"));
+        assert!(!applies("ws"));
+        assert!(!applies("cargo-home/bin"));
+    }
+
+    #[test]
+    fn remote_dep_info_becomes_local() {
+        let roots = Roots::new(
+            Path::new("/opt/rust"),
+            Some(Path::new("/home/me/.cargo")),
+            Some(Path::new("/src/p/target")),
+            Path::new("/home/me/.cargo/registry/src/idx/foo-1.0"),
+        );
+        let key_env = vec![("OUT_DIR".to_string(), "target/debug/build/foo-1/out".to_string())];
+        let remote = "../../../../../target/debug/deps/foo-1.d: src/lib.rs src/a\\ b.rs /w/actions/7/target/debug/build/foo-1/out/gen.rs\n\n\
+                      src/lib.rs:\n\n\
+                      # env-dep:CARGO_PKG_NAME=foo\n\
+                      # env-dep:OUT_DIR=/w/actions/7/target/debug/build/foo-1/out\n\
+                      # env-dep:MAYBE\n";
+        let outputs = vec![PathBuf::from("/src/p/target/debug/deps/libfoo-1.rlib")];
+        let local = local_depinfo(remote, &roots, &key_env, &outputs);
+        let pkg = "/home/me/.cargo/registry/src/idx/foo-1.0";
+        assert_eq!(
+            local,
+            format!(
+                "/src/p/target/debug/deps/libfoo-1.rlib: {pkg}/src/lib.rs {pkg}/src/a\\ b.rs /src/p/target/debug/build/foo-1/out/gen.rs\n\n\
+                 {pkg}/src/lib.rs:\n{pkg}/src/a\\ b.rs:\n/src/p/target/debug/build/foo-1/out/gen.rs:\n\n\
+                 # env-dep:CARGO_PKG_NAME=foo\n\
+                 # env-dep:MAYBE\n\
+                 # env-dep:OUT_DIR=/src/p/target/debug/build/foo-1/out\n"
+            )
+        );
+        let info = crate::depinfo::parse(remote);
+        // SAFETY (test): MAYBE is read by nothing else in this process.
+        assert!(env_agrees(&info, &[("CARGO_PKG_NAME".into(), "foo".into()), ("OUT_DIR".into(), String::new())]));
+        let other = crate::depinfo::parse("x: a.rs\n# env-dep:DISTBUILD_TEST_UNSET_VAR=set-there\n");
+        assert!(!env_agrees(&other, &[]), "a value this machine lacks");
+    }
+}
