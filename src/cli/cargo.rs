@@ -47,6 +47,12 @@ pub async fn cargo(command: &str, args: Vec<String>, ctx: Session) -> anyhow::Re
     for (var, value) in c_prefix_maps(&cargo) {
         cmd.env(var, value);
     }
+    // C compilers honour it for __DATE__ and __TIME__ (mimalloc embeds
+    // them), as do build scripts that stamp a build time: without it their
+    // outputs, and every key that depends on them, change on each build.
+    if std::env::var_os("SOURCE_DATE_EPOCH").is_none() {
+        cmd.env("SOURCE_DATE_EPOCH", "0");
+    }
     let status = tokio::task::spawn_blocking(move || cmd.status())
         .await?
         .with_context(|| format!("running {}", cargo.to_string_lossy()))?;

@@ -82,6 +82,9 @@ struct Prepared {
     /// Library stems (path without extension) this crate depends on, transitively.
     closure: Vec<String>,
     links: bool,
+    /// Paths in the input root of every input file (a registry crate's
+    /// dep-info must name none outside them).
+    inputs: std::collections::HashSet<String>,
 }
 
 pub fn run(settings: &Settings, rustc: &Path, words: &[String], c: &Compile) -> Outcome {
@@ -265,8 +268,12 @@ async fn remote_depinfo(
     let digest =
         Digest::from_field(function, f.digest.as_ref(), "digest").map_err(|e| tonic::Status::data_loss(e.0))?;
     let text = String::from_utf8_lossy(&remote.read_blob(digest).await?).into_owned();
-    if !crate::immutable::env_agrees(&depinfo::parse(&text), &p.env) {
+    let info = depinfo::parse(&text);
+    if !crate::immutable::env_agrees(&info, &p.env) {
         return Err(tonic::Status::failed_precondition("the crate read a variable whose value differs here"));
+    }
+    if let Some(f) = crate::immutable::unkeyed_file(&info, &p.roots, &p.env, &p.inputs) {
+        return Err(tonic::Status::failed_precondition(format!("the crate read {f}, which is not in its key")));
     }
     let outputs: Vec<PathBuf> =
         c.output_names().iter().filter(|n| **n != p.depinfo_name).map(|n| p.out_dir.join(n)).collect();
@@ -471,15 +478,20 @@ fn prepare(job: &Job<'_>) -> Result<Prepared, LocalReason> {
     }
     if immutable {
         let out = std::env::var("OUT_DIR").ok().filter(|o| roots.map(o).is_some()).map(PathBuf::from);
-        for dir in std::iter::once(roots.cwd().to_path_buf()).chain(out) {
-            let below =
-                crate::immutable::files_below(&dir).map_err(|_| LocalReason::LocalPath(dir.display().to_string()))?;
-            for local in below {
-                let m = roots
-                    .map(&local.to_string_lossy())
-                    .ok_or_else(|| LocalReason::LocalPath(local.display().to_string()))?;
-                add(m, local)?;
+        let package = crate::immutable::files_below(roots.cwd())
+            .map_err(|_| LocalReason::LocalPath(roots.cwd().display().to_string()))?;
+        let generated = match &out {
+            Some(dir) => {
+                crate::immutable::files_below(dir).map_err(|_| LocalReason::LocalPath(dir.display().to_string()))?
             }
+            None => Vec::new(),
+        };
+        let generated = generated.into_iter().filter(|f| crate::immutable::may_be_read(f));
+        for local in package.into_iter().chain(generated) {
+            let m = roots
+                .map(&local.to_string_lossy())
+                .ok_or_else(|| LocalReason::LocalPath(local.display().to_string()))?;
+            add(m, local)?;
         }
     }
     let mut closure: Vec<String> = Vec::new();
@@ -542,6 +554,7 @@ fn prepare(job: &Job<'_>) -> Result<Prepared, LocalReason> {
         built,
         closure,
         links,
+        inputs: files.iter().map(|f| f.0.clone()).collect(),
     })
 }
 

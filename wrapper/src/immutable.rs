@@ -73,6 +73,40 @@ pub fn files_below(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Whether a file in a build script's `OUT_DIR` can be something rustc
+/// reads (generated sources, data, libraries). Object files and programs
+/// (cc-rs leaves its `flag_check` probe there) are not, and their bytes
+/// vary between runs: they would make the key unstable. Should a crate
+/// read one after all, its dep-info names it and the result is not used
+/// ([`unkeyed_file`]).
+pub fn may_be_read(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let object = path.extension().is_some_and(|e| e == "o");
+    let program = std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o111 != 0);
+    !object && !program
+}
+
+/// A file the compile read (per its dep-info) that is not among the key's
+/// inputs, if any.
+pub fn unkeyed_file(
+    info: &DepInfo,
+    roots: &Roots,
+    key_env: &[(String, String)],
+    inputs: &std::collections::HashSet<String>,
+) -> Option<String> {
+    let root = exec_root(info, key_env);
+    info.files.iter().find_map(|f| {
+        let mapped = match &root {
+            Some(r) if f.starts_with(&format!("{r}/")) => f[r.len() + 1..].to_string(),
+            _ if !f.starts_with('/') => {
+                crate::roots::normalize(&Path::new(roots.cwd_mapped()).join(f)).to_str()?.to_string()
+            }
+            _ => return Some(f.clone()),
+        };
+        (!inputs.contains(&mapped)).then(|| f.clone())
+    })
+}
+
 /// The exec root of the worker that wrote `info`, from a path variable's
 /// recorded value (`<root>/<mapped value>`).
 fn exec_root(info: &DepInfo, env: &[(String, String)]) -> Option<String> {
@@ -141,6 +175,45 @@ mod tests {
         assert!(applies("cargo-home/git/checkouts/repo-abc/123"));
         assert!(!applies("ws"));
         assert!(!applies("cargo-home/bin"));
+    }
+
+    #[test]
+    fn every_file_a_registry_crate_read_must_be_in_its_key() {
+        let roots = Roots::new(
+            Path::new("/opt/rust"),
+            Some(Path::new("/h")),
+            Some(Path::new("/p/target")),
+            Path::new("/h/registry/src/i/foo-1"),
+        );
+        let key_env = vec![("OUT_DIR".to_string(), "target/debug/build/foo-1/out".to_string())];
+        let info = crate::depinfo::parse(
+            "x.d: src/lib.rs /w/9/target/debug/build/foo-1/out/gen.rs\n# env-dep:OUT_DIR=/w/9/target/debug/build/foo-1/out\n",
+        );
+        let mut inputs: std::collections::HashSet<String> =
+            ["cargo-home/registry/src/i/foo-1/src/lib.rs".to_string()].into_iter().collect();
+        assert_eq!(
+            unkeyed_file(&info, &roots, &key_env, &inputs).as_deref(),
+            Some("/w/9/target/debug/build/foo-1/out/gen.rs")
+        );
+        inputs.insert("target/debug/build/foo-1/out/gen.rs".into());
+        assert_eq!(unkeyed_file(&info, &roots, &key_env, &inputs), None);
+    }
+
+    #[test]
+    fn objects_and_programs_in_out_dir_are_not_inputs() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        for (name, mode, want) in [
+            ("gen.rs", 0o644, true),
+            ("libz.a", 0o644, true),
+            ("x-static.o", 0o644, false),
+            ("flag_check", 0o755, false),
+        ] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, b"x").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(may_be_read(&p), want, "{name}");
+        }
     }
 
     #[test]
