@@ -310,20 +310,35 @@ async fn store(
     end: u64,
 ) -> Result<(), tonic::Status> {
     let mut files = Vec::new();
+    let mut blobs = Vec::new();
     let mut output_files = Vec::new();
-    for path in &p.built.command.output_paths {
+    let outputs = &p.built.command.output_paths;
+    for path in outputs {
         let Some(local) = p.roots.unmap(path) else { continue };
-        let Ok(d) = caches.digest(&local) else { continue };
-        caches.record(&local, d.digest);
-        files.push((d.digest, local));
+        let (digest, executable) = if path.ends_with(&format!("/{}", p.depinfo_name)) {
+            // Stored as a worker would have written it: this machine's
+            // paths mean nothing to the next one.
+            let Ok(text) = std::fs::read_to_string(&local) else { continue };
+            let targets: Vec<String> = outputs.iter().filter(|o| *o != path).cloned().collect();
+            let stored = crate::immutable::worker_depinfo(&text, &p.roots, &targets);
+            let digest = caches.function().digest_of(stored.as_bytes());
+            blobs.push((digest, bytes::Bytes::from(stored)));
+            (digest, false)
+        } else {
+            let Ok(d) = caches.digest(&local) else { continue };
+            caches.record(&local, d.digest);
+            files.push((d.digest, local));
+            (d.digest, d.executable)
+        };
         output_files.push(OutputFile {
             path: path.clone(),
-            digest: Some(d.digest.to_proto()),
-            is_executable: d.executable,
+            digest: Some(digest.to_proto()),
+            is_executable: executable,
             ..Default::default()
         });
     }
     remote.upload_files(&files).await?;
+    remote.upload_blobs(blobs).await?;
     let f = caches.function();
     let (so, se) = (f.digest_of(&out.stdout), f.digest_of(&out.stderr));
     remote.upload_blobs(vec![(so, out.stdout.clone().into()), (se, out.stderr.clone().into())]).await?;

@@ -139,11 +139,43 @@ pub fn local_depinfo(remote: &str, roots: &Roots, key_env: &[(String, String)], 
         };
         mapped.and_then(|m| roots.unmap(&m)).map(|l| l.display().to_string()).unwrap_or_else(|| p.to_string())
     };
+    let targets: Vec<String> = outputs.iter().map(|o| o.display().to_string()).collect();
+    render(&info, &targets, localize)
+}
+
+/// Where the dep-info of a compile run here says the exec root was: a
+/// stored result must read as if a worker wrote it.
+const LOCAL_EXEC_ROOT: &str = "/distbuild-exec-root";
+
+/// Rewrites the dep-info a compile run here wrote into the form a worker
+/// would have written (paths relative to the mapped working directory,
+/// path variables under an exec root), for the result stored in the cache.
+pub fn worker_depinfo(local: &str, roots: &Roots, outputs: &[String]) -> String {
+    let info = crate::depinfo::parse(local);
+    let relative = |p: &str| roots.map(p).map(|m| roots.relative_to_cwd(&m)).unwrap_or_else(|| p.to_string());
+    let targets: Vec<String> = outputs.iter().map(|o| roots.relative_to_cwd(o)).collect();
+    let mut text = render(&info, &targets, relative);
+    for name in PATH_VARS {
+        if let Some((_, Some(v))) = info.env.iter().find(|(n, _)| n == name)
+            && let Some(m) = roots.map(v)
+        {
+            text = text.replace(
+                &format!("# env-dep:{name}={}", relative(v)),
+                &format!("# env-dep:{name}={LOCAL_EXEC_ROOT}/{m}"),
+            );
+        }
+    }
+    text
+}
+
+/// Writes dep-info as rustc does: one rule per target, one empty rule per
+/// file, then the variables; `path` rewrites every path.
+fn render(info: &DepInfo, targets: &[String], path: impl Fn(&str) -> String) -> String {
     let escape = |p: &str| p.replace(' ', "\\ ");
-    let deps: Vec<String> = info.files.iter().map(|f| escape(&localize(f))).collect();
+    let deps: Vec<String> = info.files.iter().map(|f| escape(&path(f))).collect();
     let mut text = String::new();
-    for out in outputs {
-        text.push_str(&format!("{}: {}\n", escape(&out.display().to_string()), deps.join(" ")));
+    for t in targets {
+        text.push_str(&format!("{}: {}\n", escape(t), deps.join(" ")));
     }
     text.push('\n');
     for d in &deps {
@@ -154,7 +186,7 @@ pub fn local_depinfo(remote: &str, roots: &Roots, key_env: &[(String, String)], 
         for (name, value) in &info.env {
             match value {
                 Some(v) => {
-                    let v = if PATH_VARS.contains(&name.as_str()) { localize(v) } else { v.clone() };
+                    let v = if PATH_VARS.contains(&name.as_str()) { path(v) } else { v.clone() };
                     let v = v.replace('\\', "\\\\").replace('\n', "\\n").replace('\r', "\\r");
                     text.push_str(&format!("# env-dep:{name}={v}\n"));
                 }
@@ -214,6 +246,34 @@ mod tests {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
             assert_eq!(may_be_read(&p), want, "{name}");
         }
+    }
+
+    #[test]
+    fn a_local_run_is_stored_in_worker_form_and_reads_back_alike() {
+        let roots = Roots::new(
+            Path::new("/opt/rust"),
+            Some(Path::new("/home/me/.cargo")),
+            Some(Path::new("/src/p/target")),
+            Path::new("/home/me/.cargo/registry/src/idx/foo-1.0"),
+        );
+        let pkg = "/home/me/.cargo/registry/src/idx/foo-1.0";
+        let local = format!(
+            "/src/p/target/debug/deps/libfoo-1.rlib: {pkg}/src/lib.rs /src/p/target/debug/build/foo-1/out/gen.rs\n\n\
+             {pkg}/src/lib.rs:\n/src/p/target/debug/build/foo-1/out/gen.rs:\n\n\
+             # env-dep:OUT_DIR=/src/p/target/debug/build/foo-1/out\n"
+        );
+        let stored = worker_depinfo(&local, &roots, &["target/debug/deps/libfoo-1.rlib".to_string()]);
+        assert!(!stored.contains("/home/me") && !stored.contains("/src/p"), "{stored}");
+        let key_env = vec![("OUT_DIR".to_string(), "target/debug/build/foo-1/out".to_string())];
+        let inputs: std::collections::HashSet<String> = [
+            "cargo-home/registry/src/idx/foo-1.0/src/lib.rs".to_string(),
+            "target/debug/build/foo-1/out/gen.rs".to_string(),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(unkeyed_file(&crate::depinfo::parse(&stored), &roots, &key_env, &inputs), None);
+        let back = local_depinfo(&stored, &roots, &key_env, &[PathBuf::from("/src/p/target/debug/deps/libfoo-1.rlib")]);
+        assert_eq!(back, local);
     }
 
     #[test]
