@@ -7,7 +7,7 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use distbuild_rustc::settings::{Record, default_state_dir, lock_file, read_records};
+use distbuild_rustc::settings::{Record, default_state_dir, lock_file, read_records, stats_file};
 
 use super::Session;
 use crate::config::WrapperMode;
@@ -72,9 +72,7 @@ pub async fn cargo(command: &str, args: Vec<String>, ctx: Session) -> anyhow::Re
 /// bundles into rlibs, and the rlibs' cache keys, are the same too.
 fn c_prefix_maps(cargo: &std::ffi::OsStr) -> Vec<(&'static str, String)> {
     let mut maps = Vec::new();
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    let cargo_home = distbuild_rustc::settings::cargo_home();
     if let Some(h) = cargo_home {
         maps.push(format!("-ffile-prefix-map={}=cargo-home", h.display()));
     }
@@ -116,10 +114,6 @@ fn wrapper_path() -> anyhow::Result<PathBuf> {
         .map(|d| d.join("distbuild-rustc"))
         .find(|p| p.is_file())
         .context("distbuild-rustc is neither beside cargo-distbuild nor on PATH (cargo install --path wrapper)")
-}
-
-fn stats_file() -> PathBuf {
-    std::env::var_os("DISTBUILD_STATS").map(PathBuf::from).unwrap_or_else(|| default_state_dir().join("stats.jsonl"))
 }
 
 /// Counts over stats records: compiles only (queries such as `-vV` are

@@ -397,9 +397,7 @@ fn prepare(job: &Job<'_>) -> Result<Prepared, LocalReason> {
         None => crate::toolchain::sysroot(rustc).map_err(|_| LocalReason::LocalPath(rustc.display().to_string()))?,
     };
     let cwd = std::env::current_dir().map_err(|_| LocalReason::LocalPath(".".into()))?;
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    let cargo_home = crate::settings::cargo_home();
     let out_dir = roots::normalize(&cwd.join(&c.out_dir));
     let target_dir = roots::find_target_dir(&out_dir);
     let roots = Roots::new(&sysroot, cargo_home.as_deref(), target_dir.as_deref(), &cwd);

@@ -53,6 +53,23 @@ pub fn default_state_dir() -> PathBuf {
     xdg_dir("XDG_STATE_HOME", ".local/state")
 }
 
+/// Where invocations are recorded: `DISTBUILD_STATS`, else
+/// `<state dir>/stats.jsonl`.
+pub fn stats_file() -> PathBuf {
+    std::env::var_os("DISTBUILD_STATS")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| default_state_dir().join("stats.jsonl"))
+}
+
+/// cargo's home: `CARGO_HOME`, else `~/.cargo`.
+pub fn cargo_home() -> Option<PathBuf> {
+    std::env::var_os("CARGO_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+}
+
 /// Takes an exclusive lock on `path` (created if needed), held until the
 /// returned file is dropped.
 pub fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
@@ -97,9 +114,7 @@ impl Settings {
             cache_dir: var("DISTBUILD_CACHE_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| default_cache_dir().join("wrapper")),
-            stats_file: var("DISTBUILD_STATS")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| default_state_dir().join("stats.jsonl")),
+            stats_file: stats_file(),
             sysroot: var("DISTBUILD_SYSROOT").map(PathBuf::from),
             connect_timeout: secs("DISTBUILD_CONNECT_TIMEOUT", 2.0)?,
             queue_timeout: secs("DISTBUILD_QUEUE_TIMEOUT", 30.0)?,
