@@ -121,6 +121,8 @@ fn wrapper_path() -> anyhow::Result<PathBuf> {
 #[derive(Default, Debug)]
 struct Totals {
     compiles: usize,
+    /// Compiles that failed (errors, or build-script probes meant to fail).
+    failed: usize,
     hits: usize,
     remote: usize,
     local: usize,
@@ -133,6 +135,10 @@ fn totals(records: &[Record]) -> Totals {
     let mut t = Totals::default();
     for r in records.iter().filter(|r| !r.krate.is_empty()) {
         t.compiles += 1;
+        if r.exit != 0 {
+            t.failed += 1;
+            continue;
+        }
         match r.outcome.as_str() {
             "hit" => {
                 t.hits += 1;
@@ -153,8 +159,9 @@ fn summary_line(records: &[Record], took: Duration) -> String {
     let t = totals(records);
     let reasons: Vec<String> = t.reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
     let why = if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) };
+    let failed = if t.failed == 0 { String::new() } else { format!(", {} failed", t.failed) };
     format!(
-        "distbuild: {} rustc invocations in {:.1}s: {} cache hits, {} remote, {} local{why}; {:.1}s of compiling saved",
+        "distbuild: {} rustc invocations in {:.1}s: {} cache hits, {} remote, {} local{why}{failed}; {:.1}s of compiling saved",
         t.compiles,
         took.as_secs_f64(),
         t.hits,
@@ -186,6 +193,7 @@ pub fn stats(reset: bool) -> anyhow::Result<ExitCode> {
     for (reason, n) in &t.reasons {
         println!("  {n:>6}  {reason}");
     }
+    println!("failed compiles     {} (compile errors, and build-script probes meant to fail)", t.failed);
     println!(
         "time saved          {:.1}s (what the cached executions took, minus fetching them)",
         t.saved_ms as f64 / 1000.0
@@ -304,11 +312,12 @@ mod tests {
             rec("b", "hit", None, -20),
             rec("c", "remote", None, 0),
             rec("d", "local", Some("no worker with a linker"), 0),
+            Record { exit: 1, ..rec("e", "local", Some("compile failed"), 0) },
         ];
         let line = summary_line(&records, Duration::from_millis(2500));
         assert_eq!(
             line,
-            "distbuild: 4 rustc invocations in 2.5s: 2 cache hits, 1 remote, 1 local (1 no worker with a linker); 1.5s of compiling saved"
+            "distbuild: 5 rustc invocations in 2.5s: 2 cache hits, 1 remote, 1 local (1 no worker with a linker), 1 failed; 1.5s of compiling saved"
         );
         assert_eq!(totals(&records).stored, 1);
     }

@@ -53,6 +53,9 @@ pub enum LocalReason {
     NoWorker,
     /// The remote run failed; the local run is the verdict.
     RemoteFailed,
+    /// The compile failed here too (a compile error, or a build script's
+    /// probe meant to fail).
+    CompileFailed,
     /// The dep-info pre-pass failed (usually a compile error, shown by the local run).
     DepInfoFailed,
 }
@@ -81,6 +84,7 @@ impl fmt::Display for LocalReason {
             LocalReason::NoLinker => write!(f, "no worker with a linker"),
             LocalReason::NoWorker => write!(f, "no worker available"),
             LocalReason::RemoteFailed => write!(f, "remote run failed"),
+            LocalReason::CompileFailed => write!(f, "compile failed"),
             LocalReason::DepInfoFailed => write!(f, "dep-info failed"),
         }
     }

@@ -155,7 +155,9 @@ async fn serve(job: &Job<'_>, p: &Prepared, started: Instant) -> Outcome {
             if result.exit_code != 0 {
                 // The worker may lack what this machine has (a system
                 // library, a tool): the local run is the verdict.
-                return job.plain(LocalReason::RemoteFailed);
+                let code = local::run_plain(job.rustc, job.words);
+                let reason = if code == 0 { LocalReason::RemoteFailed } else { LocalReason::CompileFailed };
+                return Outcome::local(code, reason);
             }
             let written = materialize(&remote, job, p, &result).await;
             trace.phase("materialized");
