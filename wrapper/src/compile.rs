@@ -198,7 +198,8 @@ fn unavailable(job: &Job<'_>, e: &tonic::Status) -> Outcome {
 /// How long the execution that produced `result` took.
 fn original_ms(result: &ActionResult) -> i64 {
     let m = result.execution_metadata.as_ref();
-    let ms = |t: Option<&prost_types_ts::Timestamp>| t.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
+    let ms =
+        |t: Option<&remote_apis::protobuf::Timestamp>| t.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
     match (
         ms(m.and_then(|m| m.worker_start_timestamp.as_ref())),
         ms(m.and_then(|m| m.worker_completed_timestamp.as_ref())),
@@ -206,10 +207,6 @@ fn original_ms(result: &ActionResult) -> i64 {
         (Some(a), Some(b)) if b >= a => b - a,
         _ => 0,
     }
-}
-
-mod prost_types_ts {
-    pub use remote_apis::protobuf::Timestamp;
 }
 
 /// Writes a result's outputs where cargo expects them and replays rustc's
@@ -249,7 +246,7 @@ async fn materialize(
     }
     if c.emit.iter().any(|e| e == "dep-info") {
         let text = depinfo.ok_or_else(|| tonic::Status::data_loss("the result lacks the dep-info"))?;
-        write_atomic(&p.out_dir.join(&p.depinfo_name), text.as_bytes())
+        local::write_atomic(&p.out_dir.join(&p.depinfo_name), text.as_bytes())
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
     }
     write_sidecar(c, p);
@@ -364,20 +361,6 @@ async fn store(
     remote.store_result(p.built.action_digest, result).await
 }
 
-fn write_atomic(dest: &Path, data: &[u8]) -> std::io::Result<()> {
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".distbuild-{}-{}",
-        std::process::id(),
-        dest.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(&tmp, dest).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
-}
-
 /// The sidecar a library leaves next to its outputs: the stems of every
 /// library it depends on, so a dependent can send them along (rustc needs
 /// the whole graph, cargo passes only direct `--extern`s).
@@ -387,7 +370,7 @@ fn sidecar_path(stem: &str) -> PathBuf {
 
 fn write_sidecar(c: &Compile, p: &Prepared) {
     let stem = p.out_dir.join(format!("lib{}{}", c.crate_name, c.extra_filename));
-    let _ = write_atomic(&sidecar_path(&stem.to_string_lossy()), p.closure.join("\n").as_bytes());
+    let _ = local::write_atomic(&sidecar_path(&stem.to_string_lossy()), p.closure.join("\n").as_bytes());
 }
 
 /// Maps, hashes and assembles everything; an error is the reason to run

@@ -6,7 +6,6 @@
 //! runs several) never see a torn entry. A missing or unreadable entry is a
 //! miss, never an error.
 
-use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -63,13 +62,7 @@ impl Caches {
     }
 
     fn write_entry(&self, path: &Path, data: &[u8]) {
-        let Some(parent) = path.parent() else { return };
-        let _ = std::fs::create_dir_all(parent);
-        let tmp = parent.join(format!(".tmp-{}-{}", std::process::id(), path.file_name().unwrap().to_string_lossy()));
-        let ok = std::fs::File::create(&tmp).and_then(|mut f| f.write_all(data)).is_ok();
-        if !ok || std::fs::rename(&tmp, path).is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
+        let _ = crate::local::write_atomic(path, data);
     }
 
     /// The digest of the file at `path`, from the cache when its stamp is

@@ -2,7 +2,7 @@
 //! without the wrapper) or captured (to store the result in the cache).
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Runs rustc with the terminal's stdio; returns its exit code.
@@ -41,4 +41,24 @@ pub fn replay(stdout: &[u8], stderr: &[u8]) {
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().lock().write_all(stderr);
     let _ = std::io::stderr().flush();
+}
+
+/// A temporary name beside `dest`, unique to this process: written there
+/// and renamed, a file never appears half-written (cargo, or another
+/// wrapper, may read it at any moment).
+pub fn temp_beside(dest: &Path) -> PathBuf {
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    dest.with_file_name(format!(".distbuild-{}-{name}", std::process::id()))
+}
+
+/// Writes `data` to `dest` through [`temp_beside`] and a rename.
+pub fn write_atomic(dest: &Path, data: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = temp_beside(dest);
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, dest).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }

@@ -190,11 +190,7 @@ impl Remote {
         let io = |e: std::io::Error| Status::internal(format!("{}: {e}", dest.display()));
         let dir = dest.parent().ok_or_else(|| Status::internal("output without a directory"))?;
         tokio::fs::create_dir_all(dir).await.map_err(io)?;
-        let tmp = dir.join(format!(
-            ".distbuild-{}-{}",
-            std::process::id(),
-            dest.file_name().unwrap_or_default().to_string_lossy()
-        ));
+        let tmp = crate::local::temp_beside(dest);
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await.map_err(io)?;
             self.cas.download(digest, &mut file).await?;

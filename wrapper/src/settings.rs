@@ -155,13 +155,9 @@ impl Settings {
         let marker = self.down_marker();
         let warn = age(&marker).is_none_or(|a| a > Duration::from_secs(600));
         let _ = std::fs::create_dir_all(&self.cache_dir);
-        if warn {
-            let _ = std::fs::write(&marker, b"");
-        } else {
-            // Refresh the mtime only, keeping when the warning was given
-            // in the file's creation... a touch is enough here.
-            let _ = std::fs::File::options().append(true).open(&marker).and_then(|f| f.set_modified(SystemTime::now()));
-        }
+        // Written either way: the mtime says when the server was last
+        // found down, which `recently_down` reads.
+        let _ = std::fs::write(&marker, b"");
         warn
     }
 
