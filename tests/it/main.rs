@@ -11,6 +11,7 @@ mod execution;
 mod hardening_cas;
 mod hardening_exec;
 mod hardening_net;
+mod hardening_worker;
 mod server;
 mod workers;
 mod wrapper;
