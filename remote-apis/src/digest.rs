@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::reapi;
+use crate::{quote, reapi};
 
 /// Why a digest, resource name or instance name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -176,16 +176,17 @@ impl Digest {
         }
         if hash_hex.len() != 64 {
             return Err(ParseError::new(format!(
-                "digest hash {hash_hex:?} has {} characters; a {function} hash has 64 hex digits",
+                "digest hash {} has {} characters; a {function} hash has 64 hex digits",
+                quote(hash_hex),
                 hash_hex.len()
             )));
         }
         if !hash_hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            return Err(ParseError::new(format!("digest hash {hash_hex:?} is not lower-case hexadecimal")));
+            return Err(ParseError::new(format!("digest hash {} is not lower-case hexadecimal", quote(hash_hex))));
         }
         let mut hash = [0u8; 32];
         hex::decode_to_slice(hash_hex, &mut hash)
-            .map_err(|_| ParseError::new(format!("digest hash {hash_hex:?} is not hexadecimal")))?;
+            .map_err(|_| ParseError::new(format!("digest hash {} is not hexadecimal", quote(hash_hex))))?;
         Ok(Digest { function, hash, size: size as u64 })
     }
 
@@ -241,15 +242,16 @@ impl FromStr for Digest {
         let (function, rest) = match s.split_once(':') {
             Some((name, rest)) => (
                 DigestFunction::from_name(name)
-                    .ok_or_else(|| ParseError::new(format!("unknown digest function {name:?}")))?,
+                    .ok_or_else(|| ParseError::new(format!("unknown digest function {}", quote(name))))?,
                 rest,
             ),
             None => (DigestFunction::Sha256, s),
         };
         let (hash, size) = rest
             .split_once(['/', '-'])
-            .ok_or_else(|| ParseError::new(format!("digest {s:?} is not of the form HASH/SIZE")))?;
-        let size: i64 = size.parse().map_err(|_| ParseError::new(format!("digest size {size:?} is not a number")))?;
+            .ok_or_else(|| ParseError::new(format!("digest {} is not of the form HASH/SIZE", quote(s))))?;
+        let size: i64 =
+            size.parse().map_err(|_| ParseError::new(format!("digest size {} is not a number", quote(size))))?;
         Digest::new(function, hash, size)
     }
 }

@@ -16,6 +16,7 @@
 use std::fmt;
 
 use crate::digest::{Digest, DigestFunction, ParseError};
+use crate::quote;
 
 /// Segments an instance name may not contain, because resource names use
 /// them as keywords.
@@ -29,26 +30,34 @@ pub struct InstanceName(String);
 
 impl InstanceName {
     pub fn new(name: &str) -> Result<Self, ParseError> {
-        if name.is_empty() {
-            return Ok(InstanceName::default());
+        match instance_problem(name) {
+            Some(why) => Err(ParseError::new(format!("instance name {} {why}", quote(name)))),
+            None => Ok(InstanceName(name.to_string())),
         }
-        for segment in name.split('/') {
-            if segment.is_empty() {
-                return Err(ParseError::new(format!("instance name {name:?} has an empty path segment")));
-            }
-            if segment == "." || segment == ".." {
-                return Err(ParseError::new(format!("instance name {name:?} contains {segment:?}")));
-            }
-            if RESERVED.contains(&segment) {
-                return Err(ParseError::new(format!("instance name {name:?} uses the reserved segment {segment:?}")));
-            }
-        }
-        Ok(InstanceName(name.to_string()))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Why `name` is not an instance name, without quoting it (callers quote
+/// the value once: the instance name, or the resource name it came from).
+fn instance_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return None;
+    }
+    name.split('/').find_map(|segment| {
+        if segment.is_empty() {
+            Some("has an empty path segment".to_string())
+        } else if segment == "." || segment == ".." {
+            Some(format!("contains {segment:?}"))
+        } else if RESERVED.contains(&segment) {
+            Some(format!("uses the reserved segment {segment:?}"))
+        } else {
+            None
+        }
+    })
 }
 
 impl fmt::Display for InstanceName {
@@ -69,7 +78,7 @@ impl Compressor {
         match s {
             "zstd" => Ok(Compressor::Zstd),
             "identity" => Ok(Compressor::Identity),
-            other => Err(ParseError::new(format!("compressor {other:?} is not supported (supported: zstd)"))),
+            other => Err(ParseError::new(format!("compressor {} is not supported (supported: zstd)", quote(other)))),
         }
     }
 
@@ -117,12 +126,15 @@ impl ReadResource {
     pub fn parse(name: &str) -> Result<Self, ParseError> {
         let segments: Vec<&str> = name.split('/').collect();
         let at = segments.iter().position(|s| *s == "blobs" || *s == "compressed-blobs").ok_or_else(|| {
-            ParseError::new(format!("resource name {name:?} has no \"blobs\" or \"compressed-blobs\" segment"))
+            ParseError::new(format!("resource name {} has no \"blobs\" or \"compressed-blobs\" segment", quote(name)))
         })?;
         let instance = instance_of(name, &segments[..at])?;
         let (compressor, digest, rest) = parse_blob_part(name, &segments[at..])?;
         if !rest.is_empty() {
-            return Err(ParseError::new(format!("resource name {name:?} has unexpected segments after the size")));
+            return Err(ParseError::new(format!(
+                "resource name {} has unexpected segments after the size",
+                quote(name)
+            )));
         }
         Ok(ReadResource { instance, compressor, digest })
     }
@@ -139,12 +151,15 @@ impl WriteResource {
         let at = segments
             .iter()
             .position(|s| *s == "uploads")
-            .ok_or_else(|| ParseError::new(format!("resource name {name:?} has no \"uploads\" segment")))?;
+            .ok_or_else(|| ParseError::new(format!("resource name {} has no \"uploads\" segment", quote(name))))?;
         let instance = instance_of(name, &segments[..at])?;
         let uuid = match segments.get(at + 1) {
             Some(u) if !u.is_empty() => u.to_string(),
             _ => {
-                return Err(ParseError::new(format!("resource name {name:?} has no upload id after \"uploads\"")));
+                return Err(ParseError::new(format!(
+                    "resource name {} has no upload id after \"uploads\"",
+                    quote(name)
+                )));
             }
         };
         let (compressor, digest, _metadata) = parse_blob_part(name, &segments[at + 2..])?;
@@ -175,25 +190,33 @@ fn blob_part(compressor: Compressor, digest: &Digest) -> String {
 }
 
 fn instance_of(name: &str, segments: &[&str]) -> Result<InstanceName, ParseError> {
-    if segments.iter().any(|s| s.is_empty()) {
-        return Err(ParseError::new(format!("resource name {name:?}: the instance name has an empty path segment")));
+    let instance = segments.join("/");
+    let why = match segments.iter().any(|s| s.is_empty()) {
+        true => Some("has an empty path segment".to_string()),
+        false => instance_problem(&instance),
+    };
+    match why {
+        Some(why) => Err(ParseError::new(format!("resource name {}: the instance name {why}", quote(name)))),
+        None => Ok(InstanceName(instance)),
     }
-    InstanceName::new(&segments.join("/")).map_err(|e| ParseError::new(format!("resource name {name:?}: {e}")))
 }
 
 /// Parses `blobs/{fn/}{hash}/{size}` or
 /// `compressed-blobs/{compressor}/{fn/}{hash}/{size}` and returns what follows.
 fn parse_blob_part<'a>(name: &str, segments: &'a [&'a str]) -> Result<(Compressor, Digest, &'a [&'a str]), ParseError> {
-    let short = || ParseError::new(format!("resource name {name:?} ends before the digest size"));
+    let short = || ParseError::new(format!("resource name {} ends before the digest size", quote(name)));
     let (compressor, mut rest) = match segments.first() {
         Some(&"blobs") => (Compressor::Identity, &segments[1..]),
         Some(&"compressed-blobs") => {
             let c = segments.get(1).ok_or_else(short)?;
-            (Compressor::from_segment(c)?, &segments[2..])
+            let compressor = Compressor::from_segment(c)
+                .map_err(|e| ParseError::new(format!("resource name {}: {e}", quote(name))))?;
+            (compressor, &segments[2..])
         }
         _ => {
             return Err(ParseError::new(format!(
-                "resource name {name:?} has no \"blobs\" or \"compressed-blobs\" segment where expected"
+                "resource name {} has no \"blobs\" or \"compressed-blobs\" segment where expected",
+                quote(name)
             )));
         }
     };
@@ -206,17 +229,20 @@ fn parse_blob_part<'a>(name: &str, segments: &'a [&'a str]) -> Result<(Compresso
     {
         function = DigestFunction::from_name(first).ok_or_else(|| {
             ParseError::new(format!(
-                "resource name {name:?}: digest function {first:?} is not supported (supported: sha256, blake3)"
+                "resource name {}: digest function {} is not supported (supported: sha256, blake3)",
+                quote(name),
+                quote(first)
             ))
         })?;
         rest = &rest[1..];
     }
     let hash = rest.first().ok_or_else(short)?;
     let size = rest.get(1).ok_or_else(short)?;
-    let size: i64 =
-        size.parse().map_err(|_| ParseError::new(format!("resource name {name:?}: size {size:?} is not a number")))?;
-    let digest =
-        Digest::new(function, hash, size).map_err(|e| ParseError::new(format!("resource name {name:?}: {e}")))?;
+    let size: i64 = size
+        .parse()
+        .map_err(|_| ParseError::new(format!("resource name {}: size {} is not a number", quote(name), quote(size))))?;
+    let digest = Digest::new(function, hash, size)
+        .map_err(|e| ParseError::new(format!("resource name {}: {e}", quote(name))))?;
     Ok((compressor, digest, &rest[2..]))
 }
 
@@ -307,6 +333,30 @@ mod tests {
             let err = WriteResource::parse(&name).unwrap_err();
             assert!(err.0.contains(why), "{name}: {err}");
         }
+    }
+
+    /// A long name is quoted once and cut (issue 9, item 9): the message
+    /// stays small whatever the client sent.
+    #[test]
+    fn long_names_are_quoted_once_and_cut() {
+        let long = "n".repeat(100_000);
+        let names = [
+            format!("{long}//blobs/{H}/1"),
+            format!("{long}/blobs/{H}/1/x"),
+            format!("{long}/uploads/{long}/blobs/{long}/1"),
+            format!("blobs/{H}/{long}"),
+            format!("compressed-blobs/{long}/{H}/1"),
+            format!("blobs/{long}/{H}/1"),
+            long.clone(),
+        ];
+        for name in names {
+            for err in [ReadResource::parse(&name).err(), WriteResource::parse(&name).err()].into_iter().flatten() {
+                assert!(err.0.len() < 1000, "{} bytes: {}", err.0.len(), &err.0[..300]);
+                assert!(err.0.contains(" bytes)"), "{err}");
+            }
+        }
+        let err = InstanceName::new(&format!("{long}/..")).unwrap_err();
+        assert!(err.0.len() < 400 && err.0.contains("\"..\""), "{err}");
     }
 
     #[test]
