@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use remote_apis::{Digest, ParseError, rpc};
+use remote_apis::{Digest, ParseError, rpc, truncate};
 use tonic::Code;
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -22,6 +22,21 @@ pub struct Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Longest status message sent as gRPC metadata. The message travels twice
+/// (`grpc-message`, percent-encoded: up to 3 bytes a byte, and inside
+/// `grpc-status-details-bin`, base64), and default clients refuse a header
+/// list above 16 KiB with RESOURCE_EXHAUSTED, hiding the real error. Client
+/// values are already cut by [`remote_apis::quote`]; this is the backstop.
+pub const MAX_STATUS_MESSAGE: usize = 2048;
+
+/// Longest BadRequest description (it repeats what the message says).
+const MAX_FIELD_DESCRIPTION: usize = 512;
+
+/// PreconditionFailure violations sent as metadata (about 230 bytes each
+/// once encoded). An operation's result (`to_rpc_status_with_details`) is a
+/// message body, not metadata, and lists every missing blob.
+const MAX_METADATA_VIOLATIONS: usize = 20;
+
 impl Error {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
         Error { code, message: message.into(), missing: Vec::new(), bad_field: None }
@@ -31,9 +46,11 @@ impl Error {
         Error::new(Code::InvalidArgument, message)
     }
 
-    /// INVALID_ARGUMENT that names the offending request field.
+    /// INVALID_ARGUMENT that names the offending request field. The
+    /// description quotes the client's value at most once (through
+    /// `remote_apis::quote`); message and BadRequest detail carry it cut.
     pub fn bad_field(field: &str, message: impl Into<String>) -> Self {
-        let message = message.into();
+        let message = truncate(&message.into(), MAX_FIELD_DESCRIPTION).into_owned();
         let mut e = Error::invalid(format!("{field}: {message}"));
         e.bad_field = Some((field.to_string(), message));
         e
@@ -86,13 +103,39 @@ impl Error {
     /// `ExecuteResponse.status`, where clients look for PreconditionFailure).
     pub fn to_rpc_status_with_details(&self) -> rpc::Status {
         use prost::Message;
-        let status = tonic::Status::from(self.clone());
+        let status = self.to_status(usize::MAX);
         if !status.details().is_empty()
             && let Ok(full) = rpc::Status::decode(status.details())
         {
             return full;
         }
         self.to_rpc_status()
+    }
+
+    /// The status with its typed details, at most `violations` of the
+    /// missing blobs listed.
+    fn to_status(&self, violations: usize) -> tonic::Status {
+        let mut details = ErrorDetails::new();
+        let mut any = false;
+        if self.code == Code::FailedPrecondition && !self.missing.is_empty() {
+            for d in self.missing.iter().take(violations) {
+                details.add_precondition_failure_violation(
+                    "MISSING",
+                    format!("blobs/{}/{}", d.hash_hex(), d.size),
+                    format!("blob {d} is not in the CAS"),
+                );
+            }
+            any = true;
+        }
+        if let Some((field, description)) = &self.bad_field {
+            details.add_bad_request_violation(field.clone(), description.clone());
+            any = true;
+        }
+        if any {
+            tonic::Status::with_error_details(self.code, self.message.clone(), details)
+        } else {
+            tonic::Status::new(self.code, self.message.clone())
+        }
     }
 
     pub fn io(context: impl fmt::Display, e: std::io::Error) -> Self {
@@ -119,28 +162,58 @@ impl From<ParseError> for Error {
     }
 }
 
+/// The status a call returns: metadata, so bounded (message cut to
+/// [`MAX_STATUS_MESSAGE`], at most 20 missing blobs listed) whatever the
+/// error holds.
 impl From<Error> for tonic::Status {
-    fn from(e: Error) -> Self {
-        let mut details = ErrorDetails::new();
-        let mut any = false;
-        if e.code == Code::FailedPrecondition && !e.missing.is_empty() {
-            for d in &e.missing {
-                details.add_precondition_failure_violation(
-                    "MISSING",
-                    format!("blobs/{}/{}", d.hash_hex(), d.size),
-                    format!("blob {d} is not in the CAS"),
-                );
-            }
-            any = true;
+    fn from(mut e: Error) -> Self {
+        if e.message.len() > MAX_STATUS_MESSAGE {
+            e.message = truncate(&e.message, MAX_STATUS_MESSAGE).into_owned();
         }
-        if let Some((field, description)) = &e.bad_field {
-            details.add_bad_request_violation(field.clone(), description.clone());
-            any = true;
+        e.to_status(MAX_METADATA_VIOLATIONS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use remote_apis::DigestFunction;
+
+    /// Every part of a status sent as metadata is bounded, however large
+    /// the error (issue 9, item 9).
+    #[test]
+    fn statuses_stay_small() {
+        let huge = "é".repeat(100_000);
+        let digests: Vec<Digest> = (0..10_000u32).map(|i| DigestFunction::Sha256.digest_of(&i.to_le_bytes())).collect();
+        let errors = [
+            Error::invalid(huge.clone()),
+            Error::bad_field("resource_name", huge.clone()),
+            Error::missing_blobs(digests.clone(), &huge),
+            Error::internal(huge.clone()).context(&huge),
+        ];
+        for e in errors {
+            let status = tonic::Status::from(e.clone());
+            assert_eq!(status.code(), e.code);
+            assert!(status.message().len() <= MAX_STATUS_MESSAGE, "{}", status.message().len());
+            assert!(status.message().ends_with('\u{2026}'), "cut messages say so");
+            assert!(status.details().len() < 8 << 10, "details: {} bytes", status.details().len());
         }
-        if any {
-            tonic::Status::with_error_details(e.code, e.message, details)
-        } else {
-            tonic::Status::new(e.code, e.message)
-        }
+        // The operation result (a body, not metadata) keeps every missing blob.
+        let full = Error::missing_blobs(digests, "input root").to_rpc_status_with_details();
+        use prost::Message;
+        assert!(full.encoded_len() > 10_000 * 64, "all violations listed: {}", full.encoded_len());
+    }
+
+    #[test]
+    fn bad_field_names_the_field_and_keeps_the_description_short() {
+        let e = Error::bad_field(
+            "instance_name",
+            format!("instance name {} is bad", remote_apis::quote(&"x".repeat(5000))),
+        );
+        assert!(e.message.starts_with("instance_name: instance name \""), "{}", e.message);
+        assert!(e.message.len() < 400, "{}", e.message.len());
+        let (field, description) = e.bad_field.unwrap();
+        assert_eq!(field, "instance_name");
+        assert!(description.len() < 400);
     }
 }
