@@ -154,18 +154,80 @@ impl Default for ExecutionSection {
     }
 }
 
-/// `[server]`: process lifecycle.
+/// `[server]`: process lifecycle and connection limits.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSection {
     /// How long in-flight calls may run after SIGINT/SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Open connections at most (default 4096: a build farm's clients and
+    /// workers use a few each; 2,000 at once were tested). Over it, new ones
+    /// wait in the kernel's listen backlog until one closes. Lowered to half
+    /// the open-file limit when that is smaller.
+    pub max_connections: usize,
+    /// A connection that has not sent the HTTP/2 preface by then is closed
+    /// (default 10s: a client sends it at once; this only frees the sockets
+    /// of scanners and clients that hang).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A connection from which nothing was read for this long is closed
+    /// (default 5m). Live peers answer keepalive pings, so with keepalive on
+    /// only peers that stopped responding reach it; with keepalive off, a
+    /// long silent Execute stream does too. Must exceed keepalive_interval +
+    /// keepalive_timeout.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 streams (calls) open at once on one connection (default 1000:
+    /// above Bazel's and the wrapper's parallelism on one channel, including
+    /// long Execute streams; bounds one connection's share of the server).
+    /// Clients queue further calls themselves.
+    pub max_concurrent_streams: u32,
+    /// Silence after which the server pings a connection (default 30s, the
+    /// common gRPC choice); "0s" turns pings off.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// A ping unanswered for this long closes the connection: its peer is
+    /// gone (default 20s, as hyper's).
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for ServerSection {
     fn default() -> Self {
-        ServerSection { shutdown_grace: Duration::from_secs(30) }
+        ServerSection {
+            shutdown_grace: Duration::from_secs(30),
+            max_connections: 4096,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_concurrent_streams: 1000,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl ServerSection {
+    /// The connection keys, validated.
+    fn connection_limits(&self) -> anyhow::Result<crate::server::ConnectionLimits> {
+        if self.max_connections == 0 || self.max_concurrent_streams == 0 {
+            bail!("[server] max_connections and max_concurrent_streams must be at least 1");
+        }
+        if self.handshake_timeout.is_zero() || self.keepalive_timeout.is_zero() {
+            bail!("[server] handshake_timeout and keepalive_timeout must be above zero");
+        }
+        let keepalive = (!self.keepalive_interval.is_zero()).then_some(self.keepalive_interval);
+        if self.idle_timeout <= keepalive.map_or(Duration::ZERO, |i| i + self.keepalive_timeout) {
+            bail!("[server] idle_timeout must exceed keepalive_interval + keepalive_timeout");
+        }
+        Ok(crate::server::ConnectionLimits {
+            max_connections: self.max_connections,
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
+            max_concurrent_streams: self.max_concurrent_streams,
+            keepalive_interval: keepalive,
+            keepalive_timeout: self.keepalive_timeout,
+        })
     }
 }
 
@@ -213,6 +275,7 @@ pub struct Config {
     pub fsync: bool,
     pub upload_resume_window: Duration,
     pub shutdown_grace: Duration,
+    pub connections: crate::server::ConnectionLimits,
     pub worker_capacity: usize,
     pub heartbeat_interval: Duration,
     pub work_dir: PathBuf,
@@ -270,6 +333,7 @@ impl FileConfig {
             fsync: self.cas.fsync,
             upload_resume_window: self.cas.upload_resume_window,
             shutdown_grace: self.server.shutdown_grace,
+            connections: self.server.connection_limits()?,
             worker_capacity: self
                 .worker
                 .capacity
@@ -356,6 +420,9 @@ mod tests {
             ("[execution]\nmax_attempts = 0", "max_attempts"),
             ("[execution]\ndefault_timeout = \"2h\"\nmax_timeout = \"1h\"", "default_timeout"),
             ("[server]\nshutdown_grace = \"soon\"", "shutdown_grace"),
+            ("[server]\nmax_connections = 0", "max_connections"),
+            ("[server]\nhandshake_timeout = \"0s\"", "handshake_timeout"),
+            ("[server]\nidle_timeout = \"40s\"", "idle_timeout"),
         ];
         for (text, needle) in cases {
             let err = FileConfig::parse(text).and_then(|f| f.resolve()).unwrap_err();

@@ -5,7 +5,10 @@
 //! in-flight calls finish within the grace period, then drop storage (which
 //! removes temporary files of unfinished uploads).
 
+mod listener;
 mod request_log;
+
+pub use listener::ConnectionLimits;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,8 +22,6 @@ use remote_apis::reapi::capabilities_server::CapabilitiesServer;
 use remote_apis::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use remote_apis::reapi::execution_server::ExecutionServer;
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
 
@@ -94,6 +95,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let limit = grpc_message_limit(config.max_batch_size);
+    let fd_limit = listener::raise_fd_limit();
+    let conns = ConnectionLimits {
+        max_connections: listener::effective_max_connections(config.connections.max_connections, fd_limit),
+        ..config.connections.clone()
+    };
     let Stores { cas, ac } = stores;
     let ac = Arc::new(ActionCacheService::new(ac, cas.clone()));
     let stop_workers = CancellationToken::new();
@@ -122,6 +128,9 @@ pub async fn serve(
     let router = tonic::transport::Server::builder()
         .layer(request_log::layer())
         .tcp_nodelay(true)
+        .max_concurrent_streams(conns.max_concurrent_streams)
+        .http2_keepalive_interval(conns.keepalive_interval)
+        .http2_keepalive_timeout(Some(conns.keepalive_timeout))
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
         .max_frame_size(Some(1 << 20))
@@ -149,13 +158,8 @@ pub async fn serve(
     tracing::info!(%addr, backend = ?config.backend, data_dir = %config.data_dir.display(), "serving REAPI");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // The builder's `tcp_nodelay` applies only to listeners tonic binds
-    // itself; without it, small responses wait for delayed ACKs (~40 ms).
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(c) = &conn {
-            let _ = c.set_nodelay(true);
-        }
-        conn
-    });
+    // itself: `incoming` sets it on every connection.
+    let incoming = listener::incoming(listener, &conns);
     let serving = router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
     });
