@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use crate::execution::Scheduler;
 
 use crate::config::Backend;
-use crate::store::Store;
+use crate::store::{Scrub, Store};
 
 pub mod proto {
     tonic::include_proto!("distbuild.admin.v1");
@@ -18,19 +18,28 @@ pub mod proto {
 use proto::admin_server::Admin;
 use proto::{
     BlobEntry, GetSchedulerStatusRequest, GetStoreStatusRequest, ListBlobsRequest, ListBlobsResponse,
-    ListWorkersRequest, ListWorkersResponse, QueueEntry, SchedulerStatus, StoreStatus, WorkerEntry,
+    ListWorkersRequest, ListWorkersResponse, QueueEntry, SchedulerStatus, StoreStatus, VerifyBlobsRequest,
+    VerifyBlobsResponse, WorkerEntry,
 };
 
 pub struct AdminService {
     store: Store,
+    /// The backend's scrub: an admin-only call, beside the store trait.
+    scrub: Arc<dyn Scrub>,
     backend: Backend,
     data_dir: String,
     scheduler: Arc<Scheduler>,
 }
 
 impl AdminService {
-    pub fn new(store: Store, backend: Backend, data_dir: String, scheduler: Arc<Scheduler>) -> Self {
-        AdminService { store, backend, data_dir, scheduler }
+    pub fn new(
+        store: Store,
+        scrub: Arc<dyn Scrub>,
+        backend: Backend,
+        data_dir: String,
+        scheduler: Arc<Scheduler>,
+    ) -> Self {
+        AdminService { store, scrub, backend, data_dir, scheduler }
     }
 }
 
@@ -75,6 +84,21 @@ impl Admin for AdminService {
             max_bytes: usage.max_bytes,
             blobs: usage.blobs,
             data_dir: self.data_dir.clone(),
+        }))
+    }
+
+    async fn verify_blobs(
+        &self,
+        _request: Request<VerifyBlobsRequest>,
+    ) -> Result<Response<VerifyBlobsResponse>, Status> {
+        let report = self.scrub.scrub().await?;
+        tracing::info!(?report, "store verified");
+        Ok(Response::new(VerifyBlobsResponse {
+            intact: report.intact,
+            intact_bytes: report.bytes,
+            corrupt: report.corrupt,
+            vanished: report.vanished,
+            unreadable: report.unreadable,
         }))
     }
 

@@ -52,6 +52,20 @@ pub enum Backend {
     Memory,
 }
 
+/// Parked uploads in all: a quarter of the common soft limit of 1,024 open
+/// files, so parking alone can never starve connections and reads of
+/// descriptors, yet a few clients' worth of interrupted uploads resume.
+pub const DEFAULT_MAX_PARKED: usize = 256;
+
+/// Parked uploads per client address: a build tool's burst of concurrent
+/// uploads cut by one network blip resumes, and one address (or one
+/// attacker) can hold at most a quarter of the total.
+pub const DEFAULT_MAX_PARKED_PER_CLIENT: usize = 64;
+
+/// Reads of blobs under this size are always hashed: measured with
+/// `scripts/bench-storage.sh` (see the commit that set it).
+pub const DEFAULT_VERIFY_READS_BELOW: u64 = 64 << 10;
+
 /// `[cas]`: blob and action-cache storage.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -70,6 +84,14 @@ pub struct CasSection {
     /// How long an interrupted ByteStream upload can be resumed.
     #[serde(with = "humantime_serde")]
     pub upload_resume_window: Duration,
+    /// Interrupted uploads kept for resumption, in all and per client
+    /// address (each holds an open temporary file); beyond either, the
+    /// oldest is dropped and its client starts over.
+    pub max_parked_uploads: usize,
+    pub max_parked_uploads_per_client: usize,
+    /// Blobs smaller than this are hashed on every read (filesystem store);
+    /// larger ones when their file changed since it was written.
+    pub verify_reads_below: ByteSize,
 }
 
 impl Default for CasSection {
@@ -81,6 +103,9 @@ impl Default for CasSection {
             max_batch_size: ByteSize::b(DEFAULT_MAX_BATCH),
             fsync: false,
             upload_resume_window: Duration::from_secs(600),
+            max_parked_uploads: DEFAULT_MAX_PARKED,
+            max_parked_uploads_per_client: DEFAULT_MAX_PARKED_PER_CLIENT,
+            verify_reads_below: ByteSize::b(DEFAULT_VERIFY_READS_BELOW),
         }
     }
 }
@@ -301,6 +326,9 @@ impl FileConfig {
             .scheduler
             .addr
             .parse::<SocketAddr>()
+    pub max_parked_uploads: usize,
+    pub max_parked_uploads_per_client: usize,
+    pub verify_reads_below: u64,
             .with_context(|| format!("[scheduler] addr {:?} is not an IP:PORT address", self.scheduler.addr))?;
         let max_batch_size = self.cas.max_batch_size.as_u64();
         if max_batch_size < 64 * 1024 {
@@ -340,6 +368,9 @@ impl FileConfig {
                 .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
             heartbeat_interval: Duration::from_secs(self.worker.heartbeat_interval_secs),
             work_dir: self.worker.work_dir.clone().unwrap_or_else(|| data_dir.join("worker")),
+        if self.cas.max_parked_uploads_per_client > self.cas.max_parked_uploads {
+            bail!("[cas] max_parked_uploads_per_client must be at most max_parked_uploads");
+        }
             worker_cache_size: self.worker.cache_size.as_u64(),
             worker_properties: self.worker_properties(),
             execution: self.execution.clone(),
@@ -363,6 +394,9 @@ fn default_data_dir() -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+            max_parked_uploads: self.cas.max_parked_uploads,
+            max_parked_uploads_per_client: self.cas.max_parked_uploads_per_client,
+            verify_reads_below: self.cas.verify_reads_below.as_u64(),
     use super::*;
 
     #[test]

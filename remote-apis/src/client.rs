@@ -22,6 +22,10 @@ pub const CHUNK_SIZE: usize = 1 << 20;
 /// Blobs up to this size go through BatchUpdateBlobs when uploaded together.
 pub const BATCH_BLOB_LIMIT: u64 = 1 << 20;
 
+/// Most blobs in one batch request: servers bound the per-blob work of a
+/// call (cargo-distbuild takes 10,000).
+pub const BATCH_MAX_BLOBS: usize = 10_000;
+
 /// The address form every command takes: `grpc://host:port`,
 /// `http://host:port` or plain `host:port`.
 pub fn endpoint(server: &str) -> Result<Endpoint, tonic::Status> {
@@ -122,7 +126,7 @@ impl CasClient {
                 self.write_stream(digest, Compressor::Identity, futures::stream::iter(chunks(data))).await?;
                 continue;
             }
-            if batch_bytes + digest.size > self.max_batch_bytes {
+            if batch_bytes + digest.size > self.max_batch_bytes || batch.len() == BATCH_MAX_BLOBS {
                 self.batch_update(std::mem::take(&mut batch)).await?;
                 batch_bytes = 0;
             }

@@ -6,9 +6,10 @@
 //! the session is *parked* with everything received so far, QueryWriteStatus
 //! reports that committed size, and a new stream may resume from exactly
 //! there (or restart from 0) within the resume window. Data never becomes a
-//! blob until the whole, verified upload is committed.
+//! blob until the whole, verified upload is committed. Parked uploads are
+//! capped in all and per client (see `sessions.rs`).
 
-use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,31 +26,16 @@ use remote_apis::bytestream::{
 use remote_apis::{Compressor, ReadResource, WriteResource};
 use tokio_util::io::{ReaderStream, StreamReader};
 use tonic::{Code, Request, Response, Status, Streaming};
-use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
 
 use super::ZSTD_LEVEL;
+use super::decode::BoundedDecoder;
+use super::sessions::{ParkLimits, Sessions, Slot};
 use crate::error::{Error, Result};
 use crate::store::{BlobSink, READ_CHUNK, Store};
 
-/// Output buffer for one step of zstd decoding: what a hostile chunk can make
-/// the server allocate at once, whatever it claims to expand to.
-const DECODE_BUF: usize = 256 << 10;
-
 pub struct ByteStreamService {
     store: Store,
-    uploads: Arc<Mutex<Uploads>>,
-    resume_window: Duration,
-}
-
-#[derive(Default)]
-struct Uploads {
-    slots: HashMap<String, Slot>,
-    last_sweep: Option<Instant>,
-}
-
-enum Slot {
-    Active,
-    Parked(Upload, Instant),
+    uploads: Arc<Mutex<Sessions<Upload>>>,
 }
 
 struct Upload {
@@ -57,53 +43,50 @@ struct Upload {
     sink: Box<dyn BlobSink>,
     /// Bytes received on the wire (compressed bytes for zstd uploads).
     received: u64,
-    decoder: Option<Decoder>,
-}
-
-struct Decoder {
-    zstd: zstd::stream::raw::Decoder<'static>,
-    produced: u64,
-    /// Whether the last byte fed ended a frame.
-    at_frame_end: bool,
+    decoder: Option<BoundedDecoder>,
 }
 
 impl ByteStreamService {
-    pub fn new(store: Store, resume_window: Duration) -> Self {
-        ByteStreamService { store, uploads: Default::default(), resume_window }
+    /// `max_parked` interrupted uploads are kept for `resume_window`, at
+    /// most `max_parked_per_client` from one client address.
+    pub fn new(store: Store, resume_window: Duration, max_parked: usize, max_parked_per_client: usize) -> Self {
+        let limits = ParkLimits { total: max_parked, per_client: max_parked_per_client, window: resume_window };
+        ByteStreamService { store, uploads: Arc::new(Mutex::new(Sessions::new(limits))) }
+    }
+
+    /// Uploads parked for resumption now.
+    pub fn parked(&self) -> usize {
+        self.uploads.lock().parked()
     }
 
     /// Takes the session for `key`: the parked one when `offset` is where it
     /// stopped, a new one at offset 0. The slot is marked active meanwhile.
     async fn claim(&self, key: &str, resource: &WriteResource, offset: i64) -> Result<Upload> {
         {
+            // Dropped after the lock (declared before it): dropping an
+            // upload removes its temporary file.
+            let mut garbage = Vec::new();
             let mut uploads = self.uploads.lock();
-            self.sweep(&mut uploads);
-            let slot = uploads.slots.insert(key.to_string(), Slot::Active);
-            match slot {
-                Some(Slot::Parked(upload, _)) if offset >= 0 && offset as u64 == upload.received => {
-                    return Ok(upload);
+            garbage.extend(uploads.sweep(Instant::now()));
+            match uploads.claim(key) {
+                Some(Slot::Parked(p)) if offset >= 0 && offset as u64 == p.upload.received => {
+                    return Ok(p.upload);
                 }
-                Some(Slot::Parked(..)) | None if offset == 0 => {}
+                Some(Slot::Parked(p)) if offset == 0 => garbage.push(p.upload),
+                None if offset == 0 => {}
                 other => {
                     let err = match &other {
                         Some(Slot::Active) => Error::new(Code::Aborted, format!("another stream is writing {key}")),
-                        Some(Slot::Parked(upload, _)) => Error::bad_field(
+                        Some(Slot::Parked(p)) => Error::bad_field(
                             "write_offset",
-                            format!("is {offset}, but the upload has {} bytes committed", upload.received),
+                            format!("is {offset}, but the upload has {} bytes committed", p.upload.received),
                         ),
                         None => Error::bad_field(
                             "write_offset",
                             format!("is {offset} for an upload this server does not know; start at 0"),
                         ),
                     };
-                    match other {
-                        Some(slot) => {
-                            uploads.slots.insert(key.to_string(), slot);
-                        }
-                        None => {
-                            uploads.slots.remove(key);
-                        }
-                    }
+                    uploads.put_back(key, other);
                     return Err(err);
                 }
             }
@@ -111,38 +94,30 @@ impl ByteStreamService {
         let started = async {
             let decoder = match resource.compressor {
                 Compressor::Identity => None,
-                Compressor::Zstd => Some(Decoder::new()?),
+                Compressor::Zstd => Some(BoundedDecoder::new(resource.digest)?),
             };
             let sink = self.store.put(&resource.digest).await?;
             Ok(Upload { resource: resource.clone(), sink, received: 0, decoder })
         }
         .await;
         if started.is_err() {
-            self.uploads.lock().slots.remove(key);
+            self.uploads.lock().remove(key);
         }
         started
     }
 
-    /// Drops old parked uploads (at most every ten seconds).
-    fn sweep(&self, uploads: &mut Uploads) {
-        let now = Instant::now();
-        if uploads.last_sweep.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
-            return;
+    /// Keeps an interrupted upload for resumption; the oldest parked ones go
+    /// when this one goes over a cap.
+    fn park(&self, key: &str, upload: Upload, client: Option<IpAddr>) {
+        let dropped = self.uploads.lock().park(key, upload, client, Instant::now());
+        if !dropped.is_empty() {
+            tracing::debug!(dropped = dropped.len(), "parked uploads over the cap dropped; their clients start over");
         }
-        uploads.last_sweep = Some(now);
-        let window = self.resume_window;
-        uploads.slots.retain(|_, slot| match slot {
-            Slot::Active => true,
-            Slot::Parked(_, at) => now.duration_since(*at) < window,
-        });
-    }
-
-    fn park(&self, key: &str, upload: Upload) {
-        self.uploads.lock().slots.insert(key.to_string(), Slot::Parked(upload, Instant::now()));
     }
 
     fn release(&self, key: &str) {
-        self.uploads.lock().slots.remove(key);
+        let parked = self.uploads.lock().remove(key);
+        drop(parked);
     }
 
     /// The response for a blob that is complete: the uncompressed size, or
@@ -208,16 +183,31 @@ impl ByteStreamService {
 /// Frees an active slot whose handler went away without parking or
 /// releasing it (the call was cancelled), so the upload can start again.
 struct ActiveGuard {
-    uploads: Arc<Mutex<Uploads>>,
+    uploads: Arc<Mutex<Sessions<Upload>>>,
     key: String,
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        let mut uploads = self.uploads.lock();
-        if matches!(uploads.slots.get(&self.key), Some(Slot::Active)) {
-            uploads.slots.remove(&self.key);
+        self.uploads.lock().remove_if_active(&self.key);
+    }
+}
+
+/// How long a client told to retry waits first.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+impl ByteStreamService {
+    /// The status for `e`, with a RetryInfo when the store ran short of
+    /// something that frees up (descriptors, disk space): RESOURCE_EXHAUSTED
+    /// for a blob within the store's budget. A blob larger than the whole
+    /// budget never fits, so it gets no RetryInfo.
+    fn retry_if_transient(&self, e: Error, resource: &WriteResource) -> Status {
+        let max = self.store.usage().max_bytes;
+        if e.code != Code::ResourceExhausted || (max > 0 && resource.digest.size > max) {
+            return e.into();
         }
+        let details = tonic_types::ErrorDetails::with_retry_info(Some(RETRY_AFTER));
+        <Status as tonic_types::StatusExt>::with_error_details(Code::ResourceExhausted, e.message, details)
     }
 }
 
@@ -229,55 +219,17 @@ enum StreamEnd {
     Broken(Status),
 }
 
-impl Decoder {
-    fn new() -> Result<Self> {
-        let zstd =
-            zstd::stream::raw::Decoder::new().map_err(|e| Error::internal(format!("creating a zstd decoder: {e}")))?;
-        Ok(Decoder { zstd, produced: 0, at_frame_end: true })
-    }
-}
-
 impl Upload {
     async fn feed(&mut self, data: Bytes) -> Result<()> {
-        let Some(decoder) = self.decoder.as_mut() else {
-            return self.sink.write(data).await;
-        };
-        let size = self.resource.digest.size;
-        let mut input = InBuffer::around(&data);
-        loop {
-            let mut out = vec![0u8; DECODE_BUF];
-            let mut output = OutBuffer::around(&mut out);
-            let hint = decoder
-                .zstd
-                .run(&mut input, &mut output)
-                .map_err(|e| Error::invalid(format!("zstd data for {} is corrupt: {e}", self.resource.digest)))?;
-            let n = output.pos();
-            decoder.at_frame_end = hint == 0;
-            if n > 0 {
-                decoder.produced += n as u64;
-                if decoder.produced > size {
-                    return Err(Error::invalid(format!(
-                        "zstd data for {} decompresses to more than the digest's {size} bytes",
-                        self.resource.digest
-                    )));
-                }
-                out.truncate(n);
-                self.sink.write(Bytes::from(out)).await?;
-            }
-            if input.pos() == data.len() && n < DECODE_BUF {
-                return Ok(());
-            }
+        match self.decoder.as_mut() {
+            Some(decoder) => decoder.feed(&data, self.sink.as_mut()).await,
+            None => self.sink.write(data).await,
         }
     }
 
     async fn commit(self) -> Result<()> {
-        if let Some(d) = &self.decoder
-            && !d.at_frame_end
-        {
-            return Err(Error::invalid(format!(
-                "zstd data for {} ends in the middle of a frame",
-                self.resource.digest
-            )));
+        if let Some(d) = &self.decoder {
+            d.finish()?;
         }
         self.sink.commit().await
     }
@@ -320,6 +272,7 @@ impl ByteStream for ByteStreamService {
     }
 
     async fn write(&self, request: Request<Streaming<WriteRequest>>) -> Result<Response<WriteResponse>, Status> {
+        let client = request.remote_addr().map(|a| a.ip());
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| Error::invalid("the write stream sent no message"))?;
         let resource =
@@ -329,21 +282,22 @@ impl ByteStream for ByteStreamService {
             self.release(&key);
             return Ok(Response::new(Self::complete(&resource, true)));
         }
-        let mut upload = self.claim(&key, &resource, first.write_offset).await?;
+        let mut upload =
+            self.claim(&key, &resource, first.write_offset).await.map_err(|e| self.retry_if_transient(e, &resource))?;
         let _guard = ActiveGuard { uploads: self.uploads.clone(), key: key.clone() };
         match self.run_upload(&mut upload, first, &mut stream).await {
             Ok(()) => {
                 self.release(&key);
-                upload.commit().await?;
+                upload.commit().await.map_err(|e| self.retry_if_transient(e, &resource))?;
                 Ok(Response::new(Self::complete(&resource, false)))
             }
             Err(StreamEnd::Failed(e)) => {
                 self.release(&key);
-                Err(e.into())
+                Err(self.retry_if_transient(e, &resource))
             }
             Err(StreamEnd::Broken(status)) => {
                 tracing::debug!(%key, received = upload.received, "upload interrupted; parked for resumption");
-                self.park(&key, upload);
+                self.park(&key, upload, client);
                 Err(status)
             }
         }
@@ -356,8 +310,8 @@ impl ByteStream for ByteStreamService {
         let req = request.into_inner();
         let resource = WriteResource::parse(&req.resource_name).map_err(|e| Error::bad_field("resource_name", e.0))?;
         let key = resource.to_name();
-        let parked = match self.uploads.lock().slots.get(&key) {
-            Some(Slot::Parked(upload, _)) => Some(upload.received),
+        let parked = match self.uploads.lock().get(&key) {
+            Some(Slot::Parked(p)) => Some(p.upload.received),
             Some(Slot::Active) => {
                 return Err(Error::new(Code::Aborted, format!("a stream is writing {key} right now")).into());
             }

@@ -5,6 +5,12 @@
 //! can continue a walk and nothing has to be kept between calls. A missing
 //! subtree is skipped (the client gets what is present); only a missing root
 //! is NOT_FOUND.
+//!
+//! A tree is a DAG: one Directory blob may be named by many entries, at
+//! every level. The walk visits each distinct directory once per call and
+//! queues a digest only the first time it sees it, so a few small blobs that
+//! expand to millions of paths cost what the blobs cost (the queue, and the
+//! page token made of it, hold no duplicates).
 
 use std::collections::{HashSet, VecDeque};
 
@@ -21,6 +27,9 @@ use crate::error::{Error, Result};
 use crate::store::Store;
 
 const DEFAULT_PAGE_SIZE: usize = 1000;
+/// A Directory blob larger than this is not one a client could use (it
+/// would not fit a response); refused before it is read into memory.
+const MAX_DIRECTORY_BYTES: u64 = 64 << 20;
 /// Keeps each response far below gRPC message limits.
 const MAX_PAGE_BYTES: usize = 2 << 20;
 const TOKEN_VERSION: u8 = 1;
@@ -29,6 +38,8 @@ struct Walk {
     store: Store,
     function: DigestFunction,
     queue: VecDeque<Digest>,
+    /// Every digest queued so far in this call.
+    seen: HashSet<Digest>,
     page_size: usize,
     done: bool,
 }
@@ -42,13 +53,17 @@ pub async fn get_tree(
 ) -> Result<BoxStream<'static, Result<GetTreeResponse, Status>>> {
     let queue = if token.is_empty() {
         // Only the root's absence is an error.
-        store.get_bytes(&root).await.map_err(|e| e.context("GetTree root"))?;
+        if !store.find_missing(&[root]).await?.is_empty() {
+            return Err(Error::blob_not_found(&root).context("GetTree root"));
+        }
         VecDeque::from([root])
     } else {
         decode_token(function, token)?
     };
+    let mut seen = HashSet::with_capacity(queue.len());
+    let queue: VecDeque<Digest> = queue.into_iter().filter(|d| seen.insert(*d)).collect();
     let page_size = if page_size == 0 { DEFAULT_PAGE_SIZE } else { page_size };
-    let walk = Walk { store, function, queue, page_size, done: false };
+    let walk = Walk { store, function, queue, seen, page_size, done: false };
     Ok(futures::stream::unfold(walk, |mut walk| async move {
         if walk.done {
             return None;
@@ -66,11 +81,12 @@ impl Walk {
     async fn next_page(&mut self) -> Result<GetTreeResponse> {
         let mut directories = Vec::new();
         let mut bytes = 0;
-        let mut seen = HashSet::new();
         while directories.len() < self.page_size && bytes < MAX_PAGE_BYTES {
             let Some(digest) = self.queue.pop_front() else { break };
-            if !seen.insert(digest) {
-                continue;
+            if digest.size > MAX_DIRECTORY_BYTES {
+                return Err(Error::invalid(format!(
+                    "blob {digest} in the tree is larger than a Directory may be ({MAX_DIRECTORY_BYTES} bytes)"
+                )));
             }
             let data = match self.store.get_bytes(&digest).await {
                 Ok(data) => data,
@@ -82,7 +98,9 @@ impl Walk {
             for child in &dir.directories {
                 let d = Digest::from_field(self.function, child.digest.as_ref(), "directory digest")
                     .map_err(|e| Error::invalid(format!("directory {digest}, entry {:?}: {e}", child.name)))?;
-                self.queue.push_back(d);
+                if self.seen.insert(d) {
+                    self.queue.push_back(d);
+                }
             }
             bytes += data.len();
             directories.push(dir);

@@ -1,4 +1,4 @@
-//! `cargo-distbuild cas put|get|stat|list`.
+//! `cargo-distbuild cas put|get|stat|list|verify`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +11,7 @@ use remote_apis::{Digest, DigestFunction, InstanceName};
 
 use super::rpc_error;
 use crate::admin::proto::admin_client::AdminClient;
-use crate::admin::proto::{GetStoreStatusRequest, ListBlobsRequest};
+use crate::admin::proto::{GetStoreStatusRequest, ListBlobsRequest, VerifyBlobsRequest};
 
 #[derive(Subcommand, Debug)]
 pub enum CasCommand {
@@ -32,6 +32,9 @@ pub enum CasCommand {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// Re-hash every stored blob on the server and remove the ones that no
+    /// longer match their digest (admin). Fails when any was corrupt.
+    Verify,
 }
 
 pub async fn run(cmd: CasCommand, server: &str, instance: &str) -> anyhow::Result<ExitCode> {
@@ -98,8 +101,28 @@ pub async fn run(cmd: CasCommand, server: &str, instance: &str) -> anyhow::Resul
                 if status.data_dir.is_empty() { String::new() } else { format!(" in {}", status.data_dir) }
             );
         }
+        CasCommand::Verify => return verify(server).await,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `cas verify`: the admin scrub, with its counts.
+async fn verify(server: &str) -> anyhow::Result<ExitCode> {
+    let channel = endpoint(server)?.connect().await.with_context(|| format!("connecting to {server}"))?;
+    let report = AdminClient::new(channel)
+        .verify_blobs(VerifyBlobsRequest {})
+        .await
+        .map_err(|s| rpc_error("VerifyBlobs", s))?
+        .into_inner();
+    println!("{} blobs intact ({})", report.intact, bytesize::ByteSize(report.intact_bytes));
+    println!("{} corrupt blobs removed", report.corrupt);
+    if report.vanished > 0 {
+        println!("{} blobs gone from disk, forgotten", report.vanished);
+    }
+    if report.unreadable > 0 {
+        println!("{} blobs unreadable, kept (see the server's log)", report.unreadable);
+    }
+    Ok(if report.corrupt > 0 || report.unreadable > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 /// Where `cas get` writes: `-` is stdout; an existing device, FIFO or other

@@ -49,24 +49,31 @@ const MEMORY_AC_ENTRIES: usize = 1_000_000;
 pub struct Stores {
     pub cas: Store,
     pub ac: Arc<dyn AcStore>,
+    /// The backend's whole-store check, for the admin service.
+    pub scrub: Arc<dyn store::Scrub>,
 }
 
 /// The one factory from validated config to storage objects.
 pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
     match config.backend {
-        Backend::Memory => Ok(Stores {
-            cas: store::cas(Arc::new(MemoryStore::new(config.max_size))),
-            ac: Arc::new(MemoryAcStore::new(MEMORY_AC_ENTRIES)),
-        }),
+        Backend::Memory => {
+            let memory = Arc::new(MemoryStore::new(config.max_size));
+            Ok(Stores {
+                cas: store::cas(memory.clone()),
+                ac: Arc::new(MemoryAcStore::new(MEMORY_AC_ENTRIES)),
+                scrub: memory,
+            })
+        }
         Backend::Filesystem => {
             let dir = config.data_dir.clone();
-            let (max, fsync) = (config.max_size, config.fsync);
+            let (max, fsync, verify_below) = (config.max_size, config.fsync, config.verify_reads_below);
             let (cas, ac) = tokio::task::spawn_blocking(move || {
-                anyhow::Ok((FsStore::open(&dir, max, fsync)?, FsAcStore::open(&dir)?))
+                anyhow::Ok((FsStore::open(&dir, max, fsync, verify_below)?, FsAcStore::open(&dir)?))
             })
             .await?
             .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
-            Ok(Stores { cas: store::cas(Arc::new(cas)), ac: Arc::new(ac) })
+            let cas = Arc::new(cas);
+            Ok(Stores { cas: store::cas(cas.clone()), ac: Arc::new(ac), scrub: cas })
         }
     }
 }
@@ -100,7 +107,7 @@ pub async fn serve(
         max_connections: listener::effective_max_connections(config.connections.max_connections, fd_limit),
         ..config.connections.clone()
     };
-    let Stores { cas, ac } = stores;
+    let Stores { cas, ac, scrub } = stores;
     let ac = Arc::new(ActionCacheService::new(ac, cas.clone()));
     let stop_workers = CancellationToken::new();
     let closing = CancellationToken::new();
@@ -137,7 +144,12 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(limits!(CapabilitiesServer::new(CapabilitiesService::new(config.max_batch_size))))
         .add_service(limits!(ContentAddressableStorageServer::new(CasService::new(cas.clone(), config.max_batch_size))))
-        .add_service(limits!(ByteStreamServer::new(ByteStreamService::new(cas.clone(), config.upload_resume_window))))
+        .add_service(limits!(ByteStreamServer::new(ByteStreamService::new(
+            cas.clone(),
+            config.upload_resume_window,
+            config.max_parked_uploads,
+            config.max_parked_uploads_per_client,
+        ))))
         .add_service(limits!(ActionCacheServer::from_arc(ac.clone())))
         .add_service(limits!(ExecutionServer::new(ExecutionService::new(
             cas.clone(),
@@ -152,7 +164,7 @@ pub async fn serve(
             config.heartbeat_interval,
             closing.clone(),
         ))))
-        .add_service(limits!(AdminServer::new(AdminService::new(cas, config.backend, data_dir, execution))));
+        .add_service(limits!(AdminServer::new(AdminService::new(cas, scrub, config.backend, data_dir, execution))));
 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, backend = ?config.backend, data_dir = %config.data_dir.display(), "serving REAPI");

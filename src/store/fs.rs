@@ -16,6 +16,12 @@
 //! most hourly, so recently read blobs outlive a restart too). A file whose
 //! length disagrees with the size in its name (a write torn by power loss
 //! without `fsync`) is dropped then.
+//!
+//! Stored files are read-only and checked on read (see `integrity.rs`): a
+//! file changed behind the store's back is hashed before it is served, and
+//! dropped (reported missing) when it no longer matches its digest. The
+//! startup check is cheap: sizes, and a hash only of files that became
+//! writable. `cargo-distbuild cas verify` re-hashes everything.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -28,10 +34,14 @@ use lru::LruCache;
 use parking_lot::Mutex;
 use remote_apis::{Digest, DigestFunction};
 
+mod integrity;
+mod scrub;
 mod stream;
 
+use integrity::Stamp;
+
 use super::memory::check_fits;
-use super::{BlobInfo, BlobSink, BlobStore, BlobStream, Usage, range};
+use super::{BlobInfo, BlobSink, BlobStore, BlobStream, Usage, range, stream_bytes};
 use crate::error::{Error, Result};
 
 #[derive(Clone)]
@@ -43,19 +53,29 @@ pub(super) struct Shared {
     root: PathBuf,
     max_bytes: u64,
     pub(super) fsync: bool,
+    /// Blobs smaller than this are hashed on every read.
+    verify_below: u64,
     index: Mutex<Index>,
 }
 
 struct Index {
-    blobs: LruCache<Digest, SystemTime>,
+    blobs: LruCache<Digest, Entry>,
     used: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Entry {
+    last_access: SystemTime,
+    /// The file as the store last left it.
+    stamp: Stamp,
 }
 
 impl FsStore {
     /// Opens (creating if needed) a store under `root`, removes unfinished
-    /// writes left by a previous run and indexes what is there. Blocking:
-    /// call before serving.
-    pub fn open(root: &Path, max_bytes: u64, fsync: bool) -> Result<Self> {
+    /// writes left by a previous run and indexes what is there. Blobs under
+    /// `verify_below` bytes are hashed on every read. Blocking: call before
+    /// serving.
+    pub fn open(root: &Path, max_bytes: u64, fsync: bool, verify_below: u64) -> Result<Self> {
         let tmp = root.join("tmp");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(format!("clearing {}", tmp.display()), e))?;
@@ -70,13 +90,13 @@ impl FsStore {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
         let mut found = scan(&root.join("cas"))?;
-        found.sort_by_key(|(_, mtime)| *mtime);
+        found.sort_by_key(|(_, entry)| entry.last_access);
         let mut index = Index { blobs: LruCache::unbounded(), used: 0 };
-        for (digest, mtime) in found {
+        for (digest, entry) in found {
             index.used += digest.size;
-            index.blobs.put(digest, mtime);
+            index.blobs.put(digest, entry);
         }
-        let shared = Shared { root: root.to_path_buf(), max_bytes, fsync, index: Mutex::new(index) };
+        let shared = Shared { root: root.to_path_buf(), max_bytes, fsync, verify_below, index: Mutex::new(index) };
         {
             let mut index = shared.index.lock();
             shared.evict_until_fits(&mut index, 0);
@@ -86,7 +106,7 @@ impl FsStore {
 }
 
 /// Walks `cas/{function}/{xx}/` and returns every well-formed blob.
-fn scan(cas: &Path) -> Result<Vec<(Digest, SystemTime)>> {
+fn scan(cas: &Path) -> Result<Vec<(Digest, Entry)>> {
     let mut found = Vec::new();
     let read_dir = |p: &Path| std::fs::read_dir(p).map_err(|e| Error::io(format!("reading {}", p.display()), e));
     for function in DigestFunction::ALL {
@@ -115,7 +135,9 @@ fn scan(cas: &Path) -> Result<Vec<(Digest, SystemTime)>> {
                     let _ = std::fs::remove_file(&path);
                     continue;
                 }
-                found.push((digest, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+                let Some(stamp) = scrub::startup_check(&path, &digest, &meta) else { continue };
+                let last_access = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                found.push((digest, Entry { last_access, stamp }));
             }
         }
     }
@@ -162,9 +184,11 @@ impl Shared {
         }
     }
 
-    /// Moves a complete, verified temporary file into place. Blocking.
+    /// Moves a complete, verified temporary file into place, read-only, and
+    /// records what it looks like. Blocking.
     pub(super) fn install(&self, tmp: &Path, digest: &Digest) -> Result<()> {
         let dest = self.blob_path(digest);
+        integrity::make_read_only(tmp).map_err(|e| Error::io(format!("protecting {}", tmp.display()), e))?;
         let mut index = self.index.lock();
         if index.blobs.get(digest).is_some() {
             drop(index);
@@ -173,19 +197,26 @@ impl Shared {
         }
         self.evict_until_fits(&mut index, digest.size);
         std::fs::rename(tmp, &dest).map_err(|e| Error::io(format!("renaming into {}", dest.display()), e))?;
+        // Stamped after the rename, which may itself move the ctime.
+        let meta = std::fs::metadata(&dest).map_err(|e| Error::io(format!("{}", dest.display()), e))?;
         index.used += digest.size;
-        index.blobs.put(*digest, SystemTime::now());
+        index.blobs.put(*digest, Entry { last_access: SystemTime::now(), stamp: Stamp::of(&meta) });
         Ok(())
     }
 
-    /// Marks a blob used; false if it is not indexed.
-    fn touch(&self, digest: &Digest) -> bool {
-        match self.index.lock().blobs.get_mut(digest) {
-            Some(at) => {
-                *at = SystemTime::now();
-                true
-            }
-            None => false,
+    /// Marks a blob used and returns its stamp; `None` if it is not indexed.
+    fn touch(&self, digest: &Digest) -> Option<Stamp> {
+        let mut index = self.index.lock();
+        let entry = index.blobs.get_mut(digest)?;
+        entry.last_access = SystemTime::now();
+        Some(entry.stamp)
+    }
+
+    /// Records a new look of a blob's file, after the store itself changed
+    /// it or after its bytes were found intact.
+    fn restamp(&self, digest: &Digest, stamp: Stamp) {
+        if let Some(entry) = self.index.lock().blobs.peek_mut(digest) {
+            entry.stamp = stamp;
         }
     }
 
@@ -201,40 +232,38 @@ impl Shared {
 impl BlobStore for FsStore {
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
         let now = SystemTime::now();
-        let mut index = self.shared.index.lock();
-        Ok(digests
-            .iter()
-            .filter(|d| match index.blobs.get_mut(*d) {
-                Some(at) => {
-                    *at = now;
+        let mut missing = Vec::new();
+        // The lock is taken per slice, so a call with a million digests
+        // does not stall every other request for its whole duration.
+        for slice in digests.chunks(super::LOOKUPS_PER_LOCK) {
+            let mut index = self.shared.index.lock();
+            missing.extend(slice.iter().filter(|d| match index.blobs.get_mut(*d) {
+                Some(entry) => {
+                    entry.last_access = now;
                     false
                 }
                 None => true,
-            })
-            .copied()
-            .collect())
+            }));
+        }
+        Ok(missing)
     }
 
     async fn get(&self, digest: &Digest, offset: u64, limit: Option<u64>) -> Result<BlobStream> {
-        if !self.shared.touch(digest) {
+        let Some(stamp) = self.shared.touch(digest) else {
             return Err(Error::blob_not_found(digest));
-        }
+        };
         let (start, end) = range(digest, offset, limit)?;
         let path = self.shared.blob_path(digest);
         let opened = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || stream::open_at(&path, start)).await
+            let (shared, path, digest) = (self.shared.clone(), path.clone(), *digest);
+            tokio::task::spawn_blocking(move || shared.open_checked(&path, &digest, stamp, start)).await
         };
-        let file = match opened.map_err(|e| Error::internal(format!("opening a blob: {e}")))? {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                // Removed behind our back: the index was wrong, not the client.
-                self.shared.forget(digest);
-                return Err(Error::blob_not_found(digest));
-            }
-            Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
-        };
-        Ok(stream::read(file, path, end - start))
+        match opened.map_err(|e| Error::internal(format!("opening a blob: {e}")))? {
+            Ok(integrity::Opened::File(file)) => Ok(stream::read(file, path, end - start)),
+            Ok(integrity::Opened::Bytes(data)) => stream_bytes(data, offset, limit, digest),
+            Ok(integrity::Opened::Missing) => Err(Error::blob_not_found(digest)),
+            Err(e) => Err(Error::io(format!("opening {}", path.display()), e)),
+        }
     }
 
     async fn put(&self, digest: &Digest) -> Result<Box<dyn BlobSink>> {
@@ -245,14 +274,14 @@ impl BlobStore for FsStore {
             tokio::task::spawn_blocking(move || std::fs::File::create(&path))
                 .await
                 .map_err(|e| Error::internal(format!("creating a blob file: {e}")))?
-                .map_err(|e| Error::io(format!("creating {}", tmp.path().display()), e))?
+                .map_err(|e| create_error(tmp.path(), e))?
         };
         Ok(Box::new(stream::FsSink::new(file, tmp, self.shared.clone(), *digest)))
     }
 
     async fn put_bytes(&self, digest: &Digest, data: Bytes) -> Result<()> {
         check_fits(digest, self.shared.max_bytes)?;
-        if self.shared.touch(digest) {
+        if self.shared.touch(digest).is_some() {
             return Ok(());
         }
         let shared = self.shared.clone();
@@ -260,8 +289,7 @@ impl BlobStore for FsStore {
         tokio::task::spawn_blocking(move || {
             let tmp = TempPath(Some(shared.tmp_path(&digest)));
             let path = tmp.path();
-            let mut file =
-                std::fs::File::create(path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+            let mut file = std::fs::File::create(path).map_err(|e| create_error(path, e))?;
             file.write_all(&data).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
             if shared.fsync {
                 file.sync_data().map_err(|e| Error::io(format!("syncing {}", path.display()), e))?;
@@ -277,13 +305,24 @@ impl BlobStore for FsStore {
 
     async fn list(&self, limit: usize) -> Result<Vec<BlobInfo>> {
         let index = self.shared.index.lock();
-        Ok(index.blobs.iter().take(limit).map(|(d, at)| BlobInfo { digest: *d, last_access: *at }).collect())
+        Ok(index.blobs.iter().take(limit).map(|(d, e)| BlobInfo { digest: *d, last_access: e.last_access }).collect())
     }
 
     fn usage(&self) -> Usage {
         let index = self.shared.index.lock();
         Usage { used_bytes: index.used, max_bytes: self.shared.max_bytes, blobs: index.blobs.len() as u64 }
     }
+}
+
+/// An error creating a file. Running out of descriptors is the server
+/// being busy, not broken: RESOURCE_EXHAUSTED, which clients retry.
+fn create_error(path: &Path, e: std::io::Error) -> Error {
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    if matches!(e.raw_os_error(), Some(ENFILE | EMFILE)) {
+        return Error::resource_exhausted(format!("too many open files to start a blob write; retry later ({e})"));
+    }
+    Error::io(format!("creating {}", path.display()), e)
 }
 
 /// A temporary file that is removed when dropped, unless disarmed.

@@ -10,7 +10,7 @@ use lru::LruCache;
 use parking_lot::Mutex;
 use remote_apis::Digest;
 
-use super::{BlobInfo, BlobSink, BlobStore, BlobStream, Usage, stream_bytes};
+use super::{BlobInfo, BlobSink, BlobStore, BlobStream, Scrub, ScrubReport, Usage, stream_bytes};
 use crate::error::{Error, Result};
 
 #[derive(Clone)]
@@ -55,6 +55,9 @@ impl Shared {
     }
 }
 
+/// What a sink reserves up front, whatever size the blob claims.
+const INITIAL_CAPACITY: u64 = 1 << 20;
+
 /// A blob larger than the whole budget can never be stored.
 pub(crate) fn check_fits(digest: &Digest, max_bytes: u64) -> Result<()> {
     if digest.size > max_bytes {
@@ -68,19 +71,19 @@ pub(crate) fn check_fits(digest: &Digest, max_bytes: u64) -> Result<()> {
 #[async_trait]
 impl BlobStore for MemoryStore {
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
-        let mut inner = self.shared.inner.lock();
         let now = SystemTime::now();
-        Ok(digests
-            .iter()
-            .filter(|d| match inner.blobs.get_mut(*d) {
+        let mut missing = Vec::new();
+        for slice in digests.chunks(super::LOOKUPS_PER_LOCK) {
+            let mut inner = self.shared.inner.lock();
+            missing.extend(slice.iter().filter(|d| match inner.blobs.get_mut(*d) {
                 Some(entry) => {
                     entry.1 = now;
                     false
                 }
                 None => true,
-            })
-            .copied()
-            .collect())
+            }));
+        }
+        Ok(missing)
     }
 
     async fn get(&self, digest: &Digest, offset: u64, limit: Option<u64>) -> Result<BlobStream> {
@@ -102,7 +105,8 @@ impl BlobStore for MemoryStore {
         Ok(Box::new(MemorySink {
             store: self.shared.clone(),
             digest: *digest,
-            buf: BytesMut::with_capacity(digest.size as usize),
+            // The declared size is a client's claim: grow as bytes arrive.
+            buf: BytesMut::with_capacity(digest.size.min(INITIAL_CAPACITY) as usize),
         }))
     }
 
@@ -118,6 +122,30 @@ impl BlobStore for MemoryStore {
     fn usage(&self) -> Usage {
         let inner = self.shared.inner.lock();
         Usage { used_bytes: inner.used, max_bytes: self.shared.max_bytes, blobs: inner.blobs.len() as u64 }
+    }
+}
+
+/// Memory cannot be changed behind the store's back, but the scrub is the
+/// same call on every backend (and this store is the tests' fake).
+#[async_trait]
+impl Scrub for MemoryStore {
+    async fn scrub(&self) -> Result<ScrubReport> {
+        let blobs: Vec<(Digest, Bytes)> =
+            self.shared.inner.lock().blobs.iter().map(|(d, (data, _))| (*d, data.clone())).collect();
+        let mut report = ScrubReport::default();
+        for (digest, data) in blobs {
+            if digest.function.digest_of(&data) == digest {
+                report.intact += 1;
+                report.bytes += digest.size;
+            } else {
+                let mut inner = self.shared.inner.lock();
+                if inner.blobs.pop(&digest).is_some() {
+                    inner.used -= digest.size;
+                }
+                report.corrupt += 1;
+            }
+        }
+        Ok(report)
     }
 }
 

@@ -32,6 +32,9 @@ pub type BlobStream = BoxStream<'static, Result<Bytes>>;
 /// Size of the chunks stores hand out when streaming.
 pub const READ_CHUNK: usize = 1 << 20;
 
+/// Index lookups a backend does per hold of its lock in `find_missing`.
+pub(crate) const LOOKUPS_PER_LOCK: usize = 4096;
+
 /// One stored blob, as the admin listing shows it.
 #[derive(Debug, Clone)]
 pub struct BlobInfo {
@@ -88,6 +91,32 @@ pub trait BlobStore: Send + Sync + 'static {
         sink.write(data).await?;
         sink.commit().await
     }
+}
+
+/// The operator's integrity check of a whole store: re-hash every stored
+/// blob and drop the ones that no longer match their digest.
+///
+/// An admin-only call, so it lives beside [`BlobStore`], not in it: the
+/// backends implement it and the factory hands it to the admin service
+/// directly, where no decorator can forward it wrongly or forget it.
+#[async_trait]
+pub trait Scrub: Send + Sync + 'static {
+    async fn scrub(&self) -> Result<ScrubReport>;
+}
+
+/// What a scrub found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScrubReport {
+    /// Blobs whose bytes match their digest, and their total size.
+    pub intact: u64,
+    pub bytes: u64,
+    /// Blobs that did not match and were removed.
+    pub corrupt: u64,
+    /// Indexed blobs whose file was gone (evicted during the scrub, or
+    /// removed behind the store's back); forgotten.
+    pub vanished: u64,
+    /// Blobs that could not be read (kept; see the server's log).
+    pub unreadable: u64,
 }
 
 /// A blob being written.

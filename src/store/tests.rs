@@ -19,7 +19,7 @@ fn blob(seed: u8, len: usize) -> (Digest, Bytes) {
 async fn backends(dir: &std::path::Path, max: u64) -> Vec<(&'static str, Store)> {
     vec![
         ("memory", cas(Arc::new(MemoryStore::new(max)))),
-        ("fs", cas(Arc::new(FsStore::open(dir, max, false).unwrap()))),
+        ("fs", cas(Arc::new(FsStore::open(dir, max, false, 0).unwrap()))),
     ]
 }
 
@@ -147,7 +147,7 @@ async fn filesystem_store_survives_restart_and_drops_torn_files() {
     let (a, da) = blob(30, 5000);
     let (b, db) = blob(31, 5000);
     {
-        let store = cas(Arc::new(FsStore::open(dir.path(), 1 << 20, true).unwrap()));
+        let store = cas(Arc::new(FsStore::open(dir.path(), 1 << 20, true, 0).unwrap()));
         store.put_bytes(&a, da.clone()).await.unwrap();
         store.put_bytes(&b, db).await.unwrap();
         // An unfinished write left behind by a crash.
@@ -159,7 +159,7 @@ async fn filesystem_store_survives_restart_and_drops_torn_files() {
         walk(&dir.path().join("cas")).into_iter().find(|p| p.to_string_lossy().contains(&b.hash_hex())).unwrap();
     std::fs::write(&b_path, b"torn").unwrap();
 
-    let store = cas(Arc::new(FsStore::open(dir.path(), 1 << 20, false).unwrap()));
+    let store = cas(Arc::new(FsStore::open(dir.path(), 1 << 20, false, 0).unwrap()));
     assert_eq!(store.get_bytes(&a).await.unwrap(), da);
     assert_eq!(store.find_missing(&[a, b]).await.unwrap(), vec![b]);
     assert!(!b_path.exists());
@@ -170,7 +170,7 @@ async fn filesystem_store_survives_restart_and_drops_torn_files() {
 #[tokio::test]
 async fn a_file_deleted_behind_the_store_is_not_found() {
     let dir = tempfile::tempdir().unwrap();
-    let store = cas(Arc::new(FsStore::open(dir.path(), 1 << 20, false).unwrap()));
+    let store = cas(Arc::new(FsStore::open(dir.path(), 1 << 20, false, 0).unwrap()));
     let (a, da) = blob(40, 100);
     store.put_bytes(&a, da).await.unwrap();
     for p in walk(&dir.path().join("cas")) {
@@ -202,7 +202,7 @@ async fn reads_survive_a_restart_in_the_eviction_order() {
     let (b, db) = blob(51, 1000);
     let (c, dc) = blob(52, 1000);
     {
-        let store = cas(Arc::new(FsStore::open(dir.path(), 2000, false).unwrap()));
+        let store = cas(Arc::new(FsStore::open(dir.path(), 2000, false, 0).unwrap()));
         store.put_bytes(&a, da).await.unwrap();
         store.put_bytes(&b, db).await.unwrap();
     }
@@ -214,10 +214,10 @@ async fn reads_survive_a_restart_in_the_eviction_order() {
         f.set_modified(two_hours_ago - std::time::Duration::from_secs(age + i as u64)).unwrap();
     }
     {
-        let store = cas(Arc::new(FsStore::open(dir.path(), 2000, false).unwrap()));
+        let store = cas(Arc::new(FsStore::open(dir.path(), 2000, false, 0).unwrap()));
         assert_eq!(store.get_bytes(&a).await.unwrap().len(), 1000);
     }
-    let store = cas(Arc::new(FsStore::open(dir.path(), 2000, false).unwrap()));
+    let store = cas(Arc::new(FsStore::open(dir.path(), 2000, false, 0).unwrap()));
     store.put_bytes(&c, dc).await.unwrap();
     assert_eq!(store.find_missing(&[a, b, c]).await.unwrap(), vec![b], "the unread blob goes first");
 }

@@ -7,8 +7,8 @@
 //! resumable upload costs an open file, not a blocked thread of the pool.
 
 use std::fs::File;
-use std::io::{Read, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -24,27 +24,6 @@ use crate::store::{BlobSink, BlobStream, READ_CHUNK};
 /// Small writes are gathered up to this size before they reach the disk
 /// (Bazel sends 16 KiB chunks).
 const WRITE_CHUNK: usize = 1 << 20;
-
-/// How stale a blob's modification time may get before a read refreshes it.
-const TOUCH_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
-
-/// Opens a blob for reading at `offset`. A read also refreshes the file's
-/// modification time (at most hourly, to spare the journal), which is the
-/// order a restarted store rebuilds its eviction queue from.
-pub(super) fn open_at(path: &Path, offset: u64) -> std::io::Result<File> {
-    let mut file = File::open(path)?;
-    let now = std::time::SystemTime::now();
-    if let Ok(modified) = file.metadata().and_then(|m| m.modified())
-        && now.duration_since(modified).is_ok_and(|age| age > TOUCH_AFTER)
-        && let Err(e) = file.set_modified(now)
-    {
-        tracing::debug!(path = %path.display(), error = %e, "could not refresh a blob's modification time");
-    }
-    if offset > 0 {
-        file.seek(std::io::SeekFrom::Start(offset))?;
-    }
-    Ok(file)
-}
 
 type ReadTask = JoinHandle<(File, std::io::Result<Vec<u8>>)>;
 
