@@ -127,6 +127,11 @@ pub struct WorkerSection {
     pub cache_size: ByteSize,
     /// Platform properties offered, on top of OSFamily, ISA and cpu-count.
     pub properties: BTreeMap<String, String>,
+    /// The `cargo-distbuild` binary that supervises each action (kills
+    /// every descendant at the action's end and when the worker dies).
+    /// Default: the running binary for `server` and `worker`; unset for a
+    /// server embedded in another program, which runs commands directly.
+    pub action_init: Option<PathBuf>,
 }
 
 impl Default for WorkerSection {
@@ -137,6 +142,7 @@ impl Default for WorkerSection {
             work_dir: None,
             cache_size: ByteSize::gib(10),
             properties: BTreeMap::new(),
+            action_init: None,
         }
     }
 }
@@ -306,6 +312,7 @@ pub struct Config {
     pub work_dir: PathBuf,
     pub worker_cache_size: u64,
     pub worker_properties: Vec<(String, String)>,
+    pub action_init: Option<PathBuf>,
     pub execution: ExecutionSection,
 }
 
@@ -373,6 +380,7 @@ impl FileConfig {
         }
             worker_cache_size: self.worker.cache_size.as_u64(),
             worker_properties: self.worker_properties(),
+            action_init: self.worker.action_init.clone(),
             execution: self.execution.clone(),
             data_dir,
         })

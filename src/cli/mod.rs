@@ -147,6 +147,13 @@ enum BackendArg {
 
 /// Entry point of the binary: one line per error, non-zero exit.
 pub fn main() -> ExitCode {
+    // The hidden `__action-init` subcommand supervises one action for a
+    // worker: it runs before anything else (no config, no logging, no
+    // runtime) so it adds as little as possible to every action.
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if raw.get(1).is_some_and(|a| a == crate::worker::action_init::SUBCOMMAND) {
+        return ExitCode::from(crate::worker::action_init::main(&raw[2..]));
+    }
     let mut args: Vec<String> = std::env::args().collect();
     // As a cargo subcommand, cargo runs `cargo-distbuild distbuild ...`.
     if args.get(1).map(String::as_str) == Some("distbuild") {
@@ -259,6 +266,7 @@ async fn server(args: ServerArgs, mut file: FileConfig) -> anyhow::Result<ExitCo
     if let Some(n) = args.workers {
         file.worker.capacity = Some(n);
     }
+    default_action_init(&mut file);
     let config = file.resolve()?;
     let stop = crate::server::shutdown_signal().context("installing signal handlers")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -281,6 +289,7 @@ async fn worker(args: WorkerArgs, ctx: Session) -> anyhow::Result<ExitCode> {
         file.worker.capacity = Some(slots);
     }
     file.worker.properties.extend(args.properties);
+    default_action_init(&mut file);
     // [scheduler] addr names the server here and may be a host name; it is
     // not this process's listen address.
     let scheduler = args.scheduler.unwrap_or(ctx.server);
@@ -290,8 +299,9 @@ async fn worker(args: WorkerArgs, ctx: Session) -> anyhow::Result<ExitCode> {
     let name = args.name.unwrap_or_else(remote::default_name);
     let channel = remote_apis::client::endpoint(&scheduler).map_err(|s| rpc_error("--scheduler", s))?.connect_lazy();
     let (work_dir, cache_size, exec_name) = (config.work_dir.clone(), config.worker_cache_size, name.clone());
+    let init = config.action_init.clone();
     let executor = tokio::task::spawn_blocking(move || {
-        Executor::new(exec_name, Arc::new(RemoteCas::new(channel)), &work_dir, cache_size)
+        Executor::new(exec_name, Arc::new(RemoteCas::new(channel)), &work_dir, cache_size, init)
     })
     .await?
     .with_context(|| format!("preparing the work directory {}", config.work_dir.display()))?;
@@ -310,6 +320,17 @@ async fn worker(args: WorkerArgs, ctx: Session) -> anyhow::Result<ExitCode> {
     });
     remote::run(options, Arc::new(executor), stop).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Actions are supervised by this very binary (its hidden `__action-init`
+/// subcommand) unless the config names another. `/proc/self/exe` is this
+/// binary even after an upgrade replaced the file on disk, so the init
+/// always speaks the worker's version of the protocol.
+fn default_action_init(file: &mut FileConfig) {
+    if file.worker.action_init.is_none() {
+        let own = std::path::Path::new("/proc/self/exe");
+        file.worker.action_init = if own.exists() { Some(own.to_path_buf()) } else { std::env::current_exe().ok() };
+    }
 }
 
 /// The address a client on this machine uses for a server listening on

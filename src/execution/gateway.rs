@@ -38,6 +38,10 @@ impl GatewayService {
     }
 }
 
+/// Longest worker name: names are shown in `workers list`, quoted in
+/// errors and recorded in every ExecutedActionMetadata.
+const MAX_NAME_LEN: usize = 256;
+
 type Outbound = Pin<Box<dyn Stream<Item = Result<SchedulerMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -54,6 +58,9 @@ impl WorkerGateway for GatewayService {
         if hello.slots == 0 {
             return Err(Error::bad_field("hello.slots", "must be at least 1").into());
         }
+        if hello.name.len() > MAX_NAME_LEN {
+            return Err(Error::bad_field("hello.name", format!("longer than {MAX_NAME_LEN} bytes")).into());
+        }
         let name = if hello.name.is_empty() { format!("worker@{peer}") } else { hello.name };
         let info = WorkerInfo {
             name,
@@ -62,7 +69,8 @@ impl WorkerGateway for GatewayService {
             builtin: false,
         };
         let (tx, rx) = mpsc::unbounded_channel::<WorkerCommand>();
-        let id = self.scheduler.register_worker(info, tx);
+        // A name in use is refused: no connection evicts another worker.
+        let id = self.scheduler.register_worker(info, &hello.incarnation, tx)?;
         let scheduler = self.scheduler.clone();
         let closing = self.closing.clone();
         tokio::spawn(async move {

@@ -145,6 +145,8 @@ impl OpEntry {
 
 struct WorkerEntry {
     info: WorkerInfo,
+    /// Random per worker process (see [`Scheduler::register_worker`]).
+    incarnation: String,
     tx: mpsc::UnboundedSender<WorkerCommand>,
     /// task id -> operation name.
     running: HashMap<String, String>,
@@ -301,21 +303,45 @@ impl Scheduler {
         }
     }
 
-    pub fn register_worker(&self, info: WorkerInfo, tx: mpsc::UnboundedSender<WorkerCommand>) -> u64 {
+    /// Adds a worker. Names are unique among connected workers: a name in
+    /// use is refused (ALREADY_EXISTS), so no client can evict a worker (the
+    /// built-in one included) by taking its name. The one exception is the
+    /// same worker process reconnecting, recognized by its `incarnation` (a
+    /// random value it never shows; empty means none): its previous stream
+    /// is dead as far as it knows, so that entry is replaced at once and its
+    /// actions re-queued instead of waiting for the keepalive sweep.
+    pub fn register_worker(
+        &self,
+        info: WorkerInfo,
+        incarnation: &str,
+        tx: mpsc::UnboundedSender<WorkerCommand>,
+    ) -> Result<u64> {
         let mut st = self.state.lock();
-        // A worker that reconnects under its old name replaces the old entry.
-        let stale: Vec<u64> = st.workers.iter().filter(|(_, w)| w.info.name == info.name).map(|(id, _)| *id).collect();
-        for id in stale {
-            self.drop_worker(&mut st, id, "reconnected");
+        if let Some((&old, entry)) = st.workers.iter().find(|(_, w)| w.info.name == info.name) {
+            if incarnation.is_empty() || entry.incarnation != incarnation {
+                return Err(Error::new(
+                    tonic::Code::AlreadyExists,
+                    format!("a connected worker is named {:?}; give each worker its own --name", info.name),
+                ));
+            }
+            self.drop_worker(&mut st, old, "reconnected");
         }
         st.next_worker += 1;
         let id = st.next_worker;
         tracing::info!(worker = %info.name, slots = info.slots, properties = %info.properties, "worker connected");
         let now = Instant::now();
-        st.workers
-            .insert(id, WorkerEntry { info, tx, running: HashMap::new(), done: 0, last_seen: now, connected_at: now });
+        let entry = WorkerEntry {
+            info,
+            incarnation: incarnation.to_string(),
+            tx,
+            running: HashMap::new(),
+            done: 0,
+            last_seen: now,
+            connected_at: now,
+        };
+        st.workers.insert(id, entry);
         self.dispatch(&mut st);
-        id
+        Ok(id)
     }
 
     pub fn worker_alive(&self, id: u64) {
@@ -667,7 +693,8 @@ mod tests {
     ) -> (u64, mpsc::UnboundedReceiver<WorkerCommand>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let properties = Platform::new(props.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
-        let id = s.register_worker(WorkerInfo { name: name.into(), properties, slots, builtin: false }, tx);
+        let info = WorkerInfo { name: name.into(), properties, slots, builtin: false };
+        let id = s.register_worker(info, name, tx).unwrap();
         (id, rx)
     }
 
@@ -725,6 +752,31 @@ mod tests {
         assert_eq!(status.code, tonic::Code::Unavailable as i32);
         assert!(status.message.contains("2 attempts"), "{}", status.message);
         assert_eq!(s.status().counters.requeued, 1);
+    }
+
+    #[test]
+    fn a_live_name_is_refused_unless_the_same_worker_reconnects() {
+        let s = scheduler(3);
+        let info =
+            |name: &str| WorkerInfo { name: name.into(), properties: Platform::default(), slots: 1, builtin: false };
+        let (tx, mut first) = mpsc::unbounded_channel();
+        let id = s.register_worker(info("w"), "secret", tx).unwrap();
+        let watch = s.submit(submission(b"a", &[])).unwrap();
+        assert!(assigned(&mut first).is_some());
+        for impostor in ["", "guess"] {
+            let (tx, _rx) = mpsc::unbounded_channel();
+            let err = s.register_worker(info("w"), impostor, tx).unwrap_err();
+            assert_eq!(err.code, tonic::Code::AlreadyExists, "{err}");
+        }
+        assert_eq!(s.status().workers.len(), 1);
+        assert!(watch.borrow().response.is_none(), "the first worker keeps its action");
+        // The same process reconnecting replaces its dead entry; its action
+        // is handed out again.
+        let (tx, mut again) = mpsc::unbounded_channel();
+        let new = s.register_worker(info("w"), "secret", tx).unwrap();
+        assert_ne!(new, id);
+        assert!(assigned(&mut again).is_some());
+        assert_eq!(s.status().workers.len(), 1);
     }
 
     #[test]

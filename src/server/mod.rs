@@ -238,8 +238,9 @@ async fn start_execution(
         let name = format!("builtin@{}", crate::worker::remote::default_name());
         let work_dir = config.work_dir.clone();
         let (cas_for_worker, cache_size, worker_name) = (cas.clone(), config.worker_cache_size, name.clone());
+        let init = config.action_init.clone();
         let executor = tokio::task::spawn_blocking(move || {
-            Executor::new(worker_name, Arc::new(StoreCas(cas_for_worker)), &work_dir, cache_size)
+            Executor::new(worker_name, Arc::new(StoreCas(cas_for_worker)), &work_dir, cache_size, init)
         })
         .await?
         .with_context(|| format!("preparing the worker directory {}", config.work_dir.display()))?;

@@ -16,7 +16,15 @@ use crate::execution::scheduler::{Scheduler, WorkerCommand, WorkerInfo};
 /// ended (process groups killed, directories removed), or after 10 s.
 pub async fn run(scheduler: Arc<Scheduler>, executor: Arc<Executor>, info: WorkerInfo, stop: CancellationToken) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let id = scheduler.register_worker(info, tx);
+    // The built-in worker registers first and never reconnects: it has no
+    // incarnation, so no connection can take its name.
+    let id = match scheduler.register_worker(info, "", tx) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::error!(error = %e, "the built-in worker could not register");
+            return;
+        }
+    };
     let running: Arc<Mutex<HashMap<String, CancellationToken>>> = Arc::default();
     loop {
         let command = tokio::select! {

@@ -5,6 +5,7 @@
 //! (CAS reached through the store, see [`builtin`]) and `cargo-distbuild
 //! worker` processes on other machines (CAS over gRPC, see [`remote`]).
 
+pub mod action_init;
 pub mod builtin;
 mod cache;
 pub mod cas;
@@ -55,14 +56,24 @@ pub struct Executor {
     cache: Arc<LocalCache>,
     directories: DirectoryCache,
     exec_dir: PathBuf,
+    /// The `cargo-distbuild` binary that supervises each action (see
+    /// [`action_init`]); None runs commands directly.
+    action_init: Option<PathBuf>,
     /// Held for the executor's life: one worker per work directory.
     _lock: std::fs::File,
 }
 
 impl Executor {
     /// `work_dir` holds the blob cache (`cache/`, kept across restarts) and
-    /// the actions' directories (`exec/`, emptied now).
-    pub fn new(name: String, cas: Arc<dyn ExecCas>, work_dir: &Path, cache_bytes: u64) -> std::io::Result<Self> {
+    /// the actions' directories (`exec/`, emptied now). `action_init` is a
+    /// `cargo-distbuild` binary to supervise each action with.
+    pub fn new(
+        name: String,
+        cas: Arc<dyn ExecCas>,
+        work_dir: &Path,
+        cache_bytes: u64,
+        action_init: Option<PathBuf>,
+    ) -> std::io::Result<Self> {
         std::fs::create_dir_all(work_dir)?;
         let lock = lock_work_dir(work_dir)?;
         let exec_dir = work_dir.join("exec");
@@ -77,6 +88,7 @@ impl Executor {
             cache,
             directories: DirectoryCache::new(DIRECTORY_CACHE_ENTRIES),
             exec_dir,
+            action_init: process::check_init(action_init),
             _lock: lock,
         })
     }
@@ -146,6 +158,7 @@ impl Executor {
             stdout: &stdout,
             stderr: &stderr,
             timeout: task.timeout,
+            init: self.action_init.as_deref(),
         };
         let ending = process::run(spec, cancel).await.map_err(|e| {
             let program = task.command.arguments.first().map(String::as_str).unwrap_or("");

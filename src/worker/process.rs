@@ -1,6 +1,7 @@
 //! Running an action's command: exactly its environment, its working
-//! directory, its own process group (so a timeout or a cancel kills every
-//! process it started), output to files.
+//! directory, its own process group, output to files; under the action init
+//! (see [`super::action_init`]) when the worker has one, so that no
+//! descendant survives the action's end, timeout or cancel, or the worker.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -25,12 +26,28 @@ pub struct Spec<'a> {
     pub stdout: &'a Path,
     pub stderr: &'a Path,
     pub timeout: Duration,
+    /// The `cargo-distbuild` binary that supervises the command; None runs
+    /// it directly (a descendant that leaves its process group survives).
+    pub init: Option<&'a Path>,
 }
 
+/// How long a stopped action init may take to kill the action's processes
+/// before the worker kills it and the command's process group itself.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// Runs the command to its end, its timeout or `cancel`, then kills whatever
-/// is left of its process group.
+/// is left of it.
 pub async fn run(spec: Spec<'_>, cancel: &CancellationToken) -> std::io::Result<Ending> {
     let program = resolve_program(&spec.arguments[0], spec.environment, spec.working_dir)?;
+    match spec.init {
+        Some(init) => run_supervised(init, &program, &spec, cancel).await,
+        None => run_direct(program, &spec, cancel).await,
+    }
+}
+
+/// The command as a child of the worker, in its own process group, which is
+/// killed at the end.
+async fn run_direct(program: PathBuf, spec: &Spec<'_>, cancel: &CancellationToken) -> std::io::Result<Ending> {
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(&spec.arguments[1..])
         .env_clear()
@@ -44,11 +61,7 @@ pub async fn run(spec: Spec<'_>, cancel: &CancellationToken) -> std::io::Result<
     let mut child = cmd.spawn()?;
     let pid = child.id().map(|p| p as i32);
     let ending = tokio::select! {
-        status = child.wait() => {
-            let status = status?;
-            use std::os::unix::process::ExitStatusExt;
-            Ending::Exited(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
-        }
+        status = child.wait() => Ending::Exited(exit_code(status?)),
         () = tokio::time::sleep(spec.timeout) => Ending::TimedOut,
         () = cancel.cancelled() => Ending::Cancelled,
     };
@@ -61,6 +74,138 @@ pub async fn run(spec: Spec<'_>, cancel: &CancellationToken) -> std::io::Result<
     }
     let _ = child.wait().await;
     Ok(ending)
+}
+
+/// The command under the action init. The init's standard input is one end
+/// of a socket pair; the worker keeps the other, so closing it (or the
+/// worker dying) tells the init to kill everything and exit.
+async fn run_supervised(
+    init: &Path,
+    program: &Path,
+    spec: &Spec<'_>,
+    cancel: &CancellationToken,
+) -> std::io::Result<Ending> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    ours.set_nonblocking(true)?;
+    let mut line = tokio::net::UnixStream::from_std(ours)?;
+    let mut cmd = tokio::process::Command::new(init);
+    cmd.arg(super::action_init::SUBCOMMAND)
+        .args(super::action_init::arguments(spec.environment, program.as_os_str(), &spec.arguments[1..]))
+        .env_clear()
+        .current_dir(spec.working_dir)
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+        .stdout(std::fs::File::create(spec.stdout)?)
+        .stderr(std::fs::File::create(spec.stderr)?)
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("starting the action init {}: {e}", init.display())))?;
+    // Our copy of the init's end must go, or the line never reads EOF.
+    drop(cmd);
+    let init_pid = child.id().map(|p| p as i32);
+    let step = tokio::select! {
+        s = async {
+            match started(&mut line).await {
+                Ok(()) => Step::Exited(child.wait().await),
+                Err(e) => Step::NotStarted(e),
+            }
+        } => s,
+        () = tokio::time::sleep(spec.timeout) => Step::Stop(Ending::TimedOut),
+        () = cancel.cancelled() => Step::Stop(Ending::Cancelled),
+    };
+    match step {
+        Step::Exited(status) => Ok(Ending::Exited(exit_code(status?))),
+        Step::NotStarted(e) => {
+            let _ = child.wait().await;
+            Err(e)
+        }
+        Step::Stop(ending) => {
+            drop(line);
+            if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+                tracing::warn!(pid = ?init_pid, "the action init did not stop in time; killing its processes");
+                if let Some(pid) = init_pid {
+                    kill_init_tree(pid);
+                }
+                let _ = child.wait().await;
+            }
+            Ok(ending)
+        }
+    }
+}
+
+enum Step {
+    Exited(std::io::Result<std::process::ExitStatus>),
+    NotStarted(std::io::Error),
+    Stop(Ending),
+}
+
+/// Reads the init's first line: `ok`, or `err ERRNO MESSAGE` when the
+/// command could not start (the same error a direct spawn would give).
+async fn started(line: &mut tokio::net::UnixStream) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 512];
+    while !buf.contains(&b'\n') && buf.len() < 4096 {
+        let n = line.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let text = text.lines().next().unwrap_or("");
+    if text == "ok" {
+        return Ok(());
+    }
+    let mut parts = text.strip_prefix("err ").unwrap_or("0 the action init exited early").splitn(2, ' ');
+    let errno: i32 = parts.next().and_then(|e| e.parse().ok()).unwrap_or(0);
+    let message = parts.next().unwrap_or("").to_string();
+    Err(if errno > 0 { std::io::Error::from_raw_os_error(errno) } else { std::io::Error::other(message) })
+}
+
+/// The backstop when the init does not stop: its children's process
+/// groups (the command's), its children, then the init itself. The init is
+/// not reaped yet, so none of these pids can have been reused.
+fn kill_init_tree(init: i32) {
+    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap_or_default();
+    for pid in children.split_ascii_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        // SAFETY: kill and killpg have no memory-safety preconditions.
+        unsafe {
+            libc::killpg(pid, libc::SIGKILL);
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+    // SAFETY: as above.
+    unsafe { libc::killpg(init, libc::SIGKILL) };
+}
+
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// The action init to use: `init` if it is an executable file. Logged once
+/// (executors are made at startup) when there is none.
+pub fn check_init(init: Option<PathBuf>) -> Option<PathBuf> {
+    match init {
+        Some(p) if is_executable(&p) => Some(p),
+        Some(p) => {
+            tracing::warn!(
+                action_init = %p.display(),
+                "the action init is not an executable file; running commands directly: \
+                 processes that leave an action's process group can outlive it"
+            );
+            None
+        }
+        None => {
+            tracing::warn!(
+                "no action init; running commands directly: processes that leave an action's process group \
+                 can outlive it"
+            );
+            None
+        }
+    }
 }
 
 /// The program to execute. A name without a slash is looked up in the

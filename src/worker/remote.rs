@@ -31,9 +31,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// with exponential backoff (0.2 s doubling to 30 s).
 pub async fn run(options: WorkerOptions, executor: Arc<Executor>, stop: CancellationToken) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(200);
+    // Lets the scheduler tell this process reconnecting from another one
+    // using the same name (which it refuses while this one is connected).
+    let incarnation = uuid::Uuid::new_v4().to_string();
     loop {
         let started = std::time::Instant::now();
-        let outcome = session(&options, &executor, &stop).await;
+        let outcome = session(&options, &incarnation, &executor, &stop).await;
         if stop.is_cancelled() {
             return Ok(());
         }
@@ -54,7 +57,12 @@ pub async fn run(options: WorkerOptions, executor: Arc<Executor>, stop: Cancella
 
 /// One connection: Hello, then assignments until the stream ends. Actions
 /// still running when it ends are cancelled: the scheduler has re-queued them.
-async fn session(options: &WorkerOptions, executor: &Arc<Executor>, stop: &CancellationToken) -> anyhow::Result<()> {
+async fn session(
+    options: &WorkerOptions,
+    incarnation: &str,
+    executor: &Arc<Executor>,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
     let endpoint = remote_apis::client::endpoint(&options.scheduler)?;
     let connecting = endpoint.connect();
     let channel = tokio::select! {
@@ -72,6 +80,7 @@ async fn session(options: &WorkerOptions, executor: &Arc<Executor>, stop: &Cance
             .map(|(k, v)| proto::Property { name: k.clone(), value: v.clone() })
             .collect(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        incarnation: incarnation.to_string(),
     };
     send(&out_tx, worker_message::Message::Hello(hello));
     let opening = client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(out_rx));

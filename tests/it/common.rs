@@ -42,6 +42,9 @@ impl TestServer {
         file.scheduler.addr = "127.0.0.1:0".into();
         file.cas.root = Some(dir.to_path_buf());
         file.cas.backend = backend;
+        // The test binary is not cargo-distbuild: name the real one, so
+        // built-in workers supervise actions as the server binary does.
+        file.worker.action_init = Some(env!("CARGO_BIN_EXE_cargo-distbuild").into());
         tweak(&mut file);
         let config = file.resolve().unwrap();
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();

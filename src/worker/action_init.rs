@@ -1,0 +1,346 @@
+//! The action init: a small supervisor that runs between a worker and an
+//! action's command, so that no process of the action outlives the action or
+//! the worker, without any privilege.
+//!
+//! The worker runs `cargo-distbuild __action-init N K1=V1 ... KN=VN PROGRAM
+//! ARGS...` with an empty environment, the action's working directory, its
+//! stdout/stderr files and, as standard input, one end of a socket pair whose
+//! other end only the worker holds (the *line*). The init:
+//!
+//! - blocks SIGCHLD, SIGTERM, SIGINT and SIGHUP and reads them from a
+//!   signalfd, so it waits in one `poll` on the signals and the line: no
+//!   polling loop, no latency added to the command's end;
+//! - makes itself a child subreaper, so every orphaned descendant (a
+//!   `setsid` daemon, a double fork) becomes its child instead of init's;
+//! - spawns the command in its own process group with exactly the variables
+//!   it was given (its own environment stays empty, so an action's
+//!   `LD_LIBRARY_PATH` or `LD_PRELOAD` cannot break the init itself), standard
+//!   input from /dev/null, and reports on the line `ok` or why the command
+//!   could not start (`err ERRNO MESSAGE`);
+//! - on the command's exit, a termination signal, or the line closing (the
+//!   worker stopped the action, or the worker process died: the kernel
+//!   closes its end either way) stops and kills every remaining descendant,
+//!   reaping until it has no child left, then exits with the command's exit
+//!   code (128 + N for a signal N).
+//!
+//! The line replaces `PR_SET_PDEATHSIG`, which fires when the *thread* that
+//! forked dies (a tokio blocking thread retiring would kill a healthy
+//! action) and needs a `getppid` check against a race; a closed socket is
+//! the worker *process* going away, with no race.
+
+use std::ffi::{OsStr, OsString};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+
+/// The hidden subcommand of the `cargo-distbuild` binary.
+pub const SUBCOMMAND: &str = "__action-init";
+
+/// Exit code when the command could not be started (as shells report).
+const CANNOT_RUN: u8 = 127;
+
+/// The init's arguments after [`SUBCOMMAND`]: the command's environment,
+/// then the program (a path, resolved by the worker) and its arguments.
+pub fn arguments(environment: &[(String, String)], program: &OsStr, args: &[String]) -> Vec<OsString> {
+    let mut out = Vec::with_capacity(2 + environment.len() + args.len());
+    out.push(OsString::from(environment.len().to_string()));
+    out.extend(environment.iter().map(|(k, v)| OsString::from(format!("{k}={v}"))));
+    out.push(program.to_os_string());
+    out.extend(args.iter().map(OsString::from));
+    out
+}
+
+/// Runs the init with the arguments that follow [`SUBCOMMAND`]; returns its
+/// exit code.
+pub fn main(args: &[OsString]) -> u8 {
+    let Some((env, program, rest)) = parse(args) else {
+        eprintln!("usage: cargo-distbuild {SUBCOMMAND} N K=V... PROGRAM ARGS... (run by workers, not by hand)");
+        return 2;
+    };
+    let signals = match Signals::block() {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("blocking signals: {e}"), None),
+    };
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return fail(&format!("becoming a subreaper: {e}"), None);
+    }
+    let mut command = std::process::Command::new(program);
+    command.args(rest).env_clear().envs(env).stdin(Stdio::null()).process_group(0);
+    // SAFETY: the closure only calls async-signal-safe functions.
+    unsafe { command.pre_exec(default_signals) };
+    let child = command.spawn();
+    let command = match child {
+        Ok(c) => c.id() as i32,
+        Err(e) => return fail(&e.to_string(), e.raw_os_error()),
+    };
+    tell_worker(b"ok\n");
+    let exited = supervise(&signals, command);
+    let killed = reap::kill_descendants(exited.is_none().then_some(command));
+    exited.or(killed).map_or(128 + libc::SIGKILL as u8, exit_code)
+}
+
+/// Splits `N K=V... PROGRAM ARGS...`.
+#[allow(clippy::type_complexity)]
+fn parse(args: &[OsString]) -> Option<(Vec<(&OsStr, &OsStr)>, &OsStr, &[OsString])> {
+    let n: usize = args.first()?.to_str()?.parse().ok()?;
+    let vars = args.get(1..1 + n)?;
+    let env = vars
+        .iter()
+        .map(|kv| {
+            let bytes = kv.as_bytes();
+            let eq = bytes.iter().position(|&b| b == b'=')?;
+            Some((OsStr::from_bytes(&bytes[..eq]), OsStr::from_bytes(&bytes[eq + 1..])))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let program = args.get(1 + n)?;
+    Some((env, program, &args[2 + n..]))
+}
+
+/// In the command's process before exec: nothing blocked (std leaves the
+/// mask as it is, and the init blocks the signals it waits for) and SIGPIPE
+/// at its default (the Rust runtime ignores it), as a worker's direct child
+/// would have them.
+fn default_signals() -> std::io::Result<()> {
+    // SAFETY: sigemptyset, sigprocmask and signal are async-signal-safe and
+    // get valid pointers.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    Ok(())
+}
+
+/// Tells the worker why the command did not start, on the line (the worker
+/// turns it into the action's error) and on stderr (for a human).
+fn fail(message: &str, errno: Option<i32>) -> u8 {
+    let line = format!("err {} {}\n", errno.unwrap_or(0), message.replace('\n', " "));
+    tell_worker(line.as_bytes());
+    eprintln!("cargo-distbuild {SUBCOMMAND}: {message}");
+    CANNOT_RUN
+}
+
+/// Writes to the line (standard input). A worker already gone is no error.
+fn tell_worker(bytes: &[u8]) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fd 0 stays open for the process's life; ManuallyDrop keeps it so.
+    let mut line = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(0) });
+    let _ = line.write_all(bytes);
+}
+
+/// Waits for the command's end (returns its wait status) or for a reason to
+/// stop it (returns None): a termination signal, or the line closing.
+fn supervise(signals: &Signals, command: i32) -> Option<i32> {
+    loop {
+        let mut fds = [
+            libc::pollfd { fd: signals.fd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: two valid pollfd structs.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return None;
+        }
+        if fds[1].revents != 0 {
+            // Nothing is ever sent on the line: readable means closed.
+            return None;
+        }
+        if fds[0].revents != 0 {
+            match signals.next() {
+                Some(libc::SIGCHLD) => {
+                    if let Some(status) = reap::reap_exited(command) {
+                        return Some(status);
+                    }
+                }
+                Some(_) => return None,
+                None => {}
+            }
+        }
+    }
+}
+
+/// The exit code for a wait status: the code, or 128 + the signal.
+fn exit_code(status: i32) -> u8 {
+    if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) as u8 } else { (128 + libc::WTERMSIG(status)) as u8 }
+}
+
+/// The signals the init waits for, blocked and readable from a signalfd.
+struct Signals {
+    fd: i32,
+}
+
+impl Signals {
+    fn block() -> std::io::Result<Self> {
+        // SAFETY: a zeroed sigset_t filled by sigemptyset/sigaddset, then
+        // passed to sigprocmask and signalfd, which only read it.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+                libc::sigaddset(&mut set, s);
+            }
+            if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(Signals { fd })
+        }
+    }
+
+    /// The next pending signal, if one is readable.
+    fn next(&self) -> Option<i32> {
+        // SAFETY: reading one signalfd_siginfo into a zeroed struct of that size.
+        unsafe {
+            let mut info: libc::signalfd_siginfo = std::mem::zeroed();
+            let size = std::mem::size_of::<libc::signalfd_siginfo>();
+            let n = libc::read(self.fd, (&mut info as *mut libc::signalfd_siginfo).cast(), size);
+            (n as usize == size).then_some(info.ssi_signo as i32)
+        }
+    }
+}
+
+mod reap {
+    //! Reaping and killing the init's descendants.
+
+    use std::collections::HashMap;
+
+    /// Reaps every exited child; returns the command's wait status if it
+    /// was among them (other children are orphans that ended on their own).
+    pub fn reap_exited(command: i32) -> Option<i32> {
+        let mut found = None;
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid with a valid status pointer.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                return found;
+            }
+            if pid == command {
+                found = Some(status);
+            }
+        }
+    }
+
+    /// Kills every descendant, round after round, until the init has no
+    /// child left; returns the command's wait status if it reaped it.
+    /// `command` is the command's pid while it is unreaped: its process
+    /// group is killed at once (after the reap the id may be reused, so it
+    /// is not signalled then). Each round stops the tree top-down before
+    /// listing a process's children (a stopped process can neither fork nor
+    /// reap, so every listed pid stays valid), kills it, and reaps the
+    /// init's own children; children of killed processes are reparented to
+    /// the init (a subreaper) and are found by the next round.
+    pub fn kill_descendants(command: Option<i32>) -> Option<i32> {
+        if let Some(pgid) = command {
+            // SAFETY: killpg has no memory-safety preconditions.
+            unsafe { libc::killpg(pgid, libc::SIGKILL) };
+        }
+        let me = std::process::id() as i32;
+        let mut status = None;
+        loop {
+            let mut listing = Listing::new();
+            let children = listing.children(me);
+            if children.is_empty() {
+                return status;
+            }
+            let mut tree = children.clone();
+            let mut i = 0;
+            while i < tree.len() {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(tree[i], libc::SIGSTOP) };
+                let grandchildren = listing.children(tree[i]);
+                tree.extend(grandchildren);
+                i += 1;
+            }
+            for &pid in &tree {
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            for &pid in &children {
+                let mut st = 0;
+                // SAFETY: waitpid on our own child with a valid status pointer.
+                if unsafe { libc::waitpid(pid, &mut st, 0) } == pid && Some(pid) == command {
+                    status = Some(st);
+                }
+            }
+        }
+    }
+
+    /// Children of a process: from `/proc/PID/task/*/children` where the
+    /// kernel has it, else from one scan of every process's parent.
+    struct Listing {
+        scan: Option<HashMap<i32, Vec<i32>>>,
+    }
+
+    impl Listing {
+        fn new() -> Self {
+            let has_children_files = std::path::Path::new("/proc/thread-self/children").exists();
+            Listing { scan: (!has_children_files).then(scan_parents) }
+        }
+
+        fn children(&mut self, pid: i32) -> Vec<i32> {
+            if let Some(map) = &self.scan {
+                return map.get(&pid).cloned().unwrap_or_default();
+            }
+            let mut out = Vec::new();
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+            for task in tasks.flatten() {
+                if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+                    out.extend(text.split_ascii_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+                }
+            }
+            out
+        }
+    }
+
+    /// Parent -> children for every process (`/proc/*/stat`, field 4).
+    fn scan_parents() -> HashMap<i32, Vec<i32>> {
+        let mut map: HashMap<i32, Vec<i32>> = HashMap::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else { return map };
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok());
+            if let Some(ppid) = ppid {
+                map.entry(ppid).or_default().push(pid);
+            }
+        }
+        map
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_round_trip_with_equals_signs_and_empty_values() {
+        let env = vec![("A".to_string(), "x=y".to_string()), ("EMPTY".to_string(), String::new())];
+        let args = arguments(&env, OsStr::new("/bin/sh"), &["-c".into(), "echo".into()]);
+        let (parsed, program, rest) = parse(&args).unwrap();
+        assert_eq!(parsed, [(OsStr::new("A"), OsStr::new("x=y")), (OsStr::new("EMPTY"), OsStr::new(""))]);
+        assert_eq!(program, "/bin/sh");
+        assert_eq!(rest, [OsString::from("-c"), OsString::from("echo")]);
+        assert!(parse(&[OsString::from("2"), OsString::from("A=1")]).is_none(), "too few variables");
+        assert!(parse(&[OsString::from("1"), OsString::from("NOEQUALS"), OsString::from("p")]).is_none());
+    }
+
+    #[test]
+    fn exit_codes_are_the_shells() {
+        assert_eq!(exit_code(3 << 8), 3);
+        assert_eq!(exit_code(libc::SIGKILL), 137);
+    }
+}
