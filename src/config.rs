@@ -169,6 +169,24 @@ pub struct ExecutionSection {
     /// How long an action waits when no connected worker could run it.
     #[serde(with = "humantime_serde")]
     pub unmatched_timeout: Duration,
+    /// Limits on an input root (counted expanded: a directory named twice
+    /// counts twice) and on an action's output directories: directory
+    /// levels, directories, files and symlinks. Checked before queueing and
+    /// again by the worker; defaults and their reasons in
+    /// `worker::TreeLimits`.
+    pub max_tree_depth: usize,
+    pub max_tree_directories: u64,
+    pub max_tree_files: u64,
+}
+
+impl ExecutionSection {
+    pub fn tree_limits(&self) -> crate::worker::TreeLimits {
+        crate::worker::TreeLimits {
+            max_depth: self.max_tree_depth,
+            max_directories: self.max_tree_directories,
+            max_files: self.max_tree_files,
+        }
+    }
 }
 
 impl Default for ExecutionSection {
@@ -181,6 +199,9 @@ impl Default for ExecutionSection {
             operation_retention: Duration::from_secs(600),
             max_finished_operations: 100_000,
             unmatched_timeout: Duration::from_secs(60),
+            max_tree_depth: crate::worker::TreeLimits::default().max_depth,
+            max_tree_directories: crate::worker::TreeLimits::default().max_directories,
+            max_tree_files: crate::worker::TreeLimits::default().max_files,
         }
     }
 }
@@ -305,6 +326,9 @@ pub struct Config {
     pub max_batch_size: u64,
     pub fsync: bool,
     pub upload_resume_window: Duration,
+    pub max_parked_uploads: usize,
+    pub max_parked_uploads_per_client: usize,
+    pub verify_reads_below: u64,
     pub shutdown_grace: Duration,
     pub connections: crate::server::ConnectionLimits,
     pub worker_capacity: usize,
@@ -333,9 +357,6 @@ impl FileConfig {
             .scheduler
             .addr
             .parse::<SocketAddr>()
-    pub max_parked_uploads: usize,
-    pub max_parked_uploads_per_client: usize,
-    pub verify_reads_below: u64,
             .with_context(|| format!("[scheduler] addr {:?} is not an IP:PORT address", self.scheduler.addr))?;
         let max_batch_size = self.cas.max_batch_size.as_u64();
         if max_batch_size < 64 * 1024 {
@@ -347,6 +368,9 @@ impl FileConfig {
         if self.cas.max_size.as_u64() == 0 {
             bail!("[cas] max_size must be larger than zero");
         }
+        if self.cas.max_parked_uploads_per_client > self.cas.max_parked_uploads {
+            bail!("[cas] max_parked_uploads_per_client must be at most max_parked_uploads");
+        }
         if self.worker.heartbeat_interval_secs == 0 {
             bail!("[worker] heartbeat_interval_secs must be at least 1");
         }
@@ -355,6 +379,9 @@ impl FileConfig {
         }
         if self.execution.default_timeout.is_zero() || self.execution.default_timeout > self.execution.max_timeout {
             bail!("[execution] default_timeout must be above zero and at most max_timeout");
+        }
+        if self.execution.max_tree_directories == 0 {
+            bail!("[execution] max_tree_directories must be at least 1 (the root)");
         }
         let data_dir = match &self.cas.root {
             Some(p) => p.clone(),
@@ -367,6 +394,9 @@ impl FileConfig {
             max_batch_size,
             fsync: self.cas.fsync,
             upload_resume_window: self.cas.upload_resume_window,
+            max_parked_uploads: self.cas.max_parked_uploads,
+            max_parked_uploads_per_client: self.cas.max_parked_uploads_per_client,
+            verify_reads_below: self.cas.verify_reads_below.as_u64(),
             shutdown_grace: self.server.shutdown_grace,
             connections: self.server.connection_limits()?,
             worker_capacity: self
@@ -375,9 +405,6 @@ impl FileConfig {
                 .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
             heartbeat_interval: Duration::from_secs(self.worker.heartbeat_interval_secs),
             work_dir: self.worker.work_dir.clone().unwrap_or_else(|| data_dir.join("worker")),
-        if self.cas.max_parked_uploads_per_client > self.cas.max_parked_uploads {
-            bail!("[cas] max_parked_uploads_per_client must be at most max_parked_uploads");
-        }
             worker_cache_size: self.worker.cache_size.as_u64(),
             worker_properties: self.worker_properties(),
             action_init: self.worker.action_init.clone(),
@@ -402,9 +429,6 @@ fn default_data_dir() -> PathBuf {
 
 #[cfg(test)]
 mod tests {
-            max_parked_uploads: self.cas.max_parked_uploads,
-            max_parked_uploads_per_client: self.cas.max_parked_uploads_per_client,
-            verify_reads_below: self.cas.verify_reads_below.as_u64(),
     use super::*;
 
     #[test]
@@ -460,6 +484,8 @@ mod tests {
             ("[scheduler]\naddr = \"localhost\"", "addr"),
             ("[cas]\nmax_batch_size = \"1KiB\"", "max_batch_size"),
             ("[execution]\nmax_attempts = 0", "max_attempts"),
+            ("[execution]\nmax_tree_directories = 0", "max_tree_directories"),
+            ("[execution]\nmax_tree_depth = -1", "max_tree_depth"),
             ("[execution]\ndefault_timeout = \"2h\"\nmax_timeout = \"1h\"", "default_timeout"),
             ("[server]\nshutdown_grace = \"soon\"", "shutdown_grace"),
             ("[server]\nmax_connections = 0", "max_connections"),

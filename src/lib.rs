@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod execution;
+pub mod fsutil;
 pub mod server;
 pub mod store;
 pub mod worker;

@@ -44,27 +44,60 @@ pub fn check_name(name: &str) -> Result<(), ParseError> {
     }
 }
 
-/// Checks a symlink target: relative, and not leaving the input root when
-/// resolved from the link's own directory (`depth` components below the root).
-pub fn check_symlink_target(target: &str, depth: usize) -> Result<(), ParseError> {
+/// Checks a symlink target as the spec allows it: `SymlinkNode.target` may
+/// be absolute (this server advertises `symlink_absolute_path_strategy`
+/// ALLOWED) and "`..` components are allowed anywhere in the target path".
+/// Only what no filesystem can hold is refused: an empty target, or NUL.
+/// Symlinks are data: they are staged as given and never followed by the
+/// worker itself.
+pub fn check_symlink_target(target: &str) -> Result<(), ParseError> {
     if target.is_empty() {
         return Err(ParseError::new("symlink target is empty"));
     }
-    if target.starts_with('/') {
-        return Err(ParseError::new(format!("symlink target {target:?} is absolute")));
-    }
-    let mut level = depth as isize;
-    for part in target.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => level -= 1,
-            _ => level += 1,
-        }
-        if level < 0 {
-            return Err(ParseError::new(format!("symlink target {target:?} points outside the input root")));
-        }
+    if target.contains('\0') {
+        return Err(ParseError::new("symlink target contains NUL"));
     }
     Ok(())
+}
+
+/// Resolves an output path against the working directory, both as a
+/// Command gives them, into components relative to the input root.
+///
+/// The spec: output paths "are relative to the working directory", use `/`,
+/// and "MUST NOT include a trailing slash, nor a leading slash". So `.` (the
+/// working directory itself) and `..` are legal, and an output above the
+/// working directory can only be named with `..` (BuildStream sends
+/// `working_directory: "buildstream/smoke/hello.bst"` with the output paths
+/// `.` and `../../../buildstream-install`). Refused: absolute paths, a
+/// trailing slash, empty components, and whatever climbs above the input
+/// root. `..` is resolved by name: the worker never follows a symlink on an
+/// output's way, so the name is what the filesystem sees.
+pub fn resolve_output_path<'a>(working_directory: &'a str, path: &'a str) -> Result<Vec<&'a str>, ParseError> {
+    let mut parts = path_components(working_directory)?;
+    if path.is_empty() {
+        return Ok(parts);
+    }
+    if path.starts_with('/') {
+        return Err(ParseError::new(format!("path {path:?} is absolute; output paths are relative")));
+    }
+    for part in path.split('/') {
+        match part {
+            "." => {}
+            ".." => {
+                if parts.pop().is_none() {
+                    return Err(ParseError::new(format!(
+                        "path {path:?} leaves the input root (from the working directory {working_directory:?})"
+                    )));
+                }
+            }
+            "" => return Err(ParseError::new(format!("path {path:?} has an empty component or a trailing slash"))),
+            name => {
+                check_name(name).map_err(|e| ParseError::new(format!("path {path:?}: {}", e.0)))?;
+                parts.push(name);
+            }
+        }
+    }
+    Ok(parts)
 }
 
 /// An encoded message and its digest.
@@ -118,6 +151,16 @@ struct Node {
     /// Directories known only by digest (their messages were built and
     /// uploaded elsewhere, e.g. a toolchain tree shared by many actions).
     subtrees: BTreeMap<String, Digest>,
+}
+
+/// Nodes nest as deep as the paths added; dropping them must not recurse.
+impl Drop for Node {
+    fn drop(&mut self) {
+        let mut stack: Vec<Node> = std::mem::take(&mut self.dirs).into_values().collect();
+        while let Some(mut node) = stack.pop() {
+            stack.extend(std::mem::take(&mut node.dirs).into_values());
+        }
+    }
 }
 
 impl Node {
@@ -210,50 +253,144 @@ impl TreeBuilder {
         Ok((node, name))
     }
 
-    pub fn build(self) -> BuiltTree {
-        let mut directories = Vec::new();
-        let (root_digest, root) = encode_node(self.function, &self.root, &mut directories);
-        let data = Bytes::from(root.encode_to_vec());
-        directories.insert(0, (root_digest, data, root.clone()));
-        let mut seen = std::collections::HashSet::new();
-        directories.retain(|(d, _, _)| seen.insert(*d));
-        let mut files = self.files;
-        files.sort_by_key(|f| (f.digest.hash, f.digest.size));
-        files.dedup_by_key(|f| f.digest);
-        BuiltTree { root_digest, root, directories, files }
+    /// Encodes every directory, depth first without recursion.
+    pub fn build(mut self) -> BuiltTree {
+        let mut out = TreeAssembler::new(self.function);
+        let root = std::mem::take(&mut self.root);
+        let mut stack = vec![emit_entries(&mut out, root).into_iter()];
+        while let Some(top) = stack.last_mut() {
+            match top.next() {
+                Some((name, child)) => {
+                    out.enter(&name);
+                    stack.push(emit_entries(&mut out, child).into_iter());
+                }
+                None => {
+                    stack.pop();
+                    if !stack.is_empty() {
+                        out.leave();
+                    }
+                }
+            }
+        }
+        out.finish(std::mem::take(&mut self.files))
     }
 }
 
-/// Encodes `node` and, depth first, every directory below it into `out`.
-fn encode_node(
-    function: DigestFunction,
-    node: &Node,
-    out: &mut Vec<(Digest, Bytes, Directory)>,
-) -> (Digest, Directory) {
-    let mut dir = Directory::default();
-    for (name, child) in &node.dirs {
-        let (digest, message) = encode_node(function, child, out);
-        let data = Bytes::from(message.encode_to_vec());
-        out.push((digest, data, message));
-        dir.directories.push(DirectoryNode { name: name.clone(), digest: Some(digest.to_proto()) });
-    }
+/// Adds `node`'s files, symlinks and subtrees to the open directory and
+/// returns its child directories, still to be walked.
+fn emit_entries(out: &mut TreeAssembler, mut node: Node) -> Vec<(String, Node)> {
     for (name, digest) in &node.subtrees {
-        dir.directories.push(DirectoryNode { name: name.clone(), digest: Some(digest.to_proto()) });
+        out.subtree(name, *digest);
     }
-    dir.directories.sort_by(|a, b| a.name.cmp(&b.name));
     for (name, (digest, executable)) in &node.files {
-        dir.files.push(FileNode {
-            name: name.clone(),
+        out.file(name, *digest, *executable);
+    }
+    for (name, target) in &node.symlinks {
+        out.symlink(name, target);
+    }
+    std::mem::take(&mut node.dirs).into_iter().collect()
+}
+
+/// Builds canonical `Directory` messages bottom-up while something walks a
+/// tree depth first: [`enter`](Self::enter) a directory, add its entries,
+/// [`leave`](Self::leave) it. Time and memory are linear in the tree and
+/// nothing recurses, so any depth is safe (callers bound the depth they
+/// accept). [`TreeBuilder`] and the worker's output collection use it.
+pub struct TreeAssembler {
+    function: DigestFunction,
+    /// Directories entered and not yet left, with their names (the root's
+    /// is empty).
+    open: Vec<(String, Directory)>,
+    /// Every distinct directory left so far.
+    directories: Vec<(Digest, Bytes, Directory)>,
+    seen: std::collections::HashSet<Digest>,
+}
+
+impl TreeAssembler {
+    /// Starts with the root open.
+    pub fn new(function: DigestFunction) -> Self {
+        TreeAssembler {
+            function,
+            open: vec![(String::new(), Directory::default())],
+            directories: Vec::new(),
+            seen: Default::default(),
+        }
+    }
+
+    /// How many directories are open below the root.
+    pub fn depth(&self) -> usize {
+        self.open.len() - 1
+    }
+
+    fn current(&mut self) -> &mut Directory {
+        &mut self.open.last_mut().expect("the root stays open until finish").1
+    }
+
+    /// Opens the child directory `name` of the current one.
+    pub fn enter(&mut self, name: &str) {
+        self.open.push((name.to_string(), Directory::default()));
+    }
+
+    pub fn file(&mut self, name: &str, digest: Digest, executable: bool) {
+        self.current().files.push(FileNode {
+            name: name.to_string(),
             digest: Some(digest.to_proto()),
-            is_executable: *executable,
+            is_executable: executable,
             node_properties: None,
         });
     }
-    for (name, target) in &node.symlinks {
-        dir.symlinks.push(SymlinkNode { name: name.clone(), target: target.clone(), node_properties: None });
+
+    pub fn symlink(&mut self, name: &str, target: &str) {
+        self.current().symlinks.push(SymlinkNode {
+            name: name.to_string(),
+            target: target.to_string(),
+            node_properties: None,
+        });
     }
-    let (digest, _) = encode(function, &dir);
-    (digest, dir)
+
+    /// A child directory known only by digest (its messages are elsewhere).
+    pub fn subtree(&mut self, name: &str, digest: Digest) {
+        self.current().directories.push(DirectoryNode { name: name.to_string(), digest: Some(digest.to_proto()) });
+    }
+
+    /// Closes the current directory (not the root): encodes it and names it
+    /// in its parent. Returns its digest.
+    pub fn leave(&mut self) -> Digest {
+        assert!(self.open.len() > 1, "leave without enter");
+        let (name, dir) = self.open.pop().expect("checked above");
+        let digest = self.seal(dir);
+        self.subtree(&name, digest);
+        digest
+    }
+
+    /// Sorts, encodes and records a directory.
+    fn seal(&mut self, mut dir: Directory) -> Digest {
+        dir.files.sort_by(|a, b| a.name.cmp(&b.name));
+        dir.directories.sort_by(|a, b| a.name.cmp(&b.name));
+        dir.symlinks.sort_by(|a, b| a.name.cmp(&b.name));
+        let (digest, data) = encode(self.function, &dir);
+        if self.seen.insert(digest) {
+            self.directories.push((digest, data, dir));
+        }
+        digest
+    }
+
+    /// Closes what is still open, the root last, and returns the tree;
+    /// `files` are the local files it names.
+    pub fn finish(mut self, mut files: Vec<LocalFile>) -> BuiltTree {
+        while self.open.len() > 1 {
+            self.leave();
+        }
+        let (_, root) = self.open.pop().expect("the root");
+        let root_digest = self.seal(root);
+        let at = self.directories.iter().position(|(d, _, _)| *d == root_digest).expect("sealed");
+        let entry = self.directories.remove(at);
+        let root = entry.2.clone();
+        self.directories.insert(0, entry);
+        files.sort_by_key(|f| (f.digest.hash, f.digest.size));
+        files.dedup_by_key(|f| f.digest);
+        BuiltTree { root_digest, root, directories: self.directories, files }
+    }
 }
 
 /// Hashes a local file in fixed-size reads (blocking).
@@ -273,35 +410,48 @@ pub fn hash_file_blocking(function: DigestFunction, path: &Path) -> std::io::Res
 
 /// Adds the local file, symlink or directory `local` at `path` (blocking).
 /// Symlinks are recorded as symlinks, never followed; other file types
-/// (sockets, devices) are an error.
+/// (sockets, devices) are an error. Directories are walked with an explicit
+/// stack: no recursion, whatever the depth.
 pub fn add_local_path(builder: &mut TreeBuilder, path: &str, local: &Path) -> std::io::Result<()> {
+    let mut stack = vec![(path.to_string(), local.to_path_buf())];
+    while let Some((path, local)) = stack.pop() {
+        let entries = add_local_entry(builder, &path, &local)?;
+        for name in entries.into_iter().rev() {
+            let child = if path.is_empty() { name.clone() } else { format!("{path}/{name}") };
+            stack.push((child, local.join(&name)));
+        }
+    }
+    Ok(())
+}
+
+/// Adds one local entry; for a directory, returns the names in it.
+fn add_local_entry(builder: &mut TreeBuilder, path: &str, local: &Path) -> std::io::Result<Vec<String>> {
     use std::os::unix::fs::PermissionsExt;
     let invalid = |e: ParseError| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.0);
+    let not_utf8 = |what: &str| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {what} is not UTF-8", local.display()))
+    };
     let meta = std::fs::symlink_metadata(local)?;
     let kind = meta.file_type();
     if kind.is_symlink() {
         let target = std::fs::read_link(local)?;
-        let target = target.to_str().ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: target is not UTF-8", local.display()))
-        })?;
-        builder.add_symlink(path, target).map_err(invalid)
+        let target = target.to_str().ok_or_else(|| not_utf8("target"))?;
+        builder.add_symlink(path, target).map_err(invalid)?;
+        Ok(Vec::new())
     } else if kind.is_file() {
         let digest = hash_file_blocking(builder.function, local)?;
         let executable = meta.permissions().mode() & 0o111 != 0;
-        builder.add_file(path, digest, executable, local.to_path_buf()).map_err(invalid)
+        builder.add_file(path, digest, executable, local.to_path_buf()).map_err(invalid)?;
+        Ok(Vec::new())
     } else if kind.is_dir() {
         builder.add_directory(path).map_err(invalid)?;
-        let mut entries: Vec<_> = std::fs::read_dir(local)?.collect::<Result<_, _>>()?;
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            let name = entry.file_name();
-            let name = name.to_str().ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: name is not UTF-8", local.display()))
-            })?;
-            let child = if path.is_empty() { name.to_string() } else { format!("{path}/{name}") };
-            add_local_path(builder, &child, &entry.path())?;
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(local)? {
+            let name = entry?.file_name();
+            names.push(name.into_string().map_err(|_| not_utf8("a name"))?);
         }
-        Ok(())
+        names.sort();
+        Ok(names)
     } else {
         Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -310,8 +460,9 @@ pub fn add_local_path(builder: &mut TreeBuilder, path: &str, local: &Path) -> st
     }
 }
 
-/// The tree of a local directory (blocking): how a worker reports an output
-/// directory.
+/// The tree of a local directory (blocking), e.g. for `exec --input`.
+/// (Workers collect output directories with their own walk, which also
+/// bounds depth and size.)
 pub fn tree_of_local_dir(function: DigestFunction, dir: &Path) -> std::io::Result<BuiltTree> {
     let mut builder = TreeBuilder::new(function);
     add_local_path(&mut builder, "", dir)?;
@@ -334,15 +485,72 @@ mod tests {
         }
     }
 
+    /// The spec's rules for `SymlinkNode.target`: "The target path can be
+    /// relative to the parent directory of the symlink or it can be an
+    /// absolute path starting with `/`" and "`..` components are allowed
+    /// anywhere in the target path".
     #[test]
     fn symlink_targets() {
-        assert!(check_symlink_target("b", 0).is_ok());
-        assert!(check_symlink_target("../b", 1).is_ok());
-        assert!(check_symlink_target("../b", 0).is_err());
-        assert!(check_symlink_target("a/../../b", 1).is_ok());
-        assert!(check_symlink_target("a/../../../b", 1).is_err());
-        assert!(check_symlink_target("/etc/passwd", 3).is_err());
-        assert!(check_symlink_target("", 0).is_err());
+        let ok = ["b", "../b", "a/../../b", "/etc/passwd", "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", ".", "a//b/"];
+        for t in ok {
+            check_symlink_target(t).unwrap_or_else(|e| panic!("{t:?}: {e}"));
+        }
+        for t in ["", "a\0b"] {
+            assert!(check_symlink_target(t).is_err(), "{t:?} accepted");
+        }
+    }
+
+    /// The spec's rules for output paths: "relative to the working directory
+    /// of the action execution", "MUST NOT include a trailing slash, nor a
+    /// leading slash"; the result must stay inside the input root.
+    #[test]
+    fn output_paths_resolve_against_the_working_directory() {
+        let wd = "buildstream/smoke/hello.bst";
+        let ok: &[(&str, &str, &[&str])] = &[
+            ("", "a/b", &["a", "b"]),
+            ("", "", &[]),
+            ("", ".", &[]),
+            (wd, ".", &["buildstream", "smoke", "hello.bst"]),
+            (wd, "", &["buildstream", "smoke", "hello.bst"]),
+            (wd, "../../../buildstream-install", &["buildstream-install"]),
+            (wd, "../../..", &[]),
+            ("w", "./x/../y", &["w", "y"]),
+            ("w", "a.b/c..d/.e", &["w", "a.b", "c..d", ".e"]),
+        ];
+        for (wd, path, want) in ok {
+            let got = resolve_output_path(wd, path).unwrap_or_else(|e| panic!("{wd:?} {path:?}: {e}"));
+            assert_eq!(&got, want, "{wd:?} {path:?}");
+        }
+        let bad = [
+            ("", ".."),
+            ("", "a/../.."),
+            (wd, "../../../.."),
+            ("", "/etc/passwd"),
+            ("", "a/"),
+            ("", "a//b"),
+            ("", "a\0b"),
+            ("../w", "x"),
+            ("/w", "x"),
+        ];
+        for (wd, path) in bad {
+            assert!(resolve_output_path(wd, path).is_err(), "{wd:?} {path:?} accepted");
+        }
+    }
+
+    #[test]
+    fn deep_trees_build_and_drop_without_recursion() {
+        let f = DigestFunction::Sha256;
+        let deep = vec!["d"; 100_000].join("/");
+        let run = move || {
+            let mut t = TreeBuilder::new(f);
+            t.add_directory(&deep).unwrap();
+            let built = t.build();
+            assert_eq!(built.directories.len(), 100_001);
+            let mut dropped = TreeBuilder::new(f);
+            dropped.add_directory(&deep).unwrap();
+            drop(dropped);
+        };
+        std::thread::Builder::new().stack_size(256 << 10).spawn(run).unwrap().join().unwrap();
     }
 
     #[test]

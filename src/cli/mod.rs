@@ -299,9 +299,10 @@ async fn worker(args: WorkerArgs, ctx: Session) -> anyhow::Result<ExitCode> {
     let name = args.name.unwrap_or_else(remote::default_name);
     let channel = remote_apis::client::endpoint(&scheduler).map_err(|s| rpc_error("--scheduler", s))?.connect_lazy();
     let (work_dir, cache_size, exec_name) = (config.work_dir.clone(), config.worker_cache_size, name.clone());
-    let init = config.action_init.clone();
+    let (init, limits) = (config.action_init.clone(), config.execution.tree_limits());
     let executor = tokio::task::spawn_blocking(move || {
         Executor::new(exec_name, Arc::new(RemoteCas::new(channel)), &work_dir, cache_size, init)
+            .map(|e| e.with_limits(limits))
     })
     .await?
     .with_context(|| format!("preparing the work directory {}", config.work_dir.display()))?;

@@ -1,9 +1,11 @@
 //! Everything checked before an action is queued: the Action, Command and
 //! input tree exist (all missing blobs reported at once, in the form that
-//! makes clients upload and retry), every path is relative and stays inside
-//! the input root, and the timeout is within the server's limit.
+//! makes clients upload and retry), every path follows the spec's rules and
+//! stays inside the input root, the input tree (counted expanded) is within
+//! the tree limits, and the timeout is within the server's limit.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
@@ -13,13 +15,14 @@ use remote_apis::{Digest, merkle};
 use super::platform::Platform;
 use crate::error::{Error, Result};
 use crate::store::Store;
-use crate::worker::DirectoryCache;
+use crate::worker::{DirectoryCache, TreeLimits};
 
-/// Timeout rules from the configuration.
+/// Rules from the configuration: timeouts, and the limits on input trees.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     pub default: Duration,
     pub max: Duration,
+    pub tree: TreeLimits,
 }
 
 /// An action ready to queue.
@@ -58,8 +61,8 @@ pub async fn check(
         return Err(Error::missing_blobs(missing, "action inputs"));
     }
     let command = read_message::<Command>(cas, &command_digest, "command").await?;
-    check_command(&command)?;
-    check_tree(cas, dirs, root_digest).await?;
+    check_command(&command, &timeouts.tree)?;
+    check_tree(cas, dirs, root_digest, &timeouts.tree).await?;
     let timeout = match action.timeout.as_ref() {
         None => timeouts.default,
         Some(t) if t.seconds < 0 || t.nanos < 0 => return Err(Error::bad_field("action.timeout", "is negative")),
@@ -97,15 +100,20 @@ async fn read_message<M: Message + Default>(cas: &Store, digest: &Digest, what: 
     M::decode(data.as_ref()).map_err(|e| Error::invalid(format!("{what} {digest} does not decode: {e}")))
 }
 
-/// Arguments, working directory, outputs and environment. (The 2.0 output
-/// fields are deprecated, and still served: Bazel 4 uses them.)
+/// Arguments, working directory, outputs and environment. Output paths are
+/// resolved against the working directory (`.` and `..` are legal) and may
+/// not leave the input root nor be deeper than the tree limit. (The 2.0
+/// output fields are deprecated, and still served: Bazel 4 uses them.)
 #[allow(deprecated)]
-pub fn check_command(command: &Command) -> Result<()> {
+pub fn check_command(command: &Command, limits: &TreeLimits) -> Result<()> {
     if command.arguments.first().is_none_or(|a| a.is_empty()) {
         return Err(Error::bad_field("command.arguments", "is empty: there is no program to run"));
     }
-    merkle::path_components(&command.working_directory)
+    let wd = merkle::path_components(&command.working_directory)
         .map_err(|e| Error::bad_field("command.working_directory", e.0))?;
+    limits
+        .check_depth("the working directory", wd.len())
+        .map_err(|e| Error::bad_field("command.working_directory", e.message))?;
     let outputs = [
         ("command.output_paths", &command.output_paths),
         ("command.output_files", &command.output_files),
@@ -113,9 +121,17 @@ pub fn check_command(command: &Command) -> Result<()> {
     ];
     for (field, paths) in outputs {
         for p in paths {
-            merkle::path_components(p).map_err(|e| Error::bad_field(field, e.0))?;
-            if p.is_empty() && field == "command.output_files" {
-                return Err(Error::bad_field(field, "an output file cannot be the working directory"));
+            let parts =
+                merkle::resolve_output_path(&command.working_directory, p).map_err(|e| Error::bad_field(field, e.0))?;
+            limits
+                .check_depth(&format!("output path {p:?}"), parts.len())
+                .map_err(|e| Error::bad_field(field, e.message))?;
+            // The working directory and its ancestors are directories.
+            if field == "command.output_files" && wd.starts_with(&parts) {
+                return Err(Error::bad_field(
+                    field,
+                    format!("{p:?} names the working directory or one above it, not a file"),
+                ));
             }
         }
     }
@@ -130,18 +146,23 @@ pub fn check_command(command: &Command) -> Result<()> {
     Ok(())
 }
 
-/// Walks the input tree: every directory and file must be present, names and
-/// symlink targets valid. All missing blobs are reported together.
-async fn check_tree(cas: &Store, dirs: &DirectoryCache, root: Digest) -> Result<()> {
+/// Walks the input tree level by level: every directory and file must be
+/// present, names and symlink targets valid, and the tree, counted
+/// expanded, within `limits` (a level beyond the depth limit is never read).
+/// All missing blobs are reported together.
+async fn check_tree(cas: &Store, dirs: &DirectoryCache, root: Digest, limits: &TreeLimits) -> Result<()> {
     let function = root.function;
+    let mut fetched: HashMap<Digest, Arc<Directory>> = HashMap::new();
     let mut seen = HashSet::from([root]);
-    let mut level = vec![(root, 0usize)];
+    let mut level = vec![root];
+    let mut depth = 0;
     // Files, and the directories taken from the cache: all must be present.
     let mut files = HashSet::new();
     let mut missing = Vec::new();
     while !level.is_empty() {
+        limits.check_depth("the input root", depth).map_err(too_big)?;
         let mut next = Vec::new();
-        for (digest, depth) in level {
+        for digest in level {
             let dir = match dirs.get(&digest) {
                 // Known by content; its presence is checked with the files.
                 Some(d) => {
@@ -150,7 +171,7 @@ async fn check_tree(cas: &Store, dirs: &DirectoryCache, root: Digest) -> Result<
                 }
                 None => match read_message::<Directory>(cas, &digest, "input directory").await {
                     Ok(d) => {
-                        let d = std::sync::Arc::new(d);
+                        let d = Arc::new(d);
                         dirs.put(digest, d.clone());
                         d
                     }
@@ -161,22 +182,32 @@ async fn check_tree(cas: &Store, dirs: &DirectoryCache, root: Digest) -> Result<
                     Err(e) => return Err(e),
                 },
             };
-            crate::worker::check_directory(&dir, depth).map_err(|e| e.context(format!("input directory {digest}")))?;
+            crate::worker::check_directory(&dir).map_err(|e| e.context(format!("input directory {digest}")))?;
             for f in &dir.files {
                 files.insert(Digest::from_field(function, f.digest.as_ref(), "file digest")?);
             }
             for d in &dir.directories {
                 let d = Digest::from_field(function, d.digest.as_ref(), "directory digest")?;
                 if seen.insert(d) {
-                    next.push((d, depth + 1));
+                    next.push(d);
                 }
             }
+            fetched.insert(digest, dir);
         }
         level = next;
+        depth += 1;
+    }
+    if missing.is_empty() {
+        limits.check("the input root", &crate::worker::tree_size(root, &fetched)?).map_err(too_big)?;
     }
     let files: Vec<Digest> = files.into_iter().collect();
     missing.extend(cas.find_missing(&files).await?);
     if missing.is_empty() { Ok(()) } else { Err(Error::missing_blobs(missing, "input root")) }
+}
+
+/// A tree over the limits is a request this server refuses as given.
+fn too_big(e: Error) -> Error {
+    Error::bad_field("action.input_root_digest", e.message)
 }
 
 #[cfg(test)]
@@ -184,17 +215,50 @@ mod tests {
     use super::*;
     use remote_apis::reapi::command::EnvironmentVariable;
 
+    fn limits() -> TreeLimits {
+        TreeLimits { max_depth: 8, ..TreeLimits::default() }
+    }
+
+    /// The spec on output paths: "The paths are relative to the working
+    /// directory of the action execution", "The path MUST NOT include a
+    /// trailing slash, nor a leading slash, being a relative path"; the
+    /// empty output directory "can be used to capture the entire working
+    /// directory tree". So `.` and `..` are legal, and only what leaves the
+    /// input root is refused. The working directory is "relative to the
+    /// input root" and "must be a directory which exists in the input tree":
+    /// no `..` there.
     #[test]
     #[allow(deprecated)]
     fn commands() {
         let ok = Command { arguments: vec!["true".into()], ..Default::default() };
-        check_command(&ok).unwrap();
-        let cases: Vec<(Command, &str)> = vec![
+        let bst = Command { working_directory: "buildstream/smoke/hello.bst".into(), ..ok.clone() };
+        let accepted: Vec<Command> = vec![
+            ok.clone(),
+            // BuildStream 2.8: the working directory itself and an install
+            // directory three levels up.
+            Command { output_paths: vec![".".into(), "../../../buildstream-install".into()], ..bst.clone() },
+            Command { output_directories: vec!["".into(), "..".into()], ..bst.clone() },
+            Command { output_files: vec!["../x".into(), "./y".into()], ..bst.clone() },
+            Command { output_paths: vec!["a/b/../c".into()], ..ok.clone() },
+            Command { output_paths: vec!["a/b/c/d/e/f/g/h".into()], ..ok.clone() },
+        ];
+        for command in accepted {
+            check_command(&command, &limits()).unwrap_or_else(|e| panic!("{command:?}: {e}"));
+        }
+        let refused: Vec<(Command, &str)> = vec![
             (Command::default(), "command.arguments"),
             (Command { working_directory: "../x".into(), ..ok.clone() }, "command.working_directory"),
             (Command { working_directory: "/abs".into(), ..ok.clone() }, "command.working_directory"),
+            (Command { working_directory: "a/./b".into(), ..ok.clone() }, "command.working_directory"),
             (Command { output_paths: vec!["a/../../b".into()], ..ok.clone() }, "command.output_paths"),
+            (Command { output_paths: vec!["../../../../x".into()], ..bst.clone() }, "command.output_paths"),
+            (Command { output_paths: vec!["a/".into()], ..ok.clone() }, "command.output_paths"),
+            (Command { output_paths: vec!["a//b".into()], ..ok.clone() }, "command.output_paths"),
+            (Command { output_paths: vec!["a/b/c/d/e/f/g/h/i".into()], ..ok.clone() }, "command.output_paths"),
             (Command { output_files: vec!["/etc/passwd".into()], ..ok.clone() }, "command.output_files"),
+            (Command { output_files: vec![".".into()], ..bst.clone() }, "command.output_files"),
+            (Command { output_files: vec!["../..".into()], ..bst.clone() }, "command.output_files"),
+            (Command { output_files: vec!["".into()], ..ok.clone() }, "command.output_files"),
             (Command { output_directories: vec!["..".into()], ..ok.clone() }, "command.output_directories"),
             (
                 Command {
@@ -204,10 +268,13 @@ mod tests {
                 "command.environment_variables",
             ),
         ];
-        for (command, field) in cases {
-            let err = check_command(&command).unwrap_err();
+        for (command, field) in refused {
+            let err = check_command(&command, &limits()).unwrap_err();
             assert_eq!(err.code, tonic::Code::InvalidArgument);
             assert_eq!(err.bad_field.as_ref().map(|(f, _)| f.as_str()), Some(field), "{command:?}");
         }
+        let deep = Command { output_paths: vec!["a/b/c/d/e/f/g/h/i".into()], ..ok };
+        let err = check_command(&deep, &limits()).unwrap_err();
+        assert!(err.message.contains("[execution] max_tree_depth"), "{}", err.message);
     }
 }

@@ -155,7 +155,11 @@ pub async fn serve(
             cas.clone(),
             ac,
             execution.clone(),
-            Timeouts { default: config.execution.default_timeout, max: config.execution.max_timeout },
+            Timeouts {
+                default: config.execution.default_timeout,
+                max: config.execution.max_timeout,
+                tree: config.execution.tree_limits(),
+            },
             STREAM_KEEPALIVE,
         ))))
         .add_service(limits!(OperationsServer::new(OperationsService::new(execution.clone()))))
@@ -238,9 +242,10 @@ async fn start_execution(
         let name = format!("builtin@{}", crate::worker::remote::default_name());
         let work_dir = config.work_dir.clone();
         let (cas_for_worker, cache_size, worker_name) = (cas.clone(), config.worker_cache_size, name.clone());
-        let init = config.action_init.clone();
+        let (init, limits) = (config.action_init.clone(), config.execution.tree_limits());
         let executor = tokio::task::spawn_blocking(move || {
             Executor::new(worker_name, Arc::new(StoreCas(cas_for_worker)), &work_dir, cache_size, init)
+                .map(|e| e.with_limits(limits))
         })
         .await?
         .with_context(|| format!("preparing the worker directory {}", config.work_dir.display()))?;

@@ -1,15 +1,19 @@
 //! Materializing an input root: Directory messages fetched (and remembered:
-//! they are content-addressed), files hard-linked from the local cache.
+//! they are content-addressed), the tree's expanded size checked against the
+//! limits, files hard-linked from the local cache. Nothing here recurses: a
+//! client chooses the depth.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::StreamExt;
 use parking_lot::Mutex;
 use prost::Message;
 use remote_apis::reapi::Directory;
 use remote_apis::{Digest, InstanceName, merkle};
+use tokio_util::sync::CancellationToken;
 
 use super::cache::{Key, LocalCache};
 use super::cas::ExecCas;
@@ -35,6 +39,113 @@ impl DirectoryCache {
     }
 }
 
+/// Limits on one tree (an input root, or an action's output directories):
+/// `[execution] max_tree_depth`, `max_tree_directories`, `max_tree_files`.
+/// A tree is counted as it is on disk, the Merkle DAG expanded: 19 Directory
+/// blobs of 2.8 KB can name 524,287 directories.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TreeLimits {
+    /// Directory levels below the root (`a/b` is 2).
+    pub max_depth: usize,
+    /// Directories, the root included.
+    pub max_directories: u64,
+    /// Files and symlinks.
+    pub max_files: u64,
+}
+
+/// Defaults far above real trees and far below what hurts a worker. The
+/// deepest real trees (npm's nested `node_modules`, Bazel's external
+/// repositories under `execroot`) are well under 100 levels, and no path of
+/// more than 2,048 components fits Linux's PATH_MAX of 4,096 bytes, so
+/// 1,000 levels leave every real tree 10x room while every input path stays
+/// usable by the action's tools. The largest real input roots (a whole
+/// BuildStream sysroot, a `node_modules`-heavy Bazel action, a Chromium
+/// checkout) have tens of thousands of directories and a few hundred
+/// thousand files: 250,000 directories and 2,000,000 files leave them 5x
+/// room, and refuse the 19-blob DAG that expands to 524,287 directories.
+impl Default for TreeLimits {
+    fn default() -> Self {
+        TreeLimits { max_depth: 1_000, max_directories: 250_000, max_files: 2_000_000 }
+    }
+}
+
+impl TreeLimits {
+    /// Refuses a depth above the limit.
+    pub fn check_depth(&self, what: &str, depth: usize) -> Result<()> {
+        if depth > self.max_depth {
+            return Err(over(what, format!("is more than {} directories deep", self.max_depth), "max_tree_depth"));
+        }
+        Ok(())
+    }
+
+    /// Refuses a size above the limits.
+    pub fn check(&self, what: &str, size: &TreeSize) -> Result<()> {
+        self.check_depth(what, size.depth)?;
+        if size.directories > self.max_directories {
+            let has = format!("has {} directories, more than {}", size.directories, self.max_directories);
+            return Err(over(what, has, "max_tree_directories"));
+        }
+        if size.files > self.max_files {
+            let has = format!("has {} files and symlinks, more than {}", size.files, self.max_files);
+            return Err(over(what, has, "max_tree_files"));
+        }
+        Ok(())
+    }
+}
+
+/// INVALID_ARGUMENT naming the limit and its configuration key; the caller
+/// changes the code where the tree is not the client's request.
+fn over(what: &str, has: String, key: &str) -> Error {
+    Error::invalid(format!("{what} {has}, this server's limit ([execution] {key})"))
+}
+
+/// The expanded size of a tree: what materializing it creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TreeSize {
+    pub depth: usize,
+    pub directories: u64,
+    pub files: u64,
+}
+
+/// The expanded size of the tree under `root`, from its distinct Directory
+/// messages: each directory is counted once per digest and its size reused
+/// wherever it appears, so the work is linear in distinct directories
+/// however many times the DAG repeats them. Counts saturate.
+pub fn tree_size(root: Digest, dirs: &HashMap<Digest, Arc<Directory>>) -> Result<TreeSize> {
+    let mut sizes: HashMap<Digest, TreeSize> = HashMap::with_capacity(dirs.len());
+    // (digest, children already pushed): a post-order walk without recursion.
+    let mut stack = vec![(root, false)];
+    while let Some((digest, children_done)) = stack.pop() {
+        if sizes.contains_key(&digest) {
+            continue;
+        }
+        let dir = dirs.get(&digest).ok_or_else(|| Error::internal(format!("directory {digest} was not fetched")))?;
+        let children = child_digests(digest, dir)?;
+        if !children_done {
+            stack.push((digest, true));
+            stack.extend(children.into_iter().filter(|c| !sizes.contains_key(c)).map(|c| (c, false)));
+            continue;
+        }
+        let mut size = TreeSize { depth: 0, directories: 1, files: (dir.files.len() + dir.symlinks.len()) as u64 };
+        for child in children {
+            // Present: a Merkle DAG has no cycles, so children finish first.
+            let c = sizes.get(&child).copied().unwrap_or_default();
+            size.depth = size.depth.max(c.depth.saturating_add(1));
+            size.directories = size.directories.saturating_add(c.directories);
+            size.files = size.files.saturating_add(c.files);
+        }
+        sizes.insert(digest, size);
+    }
+    Ok(sizes.get(&root).copied().unwrap_or_default())
+}
+
+fn child_digests(parent: Digest, dir: &Directory) -> Result<Vec<Digest>> {
+    let digest = |d: &remote_apis::reapi::DirectoryNode| {
+        Digest::from_field(parent.function, d.digest.as_ref(), "directory digest").map_err(Error::from)
+    };
+    dir.directories.iter().map(digest).collect()
+}
+
 /// A fetched input tree: every directory by digest.
 pub struct InputTree {
     pub root: Digest,
@@ -56,26 +167,30 @@ impl InputTree {
     }
 }
 
-/// Fetches every Directory of the tree under `root`, level by level, and
-/// checks names and symlink targets. Missing directories are reported all
-/// together as FAILED_PRECONDITION.
+/// Fetches every Directory of the tree under `root`, level by level, checks
+/// names and symlink targets, and the tree's expanded size against `limits`
+/// (a level beyond the depth limit is never fetched). Missing directories
+/// are reported all together as FAILED_PRECONDITION.
 pub async fn fetch_tree(
     cas: &dyn ExecCas,
     cache: &DirectoryCache,
     instance: &InstanceName,
     root: Digest,
+    limits: &TreeLimits,
 ) -> Result<InputTree> {
     let mut dirs: HashMap<Digest, Arc<Directory>> = HashMap::new();
-    let mut level = vec![(root, 0usize)];
+    let mut level = vec![root];
+    let mut depth = 0;
     while !level.is_empty() {
+        limits.check_depth("the input root", depth)?;
         let mut missing = Vec::new();
-        let fetched: Vec<(Digest, usize, Result<Arc<Directory>>)> = futures::stream::iter(level)
-            .map(|(digest, depth)| async move { (digest, depth, load_directory(cas, cache, instance, digest).await) })
+        let fetched: Vec<(Digest, Result<Arc<Directory>>)> = futures::stream::iter(level)
+            .map(|digest| async move { (digest, load_directory(cas, cache, instance, digest).await) })
             .buffer_unordered(FETCH_CONCURRENCY)
             .collect()
             .await;
         let mut next = Vec::new();
-        for (digest, depth, dir) in fetched {
+        for (digest, dir) in fetched {
             let dir = match dir {
                 Ok(d) => d,
                 Err(e) if !e.missing.is_empty() => {
@@ -84,22 +199,20 @@ pub async fn fetch_tree(
                 }
                 Err(e) => return Err(e),
             };
-            check_directory(&dir, depth).map_err(|e| e.context(format!("input directory {digest}")))?;
-            for child in &dir.directories {
-                let d = Digest::from_field(root.function, child.digest.as_ref(), "directory digest")?;
-                if !dirs.contains_key(&d) {
-                    next.push((d, depth + 1));
-                }
-            }
+            check_directory(&dir).map_err(|e| e.context(format!("input directory {digest}")))?;
+            next.extend(child_digests(digest, &dir)?.into_iter().filter(|d| !dirs.contains_key(d)));
             dirs.insert(digest, dir);
         }
         if !missing.is_empty() {
             return Err(Error::missing_blobs(missing, "input root"));
         }
-        next.sort_by_key(|(d, _)| (d.hash, d.size));
-        next.dedup_by_key(|(d, _)| *d);
+        next.sort_by_key(|d| (d.hash, d.size));
+        next.dedup();
+        next.retain(|d| !dirs.contains_key(d));
         level = next;
+        depth += 1;
     }
+    limits.check("the input root", &tree_size(root, &dirs)?)?;
     Ok(InputTree { root, dirs })
 }
 
@@ -120,8 +233,10 @@ async fn load_directory(
     Ok(dir)
 }
 
-/// Names are single components; symlinks stay inside the input root.
-pub fn check_directory(dir: &Directory, depth: usize) -> Result<()> {
+/// Names are single components and unique; symlink targets are what the
+/// spec allows (absolute, or relative with `..` anywhere): they are staged
+/// as given and never followed by the worker.
+pub fn check_directory(dir: &Directory) -> Result<()> {
     let names = dir
         .files
         .iter()
@@ -136,26 +251,70 @@ pub fn check_directory(dir: &Directory, depth: usize) -> Result<()> {
         }
     }
     for s in &dir.symlinks {
-        merkle::check_symlink_target(&s.target, depth).map_err(|e| Error::invalid(format!("{}: {}", s.name, e.0)))?;
+        merkle::check_symlink_target(&s.target).map_err(|e| Error::invalid(format!("{}: {}", s.name, e.0)))?;
     }
     Ok(())
 }
 
+/// When materializing must stop: the deadline (materializing is bounded on
+/// its own, REAPI's timeout covers the execution only) or a cancel.
+#[derive(Clone)]
+pub struct Stop {
+    pub deadline: Instant,
+    pub limit: std::time::Duration,
+    pub cancel: CancellationToken,
+}
+
+impl Stop {
+    pub fn check(&self) -> Result<()> {
+        if self.cancel.is_cancelled() {
+            return Err(Error::new(tonic::Code::Cancelled, "the operation was cancelled"));
+        }
+        if Instant::now() >= self.deadline {
+            return Err(self.expired());
+        }
+        Ok(())
+    }
+
+    /// Runs `work` until the deadline or a cancel. Only for work that can
+    /// be dropped midway (async fetches); blocking steps call [`Self::check`].
+    pub async fn bound<T>(&self, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        tokio::select! {
+            r = tokio::time::timeout_at(self.deadline.into(), work) => r.unwrap_or_else(|_| Err(self.expired())),
+            () = self.cancel.cancelled() => Err(Error::new(tonic::Code::Cancelled, "the operation was cancelled")),
+        }
+    }
+
+    pub fn expired(&self) -> Error {
+        Error::new(
+            tonic::Code::DeadlineExceeded,
+            format!(
+                "fetching and creating the input root took longer than the action's timeout of {} \
+                 (applied to materializing on its own)",
+                humantime::format_duration(self.limit)
+            ),
+        )
+    }
+}
+
 /// Fetches every file of `tree` into the local cache, then creates the
 /// directories, hard links and symlinks under `dest` (which must exist).
+/// Symlinks are created last, so no path the worker creates passes through
+/// one.
 pub async fn materialize(
     cas: &dyn ExecCas,
     cache: &LocalCache,
     instance: &InstanceName,
     tree: &InputTree,
     dest: &Path,
+    stop: &Stop,
 ) -> Result<()> {
     let files = tree.files()?;
-    let results: Vec<Result<()>> = futures::stream::iter(files)
+    let fetching = futures::stream::iter(files)
         .map(|key| async move { cache.ensure(cas, instance, key).await.map(|_| ()) })
         .buffer_unordered(FETCH_CONCURRENCY)
-        .collect()
-        .await;
+        .collect::<Vec<Result<()>>>();
+    let results = stop.bound(async { Ok(fetching.await) }).await?;
     let mut missing = Vec::new();
     for r in results {
         match r {
@@ -167,19 +326,17 @@ pub async fn materialize(
     if !missing.is_empty() {
         return Err(Error::missing_blobs(missing, "input root"));
     }
-    let mut links = Vec::new();
-    let mut dirs = Vec::new();
-    let mut symlinks = Vec::new();
-    plan(tree, tree.root, dest.to_path_buf(), &mut dirs, &mut links, &mut symlinks)?;
-    let links: Vec<(PathBuf, PathBuf, Key)> = links.into_iter().map(|(p, k)| (cache.path(&k), p, k)).collect();
-    let gone = tokio::task::spawn_blocking(move || create(&dirs, &links, &symlinks))
+    stop.check()?;
+    let plan = plan(tree, dest)?;
+    let links: Vec<(PathBuf, PathBuf, Key)> = plan.links.into_iter().map(|(p, k)| (cache.path(&k), p, k)).collect();
+    let (dirs, symlinks, blocking_stop) = (plan.dirs, plan.symlinks, stop.clone());
+    let gone = tokio::task::spawn_blocking(move || create(&dirs, &links, &symlinks, &blocking_stop))
         .await
-        .map_err(|e| Error::internal(e.to_string()))?
-        .map_err(|e| e.context("creating the input root"))?;
+        .map_err(|e| Error::internal(e.to_string()))??;
     // Cache files evicted between fetch and link are fetched again.
     for (target, key) in gone {
         cache.forget(&key);
-        let source = cache.ensure(cas, instance, key).await?;
+        let source = stop.bound(cache.ensure(cas, instance, key)).await?;
         tokio::task::spawn_blocking(move || link_or_copy(&source, &target).map_err(|e| Error::io(target.display(), e)))
             .await
             .map_err(|e| Error::internal(e.to_string()))??;
@@ -187,53 +344,75 @@ pub async fn materialize(
     Ok(())
 }
 
-fn plan(
-    tree: &InputTree,
-    digest: Digest,
-    at: PathBuf,
-    dirs: &mut Vec<PathBuf>,
-    links: &mut Vec<(PathBuf, Key)>,
-    symlinks: &mut Vec<(PathBuf, String)>,
-) -> Result<()> {
-    let dir = tree.dirs.get(&digest).ok_or_else(|| Error::internal(format!("directory {digest} was not fetched")))?;
-    for f in &dir.files {
-        let digest = Digest::from_field(digest.function, f.digest.as_ref(), "file digest")?;
-        links.push((at.join(&f.name), Key { digest, executable: f.is_executable }));
-    }
-    for s in &dir.symlinks {
-        symlinks.push((at.join(&s.name), s.target.clone()));
-    }
-    for d in &dir.directories {
-        let child = at.join(&d.name);
-        dirs.push(child.clone());
-        let cd = Digest::from_field(digest.function, d.digest.as_ref(), "directory digest")?;
-        plan(tree, cd, child, dirs, links, symlinks)?;
-    }
-    Ok(())
+/// Everything to create, directories parent first.
+#[derive(Default)]
+struct Plan {
+    dirs: Vec<PathBuf>,
+    links: Vec<(PathBuf, Key)>,
+    symlinks: Vec<(PathBuf, String)>,
 }
 
-/// Creates the planned directories, hard links and symlinks. Returns the
-/// links whose cache file vanished (evicted) before it could be linked.
+/// Expands the DAG into paths, depth first with an explicit stack (its size
+/// was checked against the limits when it was fetched).
+fn plan(tree: &InputTree, dest: &Path) -> Result<Plan> {
+    let mut plan = Plan::default();
+    let mut stack = vec![(tree.root, dest.to_path_buf())];
+    while let Some((digest, at)) = stack.pop() {
+        let dir =
+            tree.dirs.get(&digest).ok_or_else(|| Error::internal(format!("directory {digest} was not fetched")))?;
+        for f in &dir.files {
+            let digest = Digest::from_field(digest.function, f.digest.as_ref(), "file digest")?;
+            plan.links.push((at.join(&f.name), Key { digest, executable: f.is_executable }));
+        }
+        for s in &dir.symlinks {
+            plan.symlinks.push((at.join(&s.name), s.target.clone()));
+        }
+        for d in &dir.directories {
+            let child = at.join(&d.name);
+            plan.dirs.push(child.clone());
+            stack.push((Digest::from_field(digest.function, d.digest.as_ref(), "directory digest")?, child));
+        }
+    }
+    Ok(plan)
+}
+
+/// How many entries are created between two looks at the clock.
+const STOP_CHECK_EVERY: usize = 64;
+
+/// Creates the planned directories, hard links and symlinks, stopping at
+/// the deadline or a cancel. Returns the links whose cache file vanished
+/// (evicted) before it could be linked.
 fn create(
     dirs: &[PathBuf],
     links: &[(PathBuf, PathBuf, Key)],
     symlinks: &[(PathBuf, String)],
+    stop: &Stop,
 ) -> Result<Vec<(PathBuf, Key)>> {
-    for d in dirs {
-        std::fs::create_dir(d).map_err(|e| Error::io(d.display(), e))?;
+    let context = |e: std::io::Error, path: &Path| Error::io(path.display(), e).context("creating the input root");
+    for (i, d) in dirs.iter().enumerate() {
+        if i % STOP_CHECK_EVERY == 0 {
+            stop.check()?;
+        }
+        std::fs::create_dir(d).map_err(|e| context(e, d))?;
     }
     let mut gone = Vec::new();
-    for (source, target, key) in links {
+    for (i, (source, target, key)) in links.iter().enumerate() {
+        if i % STOP_CHECK_EVERY == 0 {
+            stop.check()?;
+        }
         if let Err(e) = link_or_copy(source, target) {
             if e.kind() == std::io::ErrorKind::NotFound && !source.exists() {
                 gone.push((target.clone(), *key));
                 continue;
             }
-            return Err(Error::io(target.display(), e));
+            return Err(context(e, target));
         }
     }
-    for (path, target) in symlinks {
-        std::os::unix::fs::symlink(target, path).map_err(|e| Error::io(path.display(), e))?;
+    for (i, (path, target)) in symlinks.iter().enumerate() {
+        if i % STOP_CHECK_EVERY == 0 {
+            stop.check()?;
+        }
+        std::os::unix::fs::symlink(target, path).map_err(|e| context(e, path))?;
     }
     Ok(gone)
 }
@@ -245,5 +424,77 @@ fn link_or_copy(source: &Path, target: &Path) -> std::io::Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(e),
         Err(_) => std::fs::copy(source, target).map(|_| ()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use remote_apis::DigestFunction;
+    use remote_apis::reapi::{DirectoryNode, FileNode, SymlinkNode};
+
+    /// A DAG of `levels` Directory messages, each naming the one below
+    /// twice, and one file at the bottom.
+    fn dag(levels: usize) -> (Digest, HashMap<Digest, Arc<Directory>>) {
+        let f = DigestFunction::Sha256;
+        let file = FileNode { name: "f".into(), digest: Some(f.digest_of(b"x").to_proto()), ..Default::default() };
+        let mut dir = Directory { files: vec![file], ..Default::default() };
+        let mut dirs = HashMap::new();
+        let mut digest = merkle::encode(f, &dir).0;
+        dirs.insert(digest, Arc::new(dir));
+        for _ in 1..levels {
+            let node = |name: &str| DirectoryNode { name: name.into(), digest: Some(digest.to_proto()) };
+            dir = Directory { directories: vec![node("a"), node("b")], ..Default::default() };
+            digest = merkle::encode(f, &dir).0;
+            dirs.insert(digest, Arc::new(dir));
+        }
+        (digest, dirs)
+    }
+
+    #[test]
+    fn a_dag_is_counted_expanded_in_linear_time() {
+        let (root, dirs) = dag(19);
+        assert_eq!(dirs.len(), 19);
+        let size = tree_size(root, &dirs).unwrap();
+        assert_eq!(size, TreeSize { depth: 18, directories: 524_287, files: 262_144 });
+        // 200 levels: counts far beyond u64 saturate instead of overflowing.
+        let (root, dirs) = dag(200);
+        let size = tree_size(root, &dirs).unwrap();
+        assert_eq!((size.depth, size.directories, size.files), (199, u64::MAX, u64::MAX));
+        let limits = TreeLimits { max_depth: 1000, max_directories: 250_000, max_files: 2_000_000 };
+        let err = limits.check("the input root", &size).unwrap_err();
+        assert!(err.message.contains("[execution] max_tree_directories"), "{}", err.message);
+    }
+
+    #[test]
+    fn limits_name_their_key() {
+        let limits = TreeLimits { max_depth: 3, max_directories: 10, max_files: 5 };
+        let cases = [
+            (TreeSize { depth: 4, directories: 1, files: 0 }, "max_tree_depth"),
+            (TreeSize { depth: 3, directories: 11, files: 0 }, "max_tree_directories"),
+            (TreeSize { depth: 3, directories: 10, files: 6 }, "max_tree_files"),
+        ];
+        for (size, key) in cases {
+            let err = limits.check("the input root", &size).unwrap_err();
+            assert!(err.message.contains(key), "{size:?}: {}", err.message);
+        }
+        limits.check("the input root", &TreeSize { depth: 3, directories: 10, files: 5 }).unwrap();
+    }
+
+    /// The spec: "The target path can be relative to the parent directory
+    /// of the symlink or it can be an absolute path starting with `/`",
+    /// "`..` components are allowed anywhere in the target path".
+    #[test]
+    fn symlink_targets_follow_the_spec() {
+        let dir_with = |target: &str| Directory {
+            symlinks: vec![SymlinkNode { name: "l".into(), target: target.into(), node_properties: None }],
+            ..Default::default()
+        };
+        for ok in ["/usr/bin/env", "../../../x", "a/../../b", "b"] {
+            check_directory(&dir_with(ok)).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        for bad in ["", "a\0b"] {
+            assert!(check_directory(&dir_with(bad)).is_err(), "{bad:?} accepted");
+        }
     }
 }

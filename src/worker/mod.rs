@@ -16,7 +16,7 @@ pub mod remote;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use remote_apis::reapi::{Action, ActionResult, Command, ExecuteResponse, ExecutedActionMetadata};
@@ -30,7 +30,7 @@ pub use inputs::DirectoryCache;
 use outputs::Upload;
 use process::Ending;
 
-pub use inputs::check_directory;
+pub use inputs::{TreeLimits, TreeSize, check_directory, tree_size};
 
 /// Decoded Directory messages a worker (or the scheduler) remembers.
 pub const DIRECTORY_CACHE_ENTRIES: usize = 100_000;
@@ -56,6 +56,8 @@ pub struct Executor {
     cache: Arc<LocalCache>,
     directories: DirectoryCache,
     exec_dir: PathBuf,
+    /// Bounds on input roots and output directories.
+    limits: TreeLimits,
     /// The `cargo-distbuild` binary that supervises each action (see
     /// [`action_init`]); None runs commands directly.
     action_init: Option<PathBuf>,
@@ -77,9 +79,8 @@ impl Executor {
         std::fs::create_dir_all(work_dir)?;
         let lock = lock_work_dir(work_dir)?;
         let exec_dir = work_dir.join("exec");
-        if exec_dir.exists() {
-            remove_tree(&exec_dir)?;
-        }
+        clear_trash(work_dir);
+        set_aside(work_dir, &exec_dir);
         std::fs::create_dir_all(&exec_dir)?;
         let cache = Arc::new(LocalCache::open(&work_dir.join("cache"), cache_bytes)?);
         Ok(Executor {
@@ -88,6 +89,7 @@ impl Executor {
             cache,
             directories: DirectoryCache::new(DIRECTORY_CACHE_ENTRIES),
             exec_dir,
+            limits: TreeLimits::default(),
             action_init: process::check_init(action_init),
             _lock: lock,
         })
@@ -95,6 +97,13 @@ impl Executor {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Bounds on the trees this worker creates and collects (the server's
+    /// `[execution]` limits, checked again here before anything is created).
+    pub fn with_limits(mut self, limits: TreeLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Runs `task`. `started` is called once the worker begins (the
@@ -110,10 +119,8 @@ impl Executor {
         started();
         let dir = self.exec_dir.join(&task.id);
         let outcome = self.run_in(task, &dir, &mut meta, &cancel).await;
-        let cleanup = dir.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || remove_tree(&cleanup)).await.unwrap_or(Ok(())) {
-            tracing::warn!(dir = %dir.display(), error = %e, "cleaning an action directory");
-        }
+        let (work_dir, cleanup) = (self.exec_dir.parent().unwrap_or(&self.exec_dir).to_path_buf(), dir.clone());
+        let _ = tokio::task::spawn_blocking(move || set_aside(&work_dir, &cleanup)).await;
         meta.worker_completed_timestamp = Some(timestamp(SystemTime::now()));
         let (mut result, status) = match outcome {
             Ok((result, ending)) => (Some(result), ending_status(ending, task.timeout)),
@@ -142,9 +149,7 @@ impl Executor {
         tokio::fs::create_dir_all(&root).await.map_err(|e| (None, Error::io(root.display(), e)))?;
 
         meta.input_fetch_start_timestamp = Some(timestamp(SystemTime::now()));
-        self.fetch_inputs(task, &root).await.map_err(|e| (None, e))?;
-        let working_dir = root.join(&task.command.working_directory);
-        prepare_outputs(&task.command, &working_dir).await.map_err(|e| (None, e))?;
+        let working_dir = self.prepare_inputs(task, &root, cancel).await.map_err(|e| (None, e))?;
         meta.input_fetch_completed_timestamp = Some(timestamp(SystemTime::now()));
 
         let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
@@ -170,50 +175,56 @@ impl Executor {
         }
 
         meta.output_upload_start_timestamp = Some(timestamp(SystemTime::now()));
-        let result = self.upload_outputs(task, &root, &working_dir, &stdout, &stderr, ending).await;
+        let result = self.upload_outputs(task, &root, &stdout, &stderr, ending).await;
         meta.output_upload_completed_timestamp = Some(timestamp(SystemTime::now()));
         result.map(|r| (r, ending)).map_err(|e| (None, e.context("collecting outputs")))
     }
 
-    async fn fetch_inputs(&self, task: &Task, root: &Path) -> Result<()> {
+    /// Fetches and creates the input root, then the working directory and
+    /// the outputs' parents; returns the working directory. The tree is
+    /// checked against the limits before anything is created, and the whole
+    /// step has a deadline of its own, the action's timeout again (REAPI's
+    /// timeout covers the execution only): DEADLINE_EXCEEDED past it.
+    async fn prepare_inputs(&self, task: &Task, root: &Path, cancel: &CancellationToken) -> Result<PathBuf> {
+        let stop =
+            inputs::Stop { deadline: Instant::now() + task.timeout, limit: task.timeout, cancel: cancel.clone() };
         let function = task.action_digest.function;
         let root_digest = Digest::from_field(function, task.action.input_root_digest.as_ref(), "input_root_digest")?;
-        let tree = inputs::fetch_tree(self.cas.as_ref(), &self.directories, &task.instance, root_digest).await?;
-        inputs::materialize(self.cas.as_ref(), &self.cache, &task.instance, &tree, root).await
+        let fetching =
+            inputs::fetch_tree(self.cas.as_ref(), &self.directories, &task.instance, root_digest, &self.limits);
+        let tree = stop.bound(fetching).await?;
+        inputs::materialize(self.cas.as_ref(), &self.cache, &task.instance, &tree, root, &stop).await?;
+        drop(tree);
+        let (root, command, limits) = (root.to_path_buf(), task.command.clone(), self.limits);
+        tokio::task::spawn_blocking(move || outputs::prepare(&root, &command, &limits))
+            .await
+            .map_err(|e| Error::internal(e.to_string()))?
     }
 
     async fn upload_outputs(
         &self,
         task: &Task,
         root: &Path,
-        working_dir: &Path,
         stdout: &Path,
         stderr: &Path,
         ending: Ending,
     ) -> Result<ActionResult> {
         let function = task.action_digest.function;
-        let (root, wd, command) = (root.to_path_buf(), working_dir.to_path_buf(), task.command.clone());
+        let (root, command, limits) = (root.to_path_buf(), task.command.clone(), self.limits);
         let (out, err) = (stdout.to_path_buf(), stderr.to_path_buf());
-        let (mut result, mut uploads) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let (result, mut uploads) = outputs::collect(function, &root, &wd, &command)?;
+        let (mut result, mut uploads, adopt) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let outputs::Collected { result, mut uploads, adopt } =
+                outputs::collect(function, &root, &command, &limits)?;
             for p in [out, err] {
                 let d = remote_apis::merkle::hash_file_blocking(function, &p).map_err(|e| Error::io(p.display(), e))?;
                 uploads.push(Upload::File(d, p));
             }
-            Ok((result, uploads))
+            Ok((result, uploads, adopt))
         })
         .await
         .map_err(|e| Error::internal(e.to_string()))??;
-        // Outputs feed the next actions: keep them in this worker's cache.
-        // (The action directory is removed next, so linking is safe.)
-        let adopt: Vec<(cache::Key, PathBuf)> = result
-            .output_files
-            .iter()
-            .filter_map(|f| {
-                let digest = Digest::from_field(function, f.digest.as_ref(), "output").ok()?;
-                Some((cache::Key { digest, executable: f.is_executable }, working_dir.join(&f.path)))
-            })
-            .collect();
+        // Outputs feed the next actions: `adopt` keeps them in this worker's
+        // cache (the action directory is removed next, so linking is safe).
         let n = uploads.len();
         result.stdout_digest = Some(uploads[n - 2].digest().to_proto());
         result.stderr_digest = Some(uploads[n - 1].digest().to_proto());
@@ -280,17 +291,6 @@ pub(crate) async fn drain(running: &parking_lot::Mutex<std::collections::HashMap
     }
 }
 
-/// Creates the parent directory of every output path.
-async fn prepare_outputs(command: &Command, working_dir: &Path) -> Result<()> {
-    tokio::fs::create_dir_all(working_dir).await.map_err(|e| Error::io(working_dir.display(), e))?;
-    for path in outputs::output_parents(command) {
-        if let Some(parent) = working_dir.join(path).parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(|e| Error::io(parent.display(), e))?;
-        }
-    }
-    Ok(())
-}
-
 /// The status of a run that produced a result.
 fn ending_status(ending: Ending, timeout: Duration) -> Option<rpc::Status> {
     match ending {
@@ -316,27 +316,24 @@ pub fn timestamp(t: SystemTime) -> protobuf::Timestamp {
     protobuf::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
-/// Removes a directory tree, first making read-only directories writable
-/// (actions may leave them so).
-fn remove_tree(dir: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(_) => {
-            make_writable(dir);
-            std::fs::remove_dir_all(dir)
-        }
+/// Removes `dir` (an action's directory, or `exec/` at startup) without
+/// recursion. What cannot be removed is logged and renamed aside into
+/// `<work_dir>/trash/`, tried again at the next start ([`clear_trash`]),
+/// so a bad leftover never stops the worker.
+fn set_aside(work_dir: &Path, dir: &Path) {
+    let trash = work_dir.join("trash");
+    let Err(e) = crate::fsutil::remove_tree(dir) else { return };
+    tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a directory; moving it aside");
+    let aside = trash.join(uuid::Uuid::new_v4().to_string());
+    if let Err(e) = std::fs::create_dir_all(&trash).and_then(|()| std::fs::rename(dir, &aside)) {
+        tracing::error!(dir = %dir.display(), error = %e, "cannot move a directory aside either");
     }
 }
 
-fn make_writable(dir: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                make_writable(&entry.path());
-            }
-        }
+/// Removes what earlier runs set aside (best effort, at startup).
+fn clear_trash(work_dir: &Path) {
+    let trash = work_dir.join("trash");
+    if let Err(e) = crate::fsutil::remove_tree(&trash) {
+        tracing::warn!(dir = %trash.display(), error = %e, "cannot remove leftovers set aside earlier; they stay");
     }
 }

@@ -400,8 +400,7 @@ async fn paths_that_leave_the_root_are_invalid() {
     let cases: Vec<Act> = vec![
         Act { output_paths: vec!["../escape"], ..Act::sh("true") },
         Act { output_paths: vec!["/etc/passwd"], ..Act::sh("true") },
-        Act { symlinks: vec![("l", "/etc/passwd")], ..Act::sh("true") },
-        Act { symlinks: vec![("l", "../../x")], ..Act::sh("true") },
+        // (Input symlinks may point anywhere: see hardening_exec.)
     ];
     for act in cases {
         let digest = act.upload(&server).await;
