@@ -280,8 +280,8 @@ mod reap {
 
     /// Children of a process: from `/proc/PID/task/*/children` where the
     /// kernel has it, else from one scan of every process's parent.
-    struct Listing {
-        scan: Option<HashMap<i32, Vec<i32>>>,
+    pub(super) struct Listing {
+        pub(super) scan: Option<HashMap<i32, Vec<i32>>>,
     }
 
     impl Listing {
@@ -290,7 +290,7 @@ mod reap {
             Listing { scan: (!has_children_files).then(scan_parents) }
         }
 
-        fn children(&mut self, pid: i32) -> Vec<i32> {
+        pub(super) fn children(&mut self, pid: i32) -> Vec<i32> {
             if let Some(map) = &self.scan {
                 return map.get(&pid).cloned().unwrap_or_default();
             }
@@ -306,7 +306,7 @@ mod reap {
     }
 
     /// Parent -> children for every process (`/proc/*/stat`, field 4).
-    fn scan_parents() -> HashMap<i32, Vec<i32>> {
+    pub(super) fn scan_parents() -> HashMap<i32, Vec<i32>> {
         let mut map: HashMap<i32, Vec<i32>> = HashMap::new();
         let Ok(entries) = std::fs::read_dir("/proc") else { return map };
         for entry in entries.flatten() {
@@ -336,6 +336,20 @@ mod tests {
         assert_eq!(rest, [OsString::from("-c"), OsString::from("echo")]);
         assert!(parse(&[OsString::from("2"), OsString::from("A=1")]).is_none(), "too few variables");
         assert!(parse(&[OsString::from("1"), OsString::from("NOEQUALS"), OsString::from("p")]).is_none());
+    }
+
+    #[test]
+    fn children_are_listed_from_the_kernels_files_and_from_a_scan() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let (me, pid) = (std::process::id() as i32, child.id() as i32);
+        let mut files = reap::Listing { scan: None };
+        let mut scan = reap::Listing { scan: Some(reap::scan_parents()) };
+        let found = (files.children(me).contains(&pid), scan.children(me).contains(&pid));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // The files are missing on kernels without CONFIG_PROC_CHILDREN.
+        let has_files = std::path::Path::new("/proc/thread-self/children").exists();
+        assert_eq!(found, (has_files, true));
     }
 
     #[test]

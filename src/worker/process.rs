@@ -96,8 +96,9 @@ async fn run_supervised(
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
         .stdout(std::fs::File::create(spec.stdout)?)
         .stderr(std::fs::File::create(spec.stderr)?)
-        .process_group(0)
-        .kill_on_drop(true);
+        .process_group(0);
+    // No kill_on_drop: a SIGKILLed init cannot clean up. Should this future
+    // be dropped, so is the line, and the init kills the action and exits.
     let mut child = cmd
         .spawn()
         .map_err(|e| std::io::Error::new(e.kind(), format!("starting the action init {}: {e}", init.display())))?;

@@ -50,8 +50,10 @@ async fn wait_all_dead(pids: &[i32], what: &str) {
     for &pid in pids {
         while alive(pid) {
             if Instant::now() >= deadline {
-                // SAFETY: cleaning up after the failed test.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                for &p in pids {
+                    // SAFETY: cleaning up after the failed test.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
                 panic!("process {pid} survived {what}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
