@@ -129,3 +129,51 @@ async fn a_huge_instance_name_gets_a_small_invalid_argument() {
     assert_small_invalid_argument(server.cas().find_missing_blobs(req).await);
     a_call_succeeds(&server).await;
 }
+
+/// Item 5: a server with few descriptors used to run out of them on silent
+/// connections, then answer no new connection and spin on accept. The CLI
+/// server, under a 128-file limit it cannot raise (set on the child only),
+/// holds connections to half its descriptors, closes the silent ones after
+/// the handshake timeout and then serves a real client.
+#[tokio::test]
+async fn a_server_low_on_descriptors_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, "[server]\nhandshake_timeout = \"2s\"\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = tokio::process::Command::new("prlimit")
+        .arg("--nofile=128:128")
+        .arg(env!("CARGO_BIN_EXE_cargo-distbuild"))
+        .args(["server", "--config", config.to_str().unwrap(), "--listen", &addr, "--backend", "memory"])
+        .args(["--data-dir", dir.path().to_str().unwrap(), "--workers", "0"])
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prlimit (util-linux) runs the server");
+    let url = format!("grpc://{addr}");
+    let mut up = false;
+    // Up to 20 s: the machine may be busy with the other tests.
+    for _ in 0..400 {
+        if let Ok(c) = remote_apis::client::CasClient::connect(&url, Default::default()).await {
+            up = c.find_missing(&[sha(b"x")]).await.is_ok();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "the server came up");
+    let mut silent = Vec::new();
+    for _ in 0..150 {
+        silent.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    let call = async {
+        let client = remote_apis::client::CasClient::connect(&url, Default::default()).await?;
+        client.find_missing(&[sha(b"y")]).await
+    };
+    let missing = tokio::time::timeout(GENEROUS, call).await.expect("served within the deadline").unwrap();
+    assert_eq!(missing, [sha(b"y")]);
+    assert!(child.try_wait().unwrap().is_none(), "the server is still running");
+    drop(silent);
+    child.kill().await.unwrap();
+}
