@@ -19,6 +19,11 @@ const SETTINGS: &[(&str, &str, &str, bool)] = &[
     ("execution", "default_timeout", "\"30s\"", false),
     ("execution", "max_timeout", "\"60s\"", false),
     ("server", "shutdown_grace", "\"2s\"", false),
+    // Idle and silent connections closed within the soak's run.
+    ("server", "handshake_timeout", "\"5s\"", true),
+    ("server", "keepalive_interval", "\"5s\"", true),
+    ("server", "keepalive_timeout", "\"5s\"", true),
+    ("server", "idle_timeout", "\"20s\"", true),
 ];
 
 /// How long the server may take to accept connections.
