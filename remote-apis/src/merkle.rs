@@ -13,7 +13,7 @@ use bytes::Bytes;
 use prost::Message;
 
 use crate::reapi::{Directory, DirectoryNode, FileNode, SymlinkNode, Tree};
-use crate::{Digest, DigestFunction, ParseError};
+use crate::{Digest, DigestFunction, ParseError, quote};
 
 /// Splits a relative REAPI path into its components.
 ///
@@ -25,11 +25,11 @@ pub fn path_components(path: &str) -> Result<Vec<&str>, ParseError> {
         return Ok(Vec::new());
     }
     if path.starts_with('/') {
-        return Err(ParseError::new(format!("path {path:?} is absolute; REAPI paths are relative")));
+        return Err(ParseError::new(format!("path {} is absolute; REAPI paths are relative", quote(path))));
     }
     let parts: Vec<&str> = path.split('/').collect();
     for part in &parts {
-        check_name(part).map_err(|e| ParseError::new(format!("path {path:?}: {}", e.0)))?;
+        check_name(part).map_err(|e| ParseError::new(format!("path {}: {}", quote(path), e.0)))?;
     }
     Ok(parts)
 }
@@ -38,8 +38,10 @@ pub fn path_components(path: &str) -> Result<Vec<&str>, ParseError> {
 pub fn check_name(name: &str) -> Result<(), ParseError> {
     match name {
         "" => Err(ParseError::new("empty path component")),
-        "." | ".." => Err(ParseError::new(format!("{name:?} is not allowed as a path component"))),
-        n if n.contains('/') || n.contains('\0') => Err(ParseError::new(format!("name {n:?} contains '/' or NUL"))),
+        "." | ".." => Err(ParseError::new(format!("{} is not allowed as a path component", quote(name)))),
+        n if n.contains('/') || n.contains('\0') => {
+            Err(ParseError::new(format!("name {} contains '/' or NUL", quote(n))))
+        }
         _ => Ok(()),
     }
 }
@@ -78,7 +80,7 @@ pub fn resolve_output_path<'a>(working_directory: &'a str, path: &'a str) -> Res
         return Ok(parts);
     }
     if path.starts_with('/') {
-        return Err(ParseError::new(format!("path {path:?} is absolute; output paths are relative")));
+        return Err(ParseError::new(format!("path {} is absolute; output paths are relative", quote(path))));
     }
     for part in path.split('/') {
         match part {
@@ -86,13 +88,17 @@ pub fn resolve_output_path<'a>(working_directory: &'a str, path: &'a str) -> Res
             ".." => {
                 if parts.pop().is_none() {
                     return Err(ParseError::new(format!(
-                        "path {path:?} leaves the input root (from the working directory {working_directory:?})"
+                        "path {} leaves the input root (from the working directory {})",
+                        quote(path),
+                        quote(working_directory)
                     )));
                 }
             }
-            "" => return Err(ParseError::new(format!("path {path:?} has an empty component or a trailing slash"))),
+            "" => {
+                return Err(ParseError::new(format!("path {} has an empty component or a trailing slash", quote(path))));
+            }
             name => {
-                check_name(name).map_err(|e| ParseError::new(format!("path {path:?}: {}", e.0)))?;
+                check_name(name).map_err(|e| ParseError::new(format!("path {}: {}", quote(path), e.0)))?;
                 parts.push(name);
             }
         }
@@ -198,7 +204,7 @@ impl TreeBuilder {
     ) -> Result<(), ParseError> {
         let (dir, name) = self.parent(path)?;
         if dir.has(name) && !dir.files.contains_key(name) {
-            return Err(ParseError::new(format!("{path:?} is added both as a file and as something else")));
+            return Err(ParseError::new(format!("{} is added both as a file and as something else", quote(path))));
         }
         dir.files.insert(name.to_string(), (digest, executable));
         self.files.push(LocalFile { digest, path: source });
@@ -208,7 +214,7 @@ impl TreeBuilder {
     pub fn add_symlink(&mut self, path: &str, target: &str) -> Result<(), ParseError> {
         let (dir, name) = self.parent(path)?;
         if dir.has(name) && !dir.symlinks.contains_key(name) {
-            return Err(ParseError::new(format!("{path:?} is added both as a symlink and as something else")));
+            return Err(ParseError::new(format!("{} is added both as a symlink and as something else", quote(path))));
         }
         dir.symlinks.insert(name.to_string(), target.to_string());
         Ok(())
@@ -220,7 +226,7 @@ impl TreeBuilder {
     pub fn add_subtree(&mut self, path: &str, digest: Digest) -> Result<(), ParseError> {
         let (dir, name) = self.parent(path)?;
         if dir.has(name) && dir.subtrees.get(name) != Some(&digest) {
-            return Err(ParseError::new(format!("{path:?} is added both as a subtree and as something else")));
+            return Err(ParseError::new(format!("{} is added both as a subtree and as something else", quote(path))));
         }
         dir.subtrees.insert(name.to_string(), digest);
         Ok(())
@@ -232,7 +238,7 @@ impl TreeBuilder {
         let mut node = &mut self.root;
         for part in parts {
             if node.files.contains_key(part) || node.symlinks.contains_key(part) || node.subtrees.contains_key(part) {
-                return Err(ParseError::new(format!("{path:?}: {part:?} is already a file or symlink")));
+                return Err(ParseError::new(format!("{}: {} is already a file or symlink", quote(path), quote(part))));
             }
             node = node.dirs.entry(part.to_string()).or_default();
         }

@@ -1,6 +1,7 @@
 //! The gRPC faces of execution: REAPI Execution and google.longrunning
 //! Operations. Thin: parse, call the scheduler, convert.
 
+use remote_apis::quote;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,7 +97,9 @@ impl Execution for ExecutionService {
     ) -> Result<Response<OperationStream>, Status> {
         let name = request.into_inner().name;
         let Some(watch) = self.scheduler.subscribe(&name) else {
-            return Err(Error::not_found(format!("operation {name:?} is unknown or expired; execute again")).into());
+            return Err(
+                Error::not_found(format!("operation {} is unknown or expired; execute again", quote(&name))).into()
+            );
         };
         Ok(Response::new(operation_stream(watch, true, self.keepalive)))
     }
@@ -179,7 +182,7 @@ impl OperationsService {
     fn current(&self, name: &str) -> Result<Operation, Status> {
         match self.scheduler.get(name) {
             Some(view) => Ok(to_operation(&view, view.stage(), true)),
-            None => Err(Error::not_found(format!("operation {name:?} is unknown or expired")).into()),
+            None => Err(Error::not_found(format!("operation {} is unknown or expired", quote(name))).into()),
         }
     }
 }
@@ -224,7 +227,7 @@ impl Operations for OperationsService {
     async fn wait_operation(&self, request: Request<WaitOperationRequest>) -> Result<Response<Operation>, Status> {
         let req = request.into_inner();
         let Some(mut watch) = self.scheduler.subscribe(&req.name) else {
-            return Err(Error::not_found(format!("operation {:?} is unknown or expired", req.name)).into());
+            return Err(Error::not_found(format!("operation {} is unknown or expired", quote(&req.name))).into());
         };
         let limit = req
             .timeout

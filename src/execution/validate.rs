@@ -4,6 +4,7 @@
 //! stays inside the input root, the input tree (counted expanded) is within
 //! the tree limits, and the timeout is within the server's limit.
 
+use remote_apis::quote;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,13 +125,13 @@ pub fn check_command(command: &Command, limits: &TreeLimits) -> Result<()> {
             let parts =
                 merkle::resolve_output_path(&command.working_directory, p).map_err(|e| Error::bad_field(field, e.0))?;
             limits
-                .check_depth(&format!("output path {p:?}"), parts.len())
+                .check_depth(&format!("output path {}", quote(p)), parts.len())
                 .map_err(|e| Error::bad_field(field, e.message))?;
             // The working directory and its ancestors are directories.
             if field == "command.output_files" && wd.starts_with(&parts) {
                 return Err(Error::bad_field(
                     field,
-                    format!("{p:?} names the working directory or one above it, not a file"),
+                    format!("{} names the working directory or one above it, not a file", quote(p)),
                 ));
             }
         }
@@ -139,7 +140,7 @@ pub fn check_command(command: &Command, limits: &TreeLimits) -> Result<()> {
         if v.name.is_empty() || v.name.contains('=') || v.name.contains('\0') || v.value.contains('\0') {
             return Err(Error::bad_field(
                 "command.environment_variables",
-                format!("{:?} is not a valid variable name", v.name),
+                format!("{} is not a valid variable name", quote(&v.name)),
             ));
         }
     }

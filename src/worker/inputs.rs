@@ -3,6 +3,7 @@
 //! limits, files hard-linked from the local cache. Nothing here recurses: a
 //! client chooses the depth.
 
+use remote_apis::quote;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -247,7 +248,7 @@ pub fn check_directory(dir: &Directory) -> Result<()> {
     for name in names {
         merkle::check_name(name)?;
         if !seen.insert(name) {
-            return Err(Error::invalid(format!("name {name:?} appears twice")));
+            return Err(Error::invalid(format!("name {} appears twice", quote(name))));
         }
     }
     for s in &dir.symlinks {

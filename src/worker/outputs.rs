@@ -11,6 +11,7 @@
 //! symlinks. The action's own process may follow whatever it likes. Output
 //! directories are walked without recursion, within the tree limits.
 
+use remote_apis::quote;
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -88,7 +89,7 @@ pub fn prepare(root: &Path, command: &Command, limits: &TreeLimits) -> Result<Pa
     for path in declared(command).into_keys() {
         let parts = resolve(command, path, limits)?;
         if let Some((_, parents)) = parts.split_last() {
-            make_dirs(root, parents, &format!("output {path:?}"), &mut made)?;
+            make_dirs(root, parents, &format!("output {}", quote(path)), &mut made)?;
         }
     }
     Ok(working_dir)
@@ -98,7 +99,7 @@ pub fn prepare(root: &Path, command: &Command, limits: &TreeLimits) -> Result<Pa
 fn resolve<'a>(command: &'a Command, path: &'a str, limits: &TreeLimits) -> Result<Vec<&'a str>> {
     let parts = merkle::resolve_output_path(&command.working_directory, path)
         .map_err(|e| Error::invalid(format!("output path: {}", e.0)))?;
-    limits.check_depth(&format!("output path {path:?}"), parts.len())?;
+    limits.check_depth(&format!("output path {}", quote(path)), parts.len())?;
     Ok(parts)
 }
 
@@ -150,7 +151,7 @@ fn locate(root: &Path, parts: &[&str], path: &str) -> Result<Option<PathBuf>> {
         match std::fs::symlink_metadata(&at) {
             Ok(m) if m.is_dir() => {}
             Ok(m) if m.file_type().is_symlink() => {
-                return Err(through_symlink(&format!("output {path:?}"), &parts[..=i].join("/")));
+                return Err(through_symlink(&format!("output {}", quote(path)), &parts[..=i].join("/")));
             }
             _ => return Ok(None),
         }
@@ -226,7 +227,7 @@ pub fn collect(function: DigestFunction, root: &Path, command: &Command, limits:
         } else {
             return Err(Error::new(
                 tonic::Code::FailedPrecondition,
-                format!("output {path:?} is neither a file, a directory nor a symlink"),
+                format!("output {} is neither a file, a directory nor a symlink", quote(path)),
             ));
         }
     }
@@ -234,7 +235,10 @@ pub fn collect(function: DigestFunction, root: &Path, command: &Command, limits:
 }
 
 fn not_a(path: &str, declared: &str, found: &str) -> Error {
-    Error::new(tonic::Code::FailedPrecondition, format!("output {path:?} is declared as a {declared} but is a {found}"))
+    Error::new(
+        tonic::Code::FailedPrecondition,
+        format!("output {} is declared as a {declared} but is a {found}", quote(path)),
+    )
 }
 
 /// Directories and files collected so far across an action's outputs.
@@ -255,7 +259,7 @@ fn walk(
     limits: &TreeLimits,
     counted: &mut Counted,
 ) -> Result<merkle::BuiltTree> {
-    let what = format!("output directory {path:?}");
+    let what = format!("output directory {}", quote(path));
     let over = |mut e: Error| {
         e.code = tonic::Code::FailedPrecondition;
         e
