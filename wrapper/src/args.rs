@@ -229,8 +229,10 @@ pub fn parse(words: &[String]) -> Result<Vec<Arg>, LocalReason> {
         } else if VALUE_FLAGS.contains(&w.as_str()) {
             let value = it.next().cloned();
             out.push(Arg { flag: Some(canonical(w)), value });
-        } else if !w.starts_with("--") && w.len() > 2 && VALUE_FLAGS.contains(&&w[..2]) {
-            out.push(Arg { flag: Some(w[..2].to_string()), value: Some(w[2..].to_string()) });
+        } else if let Some(short) =
+            w.get(..2).filter(|s| !w.starts_with("--") && w.len() > 2 && VALUE_FLAGS.contains(s))
+        {
+            out.push(Arg { flag: Some(short.to_string()), value: Some(w[2..].to_string()) });
         } else {
             out.push(Arg { flag: Some(w.clone()), value: None });
         }
@@ -321,6 +323,15 @@ mod tests {
 
     fn words(s: &str) -> Vec<String> {
         s.split_whitespace().map(str::to_string).collect()
+    }
+
+    /// Found by the `rustc_args` fuzz target: a short flag whose second
+    /// character is multi-byte (`-é`) panicked on a byte slice.
+    #[test]
+    fn dash_and_multibyte_char_is_a_flag() {
+        let w = words("-é");
+        assert_eq!(parse(&w), Ok(vec![Arg { flag: Some("-é".into()), value: None }]));
+        assert!(matches!(classify(&w), Classified::Local(LocalReason::NoCrateName)));
     }
 
     #[test]
