@@ -19,7 +19,7 @@ use crate::store::BlobSink;
 /// the server allocate at once, whatever it claims to expand to.
 const DECODE_BUF: u64 = 256 << 10;
 
-pub(crate) struct BoundedDecoder {
+pub struct BoundedDecoder {
     zstd: zstd::stream::raw::Decoder<'static>,
     digest: Digest,
     produced: u64,
@@ -28,7 +28,7 @@ pub(crate) struct BoundedDecoder {
 }
 
 impl BoundedDecoder {
-    pub(crate) fn new(digest: Digest) -> Result<Self> {
+    pub fn new(digest: Digest) -> Result<Self> {
         let zstd =
             zstd::stream::raw::Decoder::new().map_err(|e| Error::internal(format!("creating a zstd decoder: {e}")))?;
         Ok(BoundedDecoder { zstd, digest, produced: 0, at_frame_end: true })
@@ -37,7 +37,7 @@ impl BoundedDecoder {
     /// Decodes `data` (any slice of a stream of zstd frames) and writes what
     /// it produces to `sink`. INVALID_ARGUMENT on corrupt data or output
     /// beyond the declared size.
-    pub(crate) async fn feed(&mut self, data: &[u8], sink: &mut dyn BlobSink) -> Result<()> {
+    pub async fn feed(&mut self, data: &[u8], sink: &mut dyn BlobSink) -> Result<()> {
         if data.is_empty() {
             // Nothing is buffered between calls (see the loop's exit), and
             // running the decoder on no input would misreport a frame end.
@@ -76,7 +76,7 @@ impl BoundedDecoder {
 
     /// Checks that the data ended on a frame boundary (the verifying sink
     /// checks the size and hash at commit).
-    pub(crate) fn finish(&self) -> Result<()> {
+    pub fn finish(&self) -> Result<()> {
         if !self.at_frame_end {
             return Err(Error::invalid(format!("zstd data for {} ends in the middle of a frame", self.digest)));
         }

@@ -4,7 +4,9 @@
 mod batch_read;
 mod bytestream;
 mod chunks;
-mod decode;
+/// Public only for the fuzz target `zstd_decode` (fuzz/); not an API.
+#[doc(hidden)]
+pub mod decode;
 mod sessions;
 mod tree;
 
