@@ -19,6 +19,8 @@ use bytes::Bytes;
 use remote_apis::bytestream::ReadRequest;
 use remote_apis::bytestream::byte_stream_client::ByteStreamClient;
 use remote_apis::client::CasClient;
+use remote_apis::reapi::BatchReadBlobsRequest;
+use remote_apis::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use remote_apis::{Compressor, Digest, DigestFunction, InstanceName, ReadResource};
 
 use support::{Server, start_server};
@@ -147,6 +149,20 @@ async fn main() {
     }
     latencies.sort();
 
+    // Reads of small blobs, which the filesystem store hashes on every read
+    // below [cas] verify_reads_below: the same blobs through BatchReadBlobs,
+    // and 60 KiB blobs (just under the default threshold).
+    let small_reads = batch_read_rate(&server.url, &digests).await;
+    let mid: Vec<(Digest, Bytes)> = (0..600)
+        .map(|i| {
+            let b = random_bytes(60 << 10, i as u64 + 99);
+            (DigestFunction::Sha256.digest_of(&b), b)
+        })
+        .collect();
+    let mid_digests: Vec<Digest> = mid.iter().map(|(d, _)| *d).collect();
+    client.upload_blobs(mid).await.unwrap();
+    let mid_reads = batch_read_rate(&server.url, &mid_digests).await;
+
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
         "cargo-distbuild storage benchmark ({} cores; medians of {ROUNDS} rounds)",
@@ -204,6 +220,12 @@ async fn main() {
         "",
         ""
     );
+    for (what, rate) in [
+        (format!("BatchReadBlobs, {small_count} blobs of 100-1000 B"), small_reads),
+        ("BatchReadBlobs, 600 blobs of 60 KiB".into(), mid_reads),
+    ] {
+        println!("{what:<52} {rate:>9.0} /s {:>14} {:>8}", "", "");
+    }
     println!(
         "{:<52} {:>9.1} MiB {:>13} {:>8}",
         "server peak RSS while streaming (filesystem store)",
@@ -214,6 +236,36 @@ async fn main() {
     if !can_reset {
         println!("(could not reset the peak RSS counter; the figure is the process's lifetime peak)");
     }
+}
+
+/// Blobs per second read through BatchReadBlobs (batches of at most 3 MiB
+/// and 10,000 blobs), median of the rounds.
+async fn batch_read_rate(url: &str, digests: &[Digest]) -> f64 {
+    let channel = remote_apis::client::endpoint(url).unwrap().connect().await.unwrap();
+    let cas = ContentAddressableStorageClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut batches: Vec<Vec<Digest>> = vec![Vec::new()];
+    let mut bytes = 0;
+    for d in digests {
+        let last = batches.last_mut().unwrap();
+        if bytes + d.size > 3 << 20 || last.len() == 10_000 {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += d.size;
+        batches.last_mut().unwrap().push(*d);
+    }
+    let mut times = Vec::new();
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        for batch in &batches {
+            let req =
+                BatchReadBlobsRequest { digests: batch.iter().map(Digest::to_proto).collect(), ..Default::default() };
+            let resp = cas.clone().batch_read_blobs(req).await.unwrap().into_inner();
+            assert!(resp.responses.iter().all(|r| r.status.as_ref().is_some_and(|s| s.code == 0)));
+        }
+        times.push(t.elapsed());
+    }
+    digests.len() as f64 / median(&mut times).as_secs_f64()
 }
 
 /// Reads a blob through ByteStream, counting bytes without keeping them.
