@@ -6,7 +6,7 @@
 //! about ten seconds of server CPU: every item went through the store's read
 //! path on its own. Now the absent ones are found in one index lookup,
 //! repeats are read once, and the number of digests per call is capped
-//! (see [`MAX_BATCH_BLOBS`](super::MAX_BATCH_BLOBS)).
+//! (see [`max_batch_blobs`](super::max_batch_blobs)).
 
 use std::collections::{HashMap, HashSet};
 

@@ -31,12 +31,21 @@ use decode::BoundedDecoder;
 /// How many blobs of one batch are stored or read at once.
 const BATCH_CONCURRENCY: usize = 32;
 
-/// Most blobs one BatchReadBlobs or BatchUpdateBlobs call may name. Each
-/// costs a store lookup, a file and a per-blob status whatever its size, and
-/// the transport admits some 900,000 digests per message; 10,000 bounds a
-/// call to a fraction of a second of server CPU while a full default batch
-/// (4 MiB) still averages only 400 bytes a blob.
-pub const MAX_BATCH_BLOBS: usize = 10_000;
+/// Fewest blobs one BatchReadBlobs or BatchUpdateBlobs call may name,
+/// whatever the batch limit. Each blob costs a store lookup, a file and a
+/// per-blob status whatever its size, and the transport admits some 900,000
+/// digests per message (13 MB of digests once cost 10 s of server CPU).
+pub const MIN_BATCH_BLOBS: usize = 10_000;
+
+/// Most blobs one batch call may name: one per 64 bytes of
+/// `max_batch_total_size_bytes`, at least [`MIN_BATCH_BLOBS`]. A response
+/// spends some 80 bytes of framing per blob (digest, status) even for empty
+/// blobs, so a client that packs batches by bytes alone (Buck2 does) could not
+/// receive more blobs than this within its own message limit anyway; the cost
+/// of a call stays proportional to the batch limit, not to the transport's.
+pub fn max_batch_blobs(max_batch_bytes: u64) -> usize {
+    usize::try_from(max_batch_bytes / 64).unwrap_or(usize::MAX).max(MIN_BATCH_BLOBS)
+}
 
 /// zstd level for what the server compresses: fast, since it is on the
 /// critical path of a download.
@@ -129,10 +138,11 @@ impl CasService {
         }
     }
 
-    fn check_batch_count(count: usize, what: &str) -> Result<()> {
-        if count > MAX_BATCH_BLOBS {
+    fn check_batch_count(&self, count: usize, what: &str) -> Result<()> {
+        let max = max_batch_blobs(self.max_batch_bytes);
+        if count > max {
             return Err(Error::invalid(format!(
-                "{what} names {count} blobs, more than the {MAX_BATCH_BLOBS} this server takes in one call; split it"
+                "{what} names {count} blobs, more than the {max} this server takes in one call; split it"
             )));
         }
         Ok(())
@@ -202,7 +212,7 @@ impl ContentAddressableStorage for CasService {
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
         let req = request.into_inner();
         let (_instance, function) = parse_header(&req.instance_name, req.digest_function)?;
-        Self::check_batch_count(req.requests.len(), "BatchUpdateBlobs request")?;
+        self.check_batch_count(req.requests.len(), "BatchUpdateBlobs request")?;
         let total: u64 = req.requests.iter().map(|r| r.data.len() as u64).sum();
         self.check_batch_size(total, "BatchUpdateBlobs request")?;
         let mut declared = 0;
@@ -228,7 +238,7 @@ impl ContentAddressableStorage for CasService {
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
         let req = request.into_inner();
         let (_instance, function) = parse_header(&req.instance_name, req.digest_function)?;
-        Self::check_batch_count(req.digests.len(), "BatchReadBlobs request")?;
+        self.check_batch_count(req.digests.len(), "BatchReadBlobs request")?;
         let digests = parse_digests(function, &req.digests, "digests")?;
         self.check_batch_size(digests.iter().map(|d| d.size).sum(), "BatchReadBlobs request")?;
         let mut zstd = false;

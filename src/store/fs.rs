@@ -78,7 +78,7 @@ impl FsStore {
     pub fn open(root: &Path, max_bytes: u64, fsync: bool, verify_below: u64) -> Result<Self> {
         let tmp = root.join("tmp");
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(format!("clearing {}", tmp.display()), e))?;
+            crate::fsutil::remove_tree(&tmp).map_err(|e| Error::io(format!("clearing {}", tmp.display()), e))?;
         }
         // Every prefix directory exists up front, so installing a blob is
         // one rename with no directory checks.

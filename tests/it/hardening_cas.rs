@@ -228,7 +228,10 @@ async fn parked_uploads_beyond_the_cap_are_dropped() {
 /// 10,000 (INVALID_ARGUMENT beyond, saying so), and repeats are read once.
 #[tokio::test]
 async fn batch_reads_are_bounded_in_blobs_per_call() {
-    let server = TestServer::start().await;
+    // 512 KiB of batch: the floor of 10,000 blobs applies (a 4 MiB batch
+    // allows one blob per 64 bytes).
+    let server =
+        TestServer::start_with(Backend::Filesystem, |c| c.cas.max_batch_size = bytesize::ByteSize::kib(512)).await;
     let tiny = data(40, 10);
     let d = sha(&tiny);
     server.client().upload_blobs(vec![(d, tiny.clone())]).await.unwrap();
