@@ -95,7 +95,10 @@ pub fn resolve_output_path<'a>(working_directory: &'a str, path: &'a str) -> Res
                 }
             }
             "" => {
-                return Err(ParseError::new(format!("path {} has an empty component or a trailing slash", quote(path))));
+                return Err(ParseError::new(format!(
+                    "path {} has an empty component or a trailing slash",
+                    quote(path)
+                )));
             }
             name => {
                 check_name(name).map_err(|e| ParseError::new(format!("path {}: {}", quote(path), e.0)))?;
