@@ -362,13 +362,6 @@ async fn splice_blobs_from_stored_chunks() {
     server.cas().register_chunk_mapping(futures::stream::iter(requests)).await.unwrap();
     assert_eq!(server.client().read_blob(o).await.unwrap(), other);
 
-    let caps = server
-        .capabilities()
-        .get_capabilities(remote_apis::reapi::GetCapabilitiesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .cache_capabilities
-        .unwrap();
+    let caps = server.get_capabilities().await.cache_capabilities.unwrap();
     assert!(caps.split_blob_support && caps.splice_blob_support);
 }

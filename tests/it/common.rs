@@ -85,6 +85,12 @@ impl TestServer {
         CapabilitiesClient::new(self.channel.clone())
     }
 
+    /// What GetCapabilities answers.
+    pub async fn get_capabilities(&self) -> remote_apis::reapi::ServerCapabilities {
+        let request = remote_apis::reapi::GetCapabilitiesRequest::default();
+        self.capabilities().get_capabilities(request).await.unwrap().into_inner()
+    }
+
     pub fn client(&self) -> remote_apis::client::CasClient {
         remote_apis::client::CasClient::new(self.channel.clone(), Default::default())
     }

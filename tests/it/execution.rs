@@ -548,12 +548,7 @@ async fn wait_execution_reattaches() {
 #[tokio::test]
 async fn capabilities_include_execution() {
     let server = TestServer::start().await;
-    let caps = server
-        .capabilities()
-        .get_capabilities(remote_apis::reapi::GetCapabilitiesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let caps = server.get_capabilities().await;
     let exec = caps.execution_capabilities.unwrap();
     assert!(exec.exec_enabled);
     assert_eq!(exec.digest_function, DigestFunction::Sha256.to_proto() as i32);

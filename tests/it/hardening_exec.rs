@@ -214,12 +214,7 @@ async fn buildstream_outputs_with_dot_and_dotdot_are_collected() {
 #[tokio::test]
 async fn input_symlinks_are_staged_as_given_and_never_followed_by_the_worker() {
     let server = TestServer::start().await;
-    let caps = server
-        .capabilities()
-        .get_capabilities(remote_apis::reapi::GetCapabilitiesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let caps = server.get_capabilities().await;
     let allowed = remote_apis::reapi::symlink_absolute_path_strategy::Value::Allowed as i32;
     assert_eq!(caps.cache_capabilities.unwrap().symlink_absolute_path_strategy, allowed);
 
