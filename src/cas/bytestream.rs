@@ -59,6 +59,16 @@ impl ByteStreamService {
         self.uploads.lock().parked()
     }
 
+    /// Drops parked uploads older than the resume window, closing and
+    /// removing their temporary files. New writes sweep too, but a server
+    /// that receives none must still let go of its open files: the server
+    /// calls this every second.
+    pub fn expire_parked(&self) {
+        let expired = self.uploads.lock().sweep(Instant::now());
+        // Dropped after the lock: dropping an upload removes its file.
+        drop(expired);
+    }
+
     /// Takes the session for `key`: the parked one when `offset` is where it
     /// stopped, a new one at offset 0. The slot is marked active meanwhile.
     async fn claim(&self, key: &str, resource: &WriteResource, offset: i64) -> Result<Upload> {

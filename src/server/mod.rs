@@ -113,6 +113,14 @@ pub async fn serve(
     let closing = CancellationToken::new();
     let (execution, builtin_worker) = start_execution(config, &cas, &ac, &stop_workers).await?;
 
+    let bytestream = Arc::new(ByteStreamService::new(
+        cas.clone(),
+        config.upload_resume_window,
+        config.max_parked_uploads,
+        config.max_parked_uploads_per_client,
+    ));
+    expire_parked_uploads(bytestream.clone(), closing.clone());
+
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ContentAddressableStorageServer<CasService>>().await;
     health.set_serving::<ByteStreamServer<ByteStreamService>>().await;
@@ -144,12 +152,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(limits!(CapabilitiesServer::new(CapabilitiesService::new(config.max_batch_size))))
         .add_service(limits!(ContentAddressableStorageServer::new(CasService::new(cas.clone(), config.max_batch_size))))
-        .add_service(limits!(ByteStreamServer::new(ByteStreamService::new(
-            cas.clone(),
-            config.upload_resume_window,
-            config.max_parked_uploads,
-            config.max_parked_uploads_per_client,
-        ))))
+        .add_service(limits!(ByteStreamServer::from_arc(bytestream.clone())))
         .add_service(limits!(ActionCacheServer::from_arc(ac.clone())))
         .add_service(limits!(ExecutionServer::new(ExecutionService::new(
             cas.clone(),
@@ -202,6 +205,20 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Expires parked uploads every second until `stop`, so their open files
+/// go when their resume window ends even if no new upload arrives.
+fn expire_parked_uploads(bytestream: Arc<ByteStreamService>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => bytestream.expire_parked(),
+                () = stop.cancelled() => return,
+            }
+        }
+    });
 }
 
 /// How often an unchanged operation is re-sent on Execute/WaitExecution streams.

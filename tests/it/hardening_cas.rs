@@ -222,6 +222,36 @@ async fn parked_uploads_beyond_the_cap_are_dropped() {
     assert_eq!(read_blob(&server, &d).await.unwrap(), blob.to_vec());
 }
 
+/// Item 5, found by the soak: parked uploads expired only when a new
+/// upload arrived, so a server that received no more writes kept their
+/// files open for good. They now go when their resume window ends.
+#[tokio::test]
+async fn parked_uploads_expire_without_new_uploads() {
+    let server = TestServer::start_with(Backend::Filesystem, |c| {
+        c.cas.upload_resume_window = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let blob = data(31, 10_000);
+    let d = sha(&blob);
+    for i in 0..3 {
+        let resource_name = WriteResource {
+            instance: InstanceName::default(),
+            uuid: format!("expiring-{i}"),
+            compressor: Compressor::Identity,
+            digest: d,
+        }
+        .to_name();
+        let req = WriteRequest { resource_name, write_offset: 0, finish_write: false, data: vec![blob[0]] };
+        assert!(server.bytestream().write(futures::stream::iter([req])).await.is_err());
+    }
+    assert_eq!(temp_files(&server.data_dir), 3);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while temp_files(&server.data_dir) > 0 {
+        assert!(std::time::Instant::now() < deadline, "parked uploads were never expired");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Item 6: one 13 MiB BatchReadBlobs request (190,000 digests of tiny or
 /// absent blobs) cost about ten seconds of server CPU; the number of blobs
 /// per call was bounded only by the message size. Now a call names at most
