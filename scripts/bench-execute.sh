@@ -7,5 +7,5 @@
 # Usage: scripts/bench-execute.sh [ITERATIONS=500] [CONCURRENCY=64]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet --bin cargo-distbuild --example execute_bench
+cargo build --release --quiet --bin cargo-distbuild --bin distbuild-action-init --example execute_bench
 exec target/release/examples/execute_bench target/release/cargo-distbuild "${1:-500}" "${2:-64}"

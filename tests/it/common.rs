@@ -44,7 +44,7 @@ impl TestServer {
         file.cas.backend = backend;
         // The test binary is not cargo-distbuild: name the real one, so
         // built-in workers supervise actions as the server binary does.
-        file.worker.action_init = Some(env!("CARGO_BIN_EXE_cargo-distbuild").into());
+        file.worker.action_init = Some(env!("CARGO_BIN_EXE_distbuild-action-init").into());
         tweak(&mut file);
         let config = file.resolve().unwrap();
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
