@@ -4,6 +4,7 @@
 
 pub mod ac;
 pub mod admin;
+pub mod allocator;
 pub mod capabilities;
 pub mod cas;
 pub mod cli;

@@ -120,6 +120,7 @@ pub async fn serve(
         config.max_parked_uploads_per_client,
     ));
     expire_parked_uploads(bytestream.clone(), closing.clone());
+    crate::allocator::release_freed_memory(closing.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ContentAddressableStorageServer<CasService>>().await;

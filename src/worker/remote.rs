@@ -30,6 +30,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Serves until `stop` is cancelled. Connection failures are retried forever
 /// with exponential backoff (0.2 s doubling to 30 s).
 pub async fn run(options: WorkerOptions, executor: Arc<Executor>, stop: CancellationToken) -> anyhow::Result<()> {
+    crate::allocator::release_freed_memory(stop.clone());
     let mut backoff = Duration::from_millis(200);
     // Lets the scheduler tell this process reconnecting from another one
     // using the same name (which it refuses while this one is connected).
