@@ -21,7 +21,6 @@
 
 use std::time::Duration;
 
-use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 /// How often freed memory whose purge delay has passed is given back: the
@@ -33,16 +32,7 @@ const PERIOD: Duration = Duration::from_secs(1);
 /// [`PERIOD`] until `stop` is cancelled. For long-running processes: the
 /// server and the remote worker.
 pub fn release_freed_memory(stop: CancellationToken) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(PERIOD);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => collect(),
-                () = stop.cancelled() => return,
-            }
-        }
-    });
+    crate::upkeep::every(PERIOD, stop, collect);
 }
 
 /// A normal (not forced) collect: this thread's empty pages go back to the

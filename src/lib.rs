@@ -14,4 +14,5 @@ pub mod execution;
 pub mod fsutil;
 pub mod server;
 pub mod store;
+pub mod upkeep;
 pub mod worker;

@@ -119,7 +119,10 @@ pub async fn serve(
         config.max_parked_uploads,
         config.max_parked_uploads_per_client,
     ));
-    expire_parked_uploads(bytestream.clone(), closing.clone());
+    // Parked uploads go when their resume window ends, even if no new
+    // upload arrives to sweep them.
+    let parked = bytestream.clone();
+    crate::upkeep::every(Duration::from_secs(1), closing.clone(), move || parked.expire_parked());
     crate::allocator::release_freed_memory(closing.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -208,20 +211,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// Expires parked uploads every second until `stop`, so their open files
-/// go when their resume window ends even if no new upload arrives.
-fn expire_parked_uploads(bytestream: Arc<ByteStreamService>, stop: CancellationToken) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => bytestream.expire_parked(),
-                () = stop.cancelled() => return,
-            }
-        }
-    });
-}
-
 /// How often an unchanged operation is re-sent on Execute/WaitExecution streams.
 const STREAM_KEEPALIVE: Duration = Duration::from_secs(30);
 
@@ -246,16 +235,7 @@ async fn start_execution(
         },
     ));
     let sweeper = scheduler.clone();
-    let token = stop.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => sweeper.sweep(),
-                () = token.cancelled() => return,
-            }
-        }
-    });
+    crate::upkeep::every(Duration::from_secs(1), stop.clone(), move || sweeper.sweep());
     if config.worker_capacity > 0 {
         let name = format!("builtin@{}", crate::worker::remote::default_name());
         let work_dir = config.work_dir.clone();
