@@ -1,0 +1,160 @@
+//! Scheduler tables: lost workers, FIFO order, matching, merging, names.
+use super::*;
+use crate::ac::MemoryAcStore;
+use crate::store::memory::MemoryStore;
+use remote_apis::DigestFunction;
+
+fn scheduler(max_attempts: u32) -> Scheduler {
+    let cas = crate::store::cas(Arc::new(MemoryStore::new(1 << 20)));
+    let ac = Arc::new(ActionCacheService::new(Arc::new(MemoryAcStore::new(100)), cas));
+    Scheduler::new(
+        ac,
+        SchedulerConfig {
+            max_attempts,
+            keepalive_timeout: Duration::from_secs(30),
+            numeric_properties: vec!["cpu-count".into()],
+            retention: Duration::from_secs(60),
+            max_finished: 2,
+            unmatched_timeout: Duration::from_secs(60),
+        },
+    )
+}
+
+fn worker(
+    s: &Scheduler,
+    name: &str,
+    slots: usize,
+    props: &[(&str, &str)],
+) -> (u64, mpsc::UnboundedReceiver<WorkerCommand>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let properties = Platform::new(props.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+    let info = WorkerInfo { name: name.into(), properties, slots, builtin: false };
+    let id = s.register_worker(info, name, tx).unwrap();
+    (id, rx)
+}
+
+fn submission(seed: &[u8], platform: &[(&str, &str)]) -> Submission {
+    let digest = DigestFunction::Sha256.digest_of(seed);
+    Submission {
+        instance: InstanceName::default(),
+        action_digest: digest,
+        checked: Checked {
+            action: Default::default(),
+            command: Default::default(),
+            platform: Platform::new(platform.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            timeout: Duration::from_secs(10),
+        },
+        cache_key: Some(AcKey::new(&InstanceName::default(), &digest)),
+    }
+}
+
+fn assigned(rx: &mut mpsc::UnboundedReceiver<WorkerCommand>) -> Option<Arc<Task>> {
+    match rx.try_recv() {
+        Ok(WorkerCommand::Assign(t)) => Some(t),
+        _ => None,
+    }
+}
+
+#[test]
+fn finished_operations_are_capped_oldest_first() {
+    let s = scheduler(3);
+    let names: Vec<String> = (0..4u8)
+        .map(|i| {
+            let d = DigestFunction::Sha256.digest_of(&[i]);
+            s.record_hit(InstanceName::default(), d, ActionResult::default()).borrow().name.clone()
+        })
+        .collect();
+    assert_eq!(s.list().len(), 4);
+    s.sweep();
+    let kept: Vec<String> = s.list().into_iter().map(|v| v.name).collect();
+    assert_eq!(kept, names[2..], "the two newest stay");
+    assert!(s.get(&names[0]).is_none());
+}
+
+#[test]
+fn a_lost_worker_requeues_until_the_attempts_run_out() {
+    let s = scheduler(2);
+    let (w1, mut rx1) = worker(&s, "w1", 1, &[]);
+    let watch = s.submit(submission(b"a", &[])).unwrap();
+    assert!(assigned(&mut rx1).is_some());
+    let (w2, mut rx2) = worker(&s, "w2", 1, &[]);
+    s.worker_lost(w1, "test");
+    assert!(assigned(&mut rx2).is_some(), "re-queued to the other worker");
+    assert_eq!(watch.borrow().stages, [Stage::Queued, Stage::Queued]);
+    s.worker_lost(w2, "test");
+    let view = watch.borrow().clone();
+    let status = view.response.as_ref().unwrap().status.clone().unwrap();
+    assert_eq!(status.code, tonic::Code::Unavailable as i32);
+    assert!(status.message.contains("2 attempts"), "{}", status.message);
+    assert_eq!(s.status().counters.requeued, 1);
+}
+
+#[test]
+fn a_live_name_is_refused_unless_the_same_worker_reconnects() {
+    let s = scheduler(3);
+    let info = |name: &str| WorkerInfo { name: name.into(), properties: Platform::default(), slots: 1, builtin: false };
+    let (tx, mut first) = mpsc::unbounded_channel();
+    let id = s.register_worker(info("w"), "secret", tx).unwrap();
+    let watch = s.submit(submission(b"a", &[])).unwrap();
+    assert!(assigned(&mut first).is_some());
+    for impostor in ["", "guess"] {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let err = s.register_worker(info("w"), impostor, tx).unwrap_err();
+        assert_eq!(err.code, tonic::Code::AlreadyExists, "{err}");
+    }
+    assert_eq!(s.status().workers.len(), 1);
+    assert!(watch.borrow().response.is_none(), "the first worker keeps its action");
+    // The same process reconnecting replaces its dead entry; its action
+    // is handed out again.
+    let (tx, mut again) = mpsc::unbounded_channel();
+    let new = s.register_worker(info("w"), "secret", tx).unwrap();
+    assert_ne!(new, id);
+    assert!(assigned(&mut again).is_some());
+    assert_eq!(s.status().workers.len(), 1);
+}
+
+#[test]
+fn oldest_first_least_loaded_worker_and_platform_routing() {
+    let s = scheduler(3);
+    let (_big, mut big) = worker(&s, "big", 2, &[("cpu-count", "8")]);
+    let (_small, mut small) = worker(&s, "small", 2, &[("cpu-count", "2")]);
+    // Needs 4 CPUs: only "big" qualifies.
+    s.submit(submission(b"heavy", &[("cpu-count", "4")])).unwrap();
+    assert!(assigned(&mut big).is_some());
+    assert!(assigned(&mut small).is_none());
+    // The next one goes to the idle worker.
+    s.submit(submission(b"light", &[])).unwrap();
+    assert!(assigned(&mut small).is_some());
+    // Fill everything, then check FIFO order of what waits.
+    s.submit(submission(b"x1", &[])).unwrap();
+    s.submit(submission(b"x2", &[])).unwrap();
+    let _ = (assigned(&mut big), assigned(&mut small));
+    s.submit(submission(b"q1", &[])).unwrap();
+    s.submit(submission(b"q2", &[])).unwrap();
+    assert_eq!(s.status().queues.iter().map(|(_, n)| n).sum::<usize>(), 2);
+    // A property nobody offers fails at once.
+    let err = s.submit(submission(b"gpu", &[("gpu", "1")])).map(|_| ()).unwrap_err();
+    assert_eq!(err.code, tonic::Code::FailedPrecondition);
+    assert!(err.message.contains("gpu=1"), "{}", err.message);
+}
+
+#[tokio::test]
+async fn duplicates_merge_and_late_answers_are_ignored() {
+    let s = scheduler(3);
+    let (w, mut rx) = worker(&s, "w", 1, &[]);
+    let a = s.submit(submission(b"same", &[])).unwrap();
+    let b = s.submit(submission(b"same", &[])).unwrap();
+    assert_eq!(a.borrow().name, b.borrow().name);
+    let task = assigned(&mut rx).unwrap();
+    let name = a.borrow().name.clone(); // no watch guard held across the cancel
+    s.cancel(&name).unwrap();
+    assert!(b.borrow().done());
+    assert!(matches!(rx.try_recv(), Ok(WorkerCommand::Cancel(id)) if id == task.id), "the worker is told");
+    // The worker's answer for the cancelled task changes nothing.
+    s.finished(w, &task.id, ExecuteResponse::default()).await;
+    let status = b.borrow().response.as_ref().unwrap().status.clone().unwrap();
+    assert_eq!(status.code, tonic::Code::Cancelled as i32);
+    // The slot is free again.
+    s.submit(submission(b"next", &[])).unwrap();
+    assert!(assigned(&mut rx).is_some());
+}
