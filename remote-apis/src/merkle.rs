@@ -404,12 +404,15 @@ impl TreeAssembler {
 
 /// Hashes a local file in fixed-size reads (blocking).
 pub fn hash_file_blocking(function: DigestFunction, path: &Path) -> std::io::Result<Digest> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
+    hash_reader(function, std::fs::File::open(path)?)
+}
+
+/// Hashes everything `reader` yields, in fixed-size reads (blocking).
+pub fn hash_reader(function: DigestFunction, mut reader: impl std::io::Read) -> std::io::Result<Digest> {
     let mut hasher = function.hasher();
     let mut buf = vec![0u8; 256 << 10];
     loop {
-        let n = file.read(&mut buf)?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             return Ok(hasher.finish());
         }

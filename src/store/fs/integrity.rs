@@ -46,26 +46,13 @@ pub(crate) fn make_read_only(path: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444))
 }
 
-/// Buffer for hashing a file.
-const HASH_BUF: usize = 256 << 10;
-
 /// Whether the whole of `file` hashes to `digest` (size included). Reads
 /// from the start; leaves the position at the end.
 pub(crate) fn hashes_to(file: &mut File, digest: &Digest) -> std::io::Result<bool> {
     file.seek(SeekFrom::Start(0))?;
-    let mut hasher = digest.function.hasher();
-    let mut buf = vec![0u8; HASH_BUF.min(digest.size as usize + 1).max(1)];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        if hasher.len() + n as u64 > digest.size {
-            return Ok(false);
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finish() == *digest)
+    // One byte past the size is enough to tell a longer file: the digest
+    // then differs in size.
+    Ok(remote_apis::merkle::hash_reader(digest.function, file.by_ref().take(digest.size + 1))? == *digest)
 }
 
 /// Reads a whole small file and checks it against `digest`: `None` when the
