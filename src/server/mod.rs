@@ -6,6 +6,7 @@
 //! removes temporary files of unfinished uploads).
 
 mod listener;
+pub mod peer;
 mod request_log;
 
 pub use listener::ConnectionLimits;

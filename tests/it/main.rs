@@ -2,6 +2,7 @@
 //! driven by generated gRPC clients, the command line and real clients.
 
 mod ac;
+mod auth;
 mod bazel;
 mod bytestream;
 mod cas;
@@ -12,6 +13,8 @@ mod hardening_cas;
 mod hardening_exec;
 mod hardening_net;
 mod hardening_worker;
+mod sandbox;
 mod server;
+mod tls;
 mod workers;
 mod wrapper;
