@@ -10,6 +10,7 @@ pub mod builtin;
 mod cache;
 pub mod cas;
 mod inputs;
+pub mod isolation;
 mod outputs;
 mod process;
 pub mod remote;

@@ -14,6 +14,7 @@ mod hardening_exec;
 mod hardening_net;
 mod hardening_worker;
 mod sandbox;
+mod sandbox_files;
 mod server;
 mod tls;
 mod workers;
