@@ -31,10 +31,30 @@ impl Platform {
         self.0.is_empty()
     }
 
-    /// The first requirement `offer` does not meet, if any.
+    /// The first requirement `offer` does not meet, if any. Sandbox
+    /// settings ([`SANDBOX_SETTINGS`]) are not requirements.
     pub fn unmet_by<'a>(&'a self, offer: &Platform, numeric: &[String]) -> Option<&'a (String, String)> {
-        self.0.iter().find(|(name, value)| !offers(offer, name, value, numeric))
+        self.0
+            .iter()
+            .filter(|(name, _)| !is_sandbox_setting(name))
+            .find(|(name, value)| !offers(offer, name, value, numeric))
     }
+
+    /// The value of the property `name` (the first, should it repeat).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Properties that configure the action's sandbox on whichever worker runs
+/// it (each worker applies them within its own maxima) rather than select
+/// a worker: workers do not advertise them and matching skips them. Extend
+/// this list for every new sandbox setting.
+pub const SANDBOX_SETTINGS: &[&str] = &["output_bytes_limit", "output_files_limit"];
+
+/// Whether `name` is a sandbox setting, not a matching key.
+pub fn is_sandbox_setting(name: &str) -> bool {
+    SANDBOX_SETTINGS.contains(&name)
 }
 
 fn offers(offer: &Platform, name: &str, value: &str, numeric: &[String]) -> bool {
@@ -128,6 +148,10 @@ mod tests {
         }
         // Not numeric: compared as strings.
         assert!(p(&[("cpu-count", "4")]).unmet_by(&worker, &[]).is_some());
+        // Sandbox settings never keep an action from a worker.
+        for setting in SANDBOX_SETTINGS {
+            assert_eq!(p(&[(setting, "1"), ("OSFamily", "linux")]).unmet_by(&worker, &numeric), None, "{setting}");
+        }
     }
 
     #[test]
