@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use crate::execution::Scheduler;
 
+use crate::auth::{Auth, Grant};
 use crate::config::Backend;
 use crate::store::{Scrub, Store};
 
@@ -29,6 +30,7 @@ pub struct AdminService {
     backend: Backend,
     data_dir: String,
     scheduler: Arc<Scheduler>,
+    auth: Arc<Auth>,
 }
 
 impl AdminService {
@@ -39,13 +41,26 @@ impl AdminService {
         data_dir: String,
         scheduler: Arc<Scheduler>,
     ) -> Self {
-        AdminService { store, scrub, backend, data_dir, scheduler }
+        AdminService { store, scrub, backend, data_dir, scheduler, auth: Auth::open() }
+    }
+
+    /// The server's policy (the default allows every call).
+    pub fn with_auth(self, auth: Arc<Auth>) -> Self {
+        AdminService { auth, ..self }
+    }
+
+    /// Every admin call needs the admin grant on all instances (prefix ""):
+    /// blobs, workers and the scheduler are shared by every instance.
+    fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        self.auth.context(request, &remote_apis::InstanceName::default(), None, Grant::Admin)?;
+        Ok(())
     }
 }
 
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn list_blobs(&self, request: Request<ListBlobsRequest>) -> Result<Response<ListBlobsResponse>, Status> {
+        self.check(&request)?;
         let limit = match request.get_ref().limit {
             0 => 1000,
             n => n as usize,
@@ -69,10 +84,8 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn get_store_status(
-        &self,
-        _request: Request<GetStoreStatusRequest>,
-    ) -> Result<Response<StoreStatus>, Status> {
+    async fn get_store_status(&self, request: Request<GetStoreStatusRequest>) -> Result<Response<StoreStatus>, Status> {
+        self.check(&request)?;
         let usage = self.store.usage();
         Ok(Response::new(StoreStatus {
             backend: match self.backend {
@@ -89,8 +102,9 @@ impl Admin for AdminService {
 
     async fn verify_blobs(
         &self,
-        _request: Request<VerifyBlobsRequest>,
+        request: Request<VerifyBlobsRequest>,
     ) -> Result<Response<VerifyBlobsResponse>, Status> {
+        self.check(&request)?;
         let report = self.scrub.scrub().await?;
         tracing::info!(?report, "store verified");
         Ok(Response::new(VerifyBlobsResponse {
@@ -104,8 +118,9 @@ impl Admin for AdminService {
 
     async fn list_workers(
         &self,
-        _request: Request<ListWorkersRequest>,
+        request: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
+        self.check(&request)?;
         let workers = self
             .scheduler
             .status()
@@ -132,8 +147,9 @@ impl Admin for AdminService {
 
     async fn get_scheduler_status(
         &self,
-        _request: Request<GetSchedulerStatusRequest>,
+        request: Request<GetSchedulerStatusRequest>,
     ) -> Result<Response<SchedulerStatus>, Status> {
+        self.check(&request)?;
         let s = self.scheduler.status();
         let c = s.counters;
         Ok(Response::new(SchedulerStatus {

@@ -9,15 +9,25 @@ use remote_apis::reapi::{
 use remote_apis::semver::SemVer;
 use tonic::{Request, Response, Status};
 
+use std::sync::Arc;
+
+use crate::auth::{Auth, Grant};
 use crate::error::Error;
 
 pub struct CapabilitiesService {
     max_batch_bytes: u64,
+    auth: Arc<Auth>,
 }
 
 impl CapabilitiesService {
+    /// A service that answers everyone; the server adds its policy with
+    /// [`CapabilitiesService::with_auth`].
     pub fn new(max_batch_bytes: u64) -> Self {
-        CapabilitiesService { max_batch_bytes }
+        CapabilitiesService { max_batch_bytes, auth: Auth::open() }
+    }
+
+    pub fn with_auth(self, auth: Arc<Auth>) -> Self {
+        CapabilitiesService { auth, ..self }
     }
 
     /// Cache and execution together: Bazel asks its executor endpoint for
@@ -62,8 +72,20 @@ impl Capabilities for CapabilitiesService {
         &self,
         request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<ServerCapabilities>, Status> {
-        remote_apis::InstanceName::new(&request.get_ref().instance_name)
+        let instance = remote_apis::InstanceName::new(&request.get_ref().instance_name)
             .map_err(|e| Error::bad_field("instance_name", e.0))?;
-        Ok(Response::new(self.capabilities()))
+        let ctx = self.auth.context(&request, &instance, None, Grant::CasRead)?;
+        // What this caller may do here: a client without ac-write sees a
+        // read-only cache (Bazel then uploads no local results), one without
+        // execute sees no remote execution, instead of failing on each call.
+        let mut caps = self.capabilities();
+        if let Some(cache) = caps.cache_capabilities.as_mut() {
+            cache.action_cache_update_capabilities =
+                Some(ActionCacheUpdateCapabilities { update_enabled: ctx.allows(Grant::AcWrite) });
+        }
+        if let Some(exec) = caps.execution_capabilities.as_mut() {
+            exec.exec_enabled = ctx.allows(Grant::Execute);
+        }
+        Ok(Response::new(caps))
     }
 }

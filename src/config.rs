@@ -28,6 +28,8 @@ pub struct FileConfig {
     pub execution: ExecutionSection,
     pub server: ServerSection,
     pub wrapper: WrapperSection,
+    /// `[auth]`; absent: everything is allowed, on loopback listeners only.
+    pub auth: Option<AuthSection>,
 }
 
 /// `[scheduler]`: where the server listens and where clients and workers
@@ -247,6 +249,9 @@ pub struct ServerSection {
     /// gone (default 20s, as hyper's).
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// Serve the worker protocol only on this IP:PORT, not on the public
+    /// listener, so the port that hands out commands is not the clients'.
+    pub worker_listen: Option<String>,
 }
 
 impl Default for ServerSection {
@@ -259,6 +264,7 @@ impl Default for ServerSection {
             max_concurrent_streams: 1000,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
+            worker_listen: None,
         }
     }
 }
@@ -320,6 +326,38 @@ impl WrapperMode {
     }
 }
 
+/// `[auth]`: who may do what (see `crate::auth`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// `"tokens"` (the default): bearer tokens and client certificates from
+    /// the token file, `anonymous` for callers with neither. `"none"`: no
+    /// authentication at all, also on non-loopback addresses.
+    pub mode: Option<String>,
+    /// The token file: `[[token]]` (name, sha256, grants) and `[[cert]]`
+    /// entries; reloaded when it changes and on SIGHUP.
+    pub tokens: Option<PathBuf>,
+    /// Grants of callers without a token or certificate, on every instance,
+    /// e.g. `["cas-read", "ac-read"]` for a public read-only cache.
+    pub anonymous: Vec<String>,
+}
+
+impl AuthSection {
+    fn resolve(&self) -> anyhow::Result<crate::auth::AuthConfig> {
+        use crate::auth::{AuthConfig, GrantSet, Mode};
+        let mode = match self.mode.as_deref() {
+            None | Some("tokens") => Mode::Tokens,
+            Some("none") => Mode::None,
+            Some(other) => bail!("[auth] mode {other:?} is not \"tokens\" or \"none\""),
+        };
+        let anonymous = GrantSet::parse(&self.anonymous).map_err(|e| anyhow::anyhow!("[auth] anonymous: {e}"))?;
+        if mode == Mode::None && (self.tokens.is_some() || !self.anonymous.is_empty()) {
+            bail!("[auth] mode = \"none\" allows everything: remove tokens and anonymous, or drop the mode");
+        }
+        Ok(AuthConfig { mode, tokens: self.tokens.clone(), anonymous })
+    }
+}
+
 /// The validated configuration the server runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -342,6 +380,8 @@ pub struct Config {
     pub worker_properties: Vec<(String, String)>,
     pub action_init: Option<PathBuf>,
     pub execution: ExecutionSection,
+    pub auth: crate::auth::AuthConfig,
+    pub worker_listen: Option<SocketAddr>,
 }
 
 impl FileConfig {
@@ -413,6 +453,13 @@ impl FileConfig {
             worker_properties: self.worker_properties(),
             action_init: self.worker.action_init.clone(),
             execution: self.execution.clone(),
+            auth: self.auth.as_ref().map(AuthSection::resolve).transpose()?.unwrap_or_default(),
+            worker_listen: match &self.server.worker_listen {
+                Some(a) => {
+                    Some(a.parse().with_context(|| format!("[server] worker_listen {a:?} is not an IP:PORT address"))?)
+                }
+                None => None,
+            },
             data_dir,
         })
     }

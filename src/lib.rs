@@ -5,6 +5,7 @@
 pub mod ac;
 pub mod admin;
 pub mod allocator;
+pub mod auth;
 pub mod capabilities;
 pub mod cas;
 pub mod cli;

@@ -18,6 +18,7 @@ use tonic::{Code, Request, Response, Status};
 
 pub use store::{AcKey, AcStore, FsAcStore, MemoryAcStore};
 
+use crate::auth::{Auth, Grant};
 use crate::cas::parse_header;
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -30,11 +31,20 @@ const TREE_READ_LIMIT: u64 = 16 << 20;
 pub struct ActionCacheService {
     results: Arc<dyn AcStore>,
     cas: Store,
+    auth: Arc<Auth>,
 }
 
 impl ActionCacheService {
+    /// A service that allows every call; the server adds its policy with
+    /// [`ActionCacheService::with_auth`]. The scheduler stores execution
+    /// results through [`ActionCacheService::store`], which no grant guards:
+    /// the server writes them whatever the client may write.
     pub fn new(results: Arc<dyn AcStore>, cas: Store) -> Self {
-        ActionCacheService { results, cas }
+        ActionCacheService { results, cas, auth: Auth::open() }
+    }
+
+    pub fn with_auth(self, auth: Arc<Auth>) -> Self {
+        ActionCacheService { auth, ..self }
     }
 
     /// The result for `key` if it is stored and complete.
@@ -164,8 +174,9 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        let (instance, function) = parse_header(&request.get_ref().instance_name, request.get_ref().digest_function)?;
+        self.auth.context(&request, &instance, Some(function), Grant::AcRead)?;
         let req = request.into_inner();
-        let (instance, function) = parse_header(&req.instance_name, req.digest_function)?;
         let action = Digest::from_field(function, req.action_digest.as_ref(), "action_digest")
             .map_err(|e| Error::bad_field("action_digest", e.0))?;
         let key = AcKey::new(&instance, &action);
@@ -180,8 +191,9 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        let (instance, function) = parse_header(&request.get_ref().instance_name, request.get_ref().digest_function)?;
+        self.auth.context(&request, &instance, Some(function), Grant::AcWrite)?;
         let req = request.into_inner();
-        let (instance, function) = parse_header(&req.instance_name, req.digest_function)?;
         let action = Digest::from_field(function, req.action_digest.as_ref(), "action_digest")
             .map_err(|e| Error::bad_field("action_digest", e.0))?;
         let result = req.action_result.ok_or_else(|| Error::bad_field("action_result", "is missing"))?;

@@ -30,12 +30,14 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use super::ZSTD_LEVEL;
 use super::decode::BoundedDecoder;
 use super::sessions::{ParkLimits, Sessions, Slot};
+use crate::auth::{Auth, Grant};
 use crate::error::{Error, Result};
 use crate::store::{BlobSink, READ_CHUNK, Store};
 
 pub struct ByteStreamService {
     store: Store,
     uploads: Arc<Mutex<Sessions<Upload>>>,
+    auth: Arc<Auth>,
 }
 
 struct Upload {
@@ -51,7 +53,12 @@ impl ByteStreamService {
     /// most `max_parked_per_client` from one client address.
     pub fn new(store: Store, resume_window: Duration, max_parked: usize, max_parked_per_client: usize) -> Self {
         let limits = ParkLimits { total: max_parked, per_client: max_parked_per_client, window: resume_window };
-        ByteStreamService { store, uploads: Arc::new(Mutex::new(Sessions::new(limits))) }
+        ByteStreamService { store, uploads: Arc::new(Mutex::new(Sessions::new(limits))), auth: Auth::open() }
+    }
+
+    /// The server's policy (the default allows every call).
+    pub fn with_auth(self, auth: Arc<Auth>) -> Self {
+        ByteStreamService { auth, ..self }
     }
 
     /// Uploads parked for resumption now.
@@ -252,8 +259,10 @@ impl ByteStream for ByteStreamService {
     type ReadStream = ReadStream;
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
+        let resource = ReadResource::parse(&request.get_ref().resource_name)
+            .map_err(|e| Error::bad_field("resource_name", e.0))?;
+        self.auth.context(&request, &resource.instance, Some(resource.digest.function), Grant::CasRead)?;
         let req = request.into_inner();
-        let resource = ReadResource::parse(&req.resource_name).map_err(|e| Error::bad_field("resource_name", e.0))?;
         if req.read_offset < 0 {
             return Err(Error::new(Code::OutOfRange, format!("read_offset {} is negative", req.read_offset)).into());
         }
@@ -283,10 +292,12 @@ impl ByteStream for ByteStreamService {
 
     async fn write(&self, request: Request<Streaming<WriteRequest>>) -> Result<Response<WriteResponse>, Status> {
         let client = request.remote_addr().map(|a| a.ip());
+        let caller = self.auth.caller(&request)?;
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| Error::invalid("the write stream sent no message"))?;
         let resource =
             WriteResource::parse(&first.resource_name).map_err(|e| Error::bad_field("resource_name", e.0))?;
+        caller.authorize(&resource.instance, Some(resource.digest.function), Grant::CasWrite)?;
         let key = resource.to_name();
         if self.exists(&resource).await? {
             self.release(&key);
@@ -317,8 +328,9 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
-        let req = request.into_inner();
-        let resource = WriteResource::parse(&req.resource_name).map_err(|e| Error::bad_field("resource_name", e.0))?;
+        let resource = WriteResource::parse(&request.get_ref().resource_name)
+            .map_err(|e| Error::bad_field("resource_name", e.0))?;
+        self.auth.context(&request, &resource.instance, Some(resource.digest.function), Grant::CasWrite)?;
         let key = resource.to_name();
         let parked = match self.uploads.lock().get(&key) {
             Some(Slot::Parked(p)) => Some(p.upload.received),

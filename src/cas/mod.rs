@@ -12,6 +12,8 @@ mod tree;
 
 pub use bytestream::ByteStreamService;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use futures::StreamExt;
 use remote_apis::reapi::content_addressable_storage_server::ContentAddressableStorage;
@@ -24,6 +26,7 @@ use remote_apis::reapi::{
 use remote_apis::{Compressor, Digest, DigestFunction, InstanceName};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Auth, Grant};
 use crate::error::{Error, Result};
 use crate::store::Store;
 use decode::BoundedDecoder;
@@ -54,11 +57,31 @@ pub(crate) const ZSTD_LEVEL: i32 = 1;
 pub struct CasService {
     store: Store,
     max_batch_bytes: u64,
+    auth: Arc<Auth>,
 }
 
 impl CasService {
+    /// A service that allows every call; the server adds its policy with
+    /// [`CasService::with_auth`].
     pub fn new(store: Store, max_batch_bytes: u64) -> Self {
-        CasService { store, max_batch_bytes }
+        CasService { store, max_batch_bytes, auth: Auth::open() }
+    }
+
+    pub fn with_auth(self, auth: Arc<Auth>) -> Self {
+        CasService { auth, ..self }
+    }
+
+    /// Parses the common header and checks `grant` on its instance.
+    fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        instance: &str,
+        function: i32,
+        grant: Grant,
+    ) -> Result<DigestFunction> {
+        let (instance, function) = parse_header(instance, function)?;
+        self.auth.context(request, &instance, Some(function), grant)?;
+        Ok(function)
     }
 }
 
@@ -163,13 +186,7 @@ impl CasService {
 const CHUNKS_PER_MESSAGE: usize = 10_000;
 
 impl CasService {
-    async fn split(
-        &self,
-        instance: &str,
-        function: i32,
-        blob: Option<&remote_apis::reapi::Digest>,
-    ) -> Result<Vec<Digest>> {
-        let (_instance, function) = parse_header(instance, function)?;
+    async fn split(&self, function: DigestFunction, blob: Option<&remote_apis::reapi::Digest>) -> Result<Vec<Digest>> {
         let blob =
             Digest::from_field(function, blob, "blob_digest").map_err(|e| Error::bad_field("blob_digest", e.0))?;
         chunks::split(&self.store, blob).await
@@ -177,12 +194,10 @@ impl CasService {
 
     async fn splice(
         &self,
-        instance: &str,
-        function: i32,
+        function: DigestFunction,
         blob: Option<&remote_apis::reapi::Digest>,
         chunk_digests: &[remote_apis::reapi::Digest],
     ) -> Result<Digest> {
-        let (_instance, function) = parse_header(instance, function)?;
         let blob =
             Digest::from_field(function, blob, "blob_digest").map_err(|e| Error::bad_field("blob_digest", e.0))?;
         let chunk_digests = parse_digests(function, chunk_digests, "chunk_digests")?;
@@ -197,8 +212,9 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        let r = request.get_ref();
+        let function = self.authorize(&request, &r.instance_name, r.digest_function, Grant::CasRead)?;
         let req = request.into_inner();
-        let (_instance, function) = parse_header(&req.instance_name, req.digest_function)?;
         let digests = parse_digests(function, &req.blob_digests, "blob_digests")?;
         let missing = self.store.find_missing(&digests).await?;
         Ok(Response::new(FindMissingBlobsResponse {
@@ -210,8 +226,9 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
+        let r = request.get_ref();
+        let function = self.authorize(&request, &r.instance_name, r.digest_function, Grant::CasWrite)?;
         let req = request.into_inner();
-        let (_instance, function) = parse_header(&req.instance_name, req.digest_function)?;
         self.check_batch_count(req.requests.len(), "BatchUpdateBlobs request")?;
         let total: u64 = req.requests.iter().map(|r| r.data.len() as u64).sum();
         self.check_batch_size(total, "BatchUpdateBlobs request")?;
@@ -236,8 +253,9 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
+        let r = request.get_ref();
+        let function = self.authorize(&request, &r.instance_name, r.digest_function, Grant::CasRead)?;
         let req = request.into_inner();
-        let (_instance, function) = parse_header(&req.instance_name, req.digest_function)?;
         self.check_batch_count(req.digests.len(), "BatchReadBlobs request")?;
         let digests = parse_digests(function, &req.digests, "digests")?;
         self.check_batch_size(digests.iter().map(|d| d.size).sum(), "BatchReadBlobs request")?;
@@ -253,8 +271,10 @@ impl ContentAddressableStorage for CasService {
     // Splitting and splicing (see chunks.rs). The chunking function is the
     // server's choice (reported as UNKNOWN); splicing accepts any.
     async fn split_blob(&self, request: Request<SplitBlobRequest>) -> Result<Response<SplitBlobResponse>, Status> {
+        let r = request.get_ref();
+        let function = self.authorize(&request, &r.instance_name, r.digest_function, Grant::CasWrite)?;
         let req = request.into_inner();
-        let chunks = self.split(&req.instance_name, req.digest_function, req.blob_digest.as_ref()).await?;
+        let chunks = self.split(function, req.blob_digest.as_ref()).await?;
         Ok(Response::new(SplitBlobResponse {
             chunk_digests: chunks.iter().map(Digest::to_proto).collect(),
             chunking_function: 0,
@@ -262,9 +282,10 @@ impl ContentAddressableStorage for CasService {
     }
 
     async fn splice_blob(&self, request: Request<SpliceBlobRequest>) -> Result<Response<SpliceBlobResponse>, Status> {
+        let r = request.get_ref();
+        let function = self.authorize(&request, &r.instance_name, r.digest_function, Grant::CasWrite)?;
         let req = request.into_inner();
-        let blob =
-            self.splice(&req.instance_name, req.digest_function, req.blob_digest.as_ref(), &req.chunk_digests).await?;
+        let blob = self.splice(function, req.blob_digest.as_ref(), &req.chunk_digests).await?;
         Ok(Response::new(SpliceBlobResponse { blob_digest: Some(blob.to_proto()) }))
     }
 
@@ -274,8 +295,10 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<GetChunkMappingRequest>,
     ) -> Result<Response<Self::GetChunkMappingStream>, Status> {
+        let r = request.get_ref();
+        let function = self.authorize(&request, &r.instance_name, r.digest_function, Grant::CasWrite)?;
         let req = request.into_inner();
-        let chunks = self.split(&req.instance_name, req.digest_function, req.blob_digest.as_ref()).await?;
+        let chunks = self.split(function, req.blob_digest.as_ref()).await?;
         let messages: Vec<Result<GetChunkMappingResponse, Status>> = chunks
             .chunks(CHUNKS_PER_MESSAGE)
             .map(|part| {
@@ -292,25 +315,27 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<tonic::Streaming<RegisterChunkMappingRequest>>,
     ) -> Result<Response<RegisterChunkMappingResponse>, Status> {
+        let caller = self.auth.caller(&request)?;
         let mut stream = request.into_inner();
         let Some(first) = stream.message().await? else {
             return Err(Error::invalid("RegisterChunkMapping needs at least one request").into());
         };
+        let (instance, function) = parse_header(&first.instance_name, first.digest_function)?;
+        caller.authorize(&instance, Some(function), Grant::CasWrite)?;
         let mut chunk_digests = first.chunk_digests.clone();
         while let Some(more) = stream.message().await? {
             chunk_digests.extend(more.chunk_digests);
         }
-        let blob = self
-            .splice(&first.instance_name, first.digest_function, first.blob_digest.as_ref(), &chunk_digests)
-            .await?;
+        let blob = self.splice(function, first.blob_digest.as_ref(), &chunk_digests).await?;
         Ok(Response::new(RegisterChunkMappingResponse { blob_digest: Some(blob.to_proto()) }))
     }
 
     type GetTreeStream = futures::stream::BoxStream<'static, Result<GetTreeResponse, Status>>;
 
     async fn get_tree(&self, request: Request<GetTreeRequest>) -> Result<Response<Self::GetTreeStream>, Status> {
+        let r = request.get_ref();
+        let function = self.authorize(&request, &r.instance_name, r.digest_function, Grant::CasRead)?;
         let req = request.into_inner();
-        let (_instance, function) = parse_header(&req.instance_name, req.digest_function)?;
         let root = Digest::from_field(function, req.root_digest.as_ref(), "root_digest")
             .map_err(|e| Error::bad_field("root_digest", e.0))?;
         let page_size = usize::try_from(req.page_size).map_err(|_| Error::bad_field("page_size", "is negative"))?;

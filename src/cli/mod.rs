@@ -6,6 +6,7 @@ mod cas;
 mod exec;
 mod repl;
 mod status;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -79,6 +80,9 @@ enum Command {
     /// Show queues, workers and the cache hit rate.
     #[command(subcommand)]
     Scheduler(StatusOnly),
+    /// Make bearer tokens for the server's token file.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
 }
 
 /// Arguments passed to cargo as they are.
@@ -243,6 +247,7 @@ async fn dispatch(command: Command, ctx: Session) -> anyhow::Result<ExitCode> {
         Command::Job(cmd) => exec::job(cmd, &ctx.server, &ctx.instance).await,
         Command::Jobs(cmd) => exec::jobs(cmd, &ctx.server).await,
         Command::Workers(ListOnly::List) => status::workers(&ctx.server).await,
+        Command::Token(cmd) => token::run(cmd),
         Command::Scheduler(StatusOnly::Status) => status::scheduler(&ctx.server).await,
     }
 }

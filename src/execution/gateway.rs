@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::platform::Platform;
 use super::scheduler::{Scheduler, WorkerCommand, WorkerInfo};
+use crate::auth::{Auth, Grant};
 use crate::error::Error;
 
 pub mod proto {
@@ -30,11 +31,18 @@ pub struct GatewayService {
     /// Cancelled when the server shuts down: every worker stream ends, so
     /// workers reconnect to the next server instead of holding this one open.
     closing: CancellationToken,
+    auth: Arc<Auth>,
 }
 
 impl GatewayService {
+    /// A gateway that admits every worker; the server adds its policy with
+    /// [`GatewayService::with_auth`].
     pub fn new(scheduler: Arc<Scheduler>, keepalive_interval: Duration, closing: CancellationToken) -> Self {
-        GatewayService { scheduler, keepalive_interval, closing }
+        GatewayService { scheduler, keepalive_interval, closing, auth: Auth::open() }
+    }
+
+    pub fn with_auth(self, auth: Arc<Auth>) -> Self {
+        GatewayService { auth, ..self }
     }
 }
 
@@ -49,6 +57,9 @@ impl WorkerGateway for GatewayService {
     type SessionStream = Outbound;
 
     async fn session(&self, request: Request<Streaming<WorkerMessage>>) -> Result<Response<Outbound>, Status> {
+        // A worker receives every instance's actions and its results are
+        // cached: it needs the worker grant on all instances (prefix "").
+        self.auth.context(&request, &remote_apis::InstanceName::default(), None, Grant::Worker)?;
         let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, watch};
 use super::platform::Platform;
 use super::validate::Checked;
 use crate::ac::{AcKey, ActionCacheService};
+use crate::auth::Principal;
 use crate::error::{Error, Result};
 use crate::worker::Task;
 
@@ -80,6 +81,9 @@ pub struct OpView {
     pub response: Option<Arc<ExecuteResponse>>,
     pub worker: Option<String>,
     pub queued_at: SystemTime,
+    /// Who asked for it: the creator, and callers from other principals
+    /// whose identical action merged into it. Only they (and admins) see it.
+    pub owners: Vec<Principal>,
 }
 
 impl OpView {
@@ -120,6 +124,8 @@ pub struct Submission {
     pub checked: Checked,
     /// `None` for `do_not_cache`: never merged, never cached.
     pub cache_key: Option<AcKey>,
+    /// The caller: the operation belongs to it.
+    pub owner: Principal,
 }
 
 pub type OpWatch = watch::Receiver<Arc<OpView>>;
@@ -194,8 +200,14 @@ impl Scheduler {
         let mut st = self.state.lock();
         if let Some(key) = &sub.cache_key
             && let Some(name) = st.inflight.get(key).cloned()
-            && let Some(op) = st.ops.get(&name)
+            && let Some(op) = st.ops.get_mut(&name)
         {
+            // A caller of another principal joins as an owner: it must see
+            // the operation it got, and cancelling it then only detaches it.
+            if !op.view.owners.contains(&sub.owner) {
+                op.view.owners.push(sub.owner);
+                op.publish();
+            }
             let rx = op.tx.subscribe();
             st.counters.merged += 1;
             return Ok(rx);
@@ -206,7 +218,7 @@ impl Scheduler {
         st.counters.cache_misses += 1;
         let platform = sub.checked.platform.clone();
         let (seq, name, rx) =
-            insert_op(&mut st, sub.instance, sub.action_digest, Arc::new(sub.checked), sub.cache_key, None);
+            insert_op(&mut st, sub.instance, sub.action_digest, Arc::new(sub.checked), sub.cache_key, None, sub.owner);
         if let Some(key) = sub.cache_key {
             st.inflight.insert(key, name.clone());
         }
@@ -216,11 +228,17 @@ impl Scheduler {
     }
 
     /// Records an ActionCache hit as a finished operation.
-    pub fn record_hit(&self, instance: InstanceName, action_digest: Digest, result: ActionResult) -> OpWatch {
+    pub fn record_hit(
+        &self,
+        instance: InstanceName,
+        action_digest: Digest,
+        result: ActionResult,
+        owner: Principal,
+    ) -> OpWatch {
         let mut st = self.state.lock();
         st.counters.cache_hits += 1;
         let response = ExecuteResponse { result: Some(result), cached_result: true, ..Default::default() };
-        let (_, _, rx) = insert_op(&mut st, instance, action_digest, Arc::default(), None, Some(response));
+        let (_, _, rx) = insert_op(&mut st, instance, action_digest, Arc::default(), None, Some(response), owner);
         rx
     }
 
@@ -257,12 +275,25 @@ impl Scheduler {
     }
 
     /// Cancels a queued or running operation (its process is killed). A
-    /// finished one is left as it is.
-    pub fn cancel(&self, name: &str) -> Result<()> {
+    /// finished one is left as it is. `by` is the owner asking (`None`: an
+    /// admin): an operation it does not own is NOT_FOUND, and one that other
+    /// principals also own (merged identical actions) is only detached from
+    /// it, so nobody cancels another principal's work.
+    pub fn cancel(&self, name: &str, by: Option<&Principal>) -> Result<()> {
         let mut st = self.state.lock();
-        let Some(op) = st.ops.get(name) else {
-            return Err(Error::not_found(format!("operation {name:?} is unknown or expired")));
+        let Some(op) = st.ops.get_mut(name) else {
+            return Err(unknown_operation(name));
         };
+        if let Some(who) = by {
+            if !op.view.owners.contains(who) {
+                return Err(unknown_operation(name));
+            }
+            if op.view.owners.len() > 1 {
+                op.view.owners.retain(|o| o != who);
+                op.publish();
+                return Ok(());
+            }
+        }
         if op.done_at.is_some() {
             return Ok(());
         }
@@ -290,11 +321,22 @@ impl Scheduler {
     }
 
     /// Forgets a finished operation. A running one keeps running (deleting
-    /// does not cancel) and stays visible until it ends.
-    pub fn delete(&self, name: &str) -> Result<()> {
+    /// does not cancel) and stays visible until it ends. `by` as for
+    /// [`Scheduler::cancel`]: one of several owners only detaches itself.
+    pub fn delete(&self, name: &str, by: Option<&Principal>) -> Result<()> {
         let mut st = self.state.lock();
+        if let Some(who) = by {
+            let Some(op) = st.ops.get_mut(name).filter(|op| op.view.owners.contains(who)) else {
+                return Err(unknown_operation(name));
+            };
+            if op.view.owners.len() > 1 {
+                op.view.owners.retain(|o| o != who);
+                op.publish();
+                return Ok(());
+            }
+        }
         match st.ops.get(name) {
-            None => Err(Error::not_found(format!("operation {name:?} is unknown or expired"))),
+            None => Err(unknown_operation(name)),
             Some(op) if op.done_at.is_none() => Ok(()),
             Some(_) => {
                 forget(&mut st, name);
@@ -581,6 +623,12 @@ impl Scheduler {
     }
 }
 
+/// NOT_FOUND for an operation that does not exist or is not the caller's:
+/// the same words, so a caller learns nothing about other principals' work.
+pub fn unknown_operation(name: &str) -> Error {
+    Error::not_found(format!("operation {} is unknown or expired", remote_apis::quote(name)))
+}
+
 /// Creates an operation: QUEUED, or already finished with `response`.
 fn insert_op(
     st: &mut State,
@@ -589,6 +637,7 @@ fn insert_op(
     checked: Arc<Checked>,
     cache_key: Option<AcKey>,
     response: Option<ExecuteResponse>,
+    owner: Principal,
 ) -> (u64, String, OpWatch) {
     st.next_seq += 1;
     let (seq, name) = (st.next_seq, format!("operations/{}", uuid::Uuid::new_v4()));
@@ -601,6 +650,7 @@ fn insert_op(
         response: response.map(Arc::new),
         worker: None,
         queued_at: SystemTime::now(),
+        owners: vec![owner],
     };
     let (tx, rx) = watch::channel(Arc::new(view.clone()));
     let now = Instant::now();

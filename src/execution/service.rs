@@ -20,9 +20,10 @@ use remote_apis::reapi::{ExecuteOperationMetadata, ExecuteRequest, WaitExecution
 use remote_apis::{Digest, DigestFunction, InstanceName};
 use tonic::{Request, Response, Status};
 
-use super::scheduler::{OpView, OpWatch, Scheduler, Submission};
+use super::scheduler::{OpView, OpWatch, Scheduler, Submission, unknown_operation};
 use super::validate::{self, Timeouts};
 use crate::ac::{AcKey, ActionCacheService};
+use crate::auth::{Auth, Caller, Grant, Principal, RequestContext};
 use crate::error::Error;
 use crate::store::Store;
 
@@ -39,6 +40,7 @@ pub struct ExecutionService {
     /// An unchanged operation is sent again this often, so proxies and
     /// clients see a live stream.
     keepalive: Duration,
+    auth: Arc<Auth>,
 }
 
 impl ExecutionService {
@@ -50,14 +52,30 @@ impl ExecutionService {
         keepalive: Duration,
     ) -> Self {
         let directories = crate::worker::DirectoryCache::new(crate::worker::DIRECTORY_CACHE_ENTRIES);
-        ExecutionService { cas, ac, scheduler, timeouts, directories, keepalive }
+        ExecutionService { cas, ac, scheduler, timeouts, directories, keepalive, auth: Auth::open() }
     }
 
-    /// Everything up to the first Operation: errors here are gRPC statuses.
-    async fn start(&self, req: ExecuteRequest) -> Result<OpWatch, Error> {
+    /// The server's policy (the default allows every call).
+    pub fn with_auth(self, auth: Arc<Auth>) -> Self {
+        ExecutionService { auth, ..self }
+    }
+
+    /// Parses the header and checks the `execute` grant.
+    fn authorize(&self, request: &Request<ExecuteRequest>) -> Result<RequestContext, Error> {
+        let req = request.get_ref();
         let instance = InstanceName::new(&req.instance_name).map_err(|e| Error::bad_field("instance_name", e.0))?;
         let function =
             DigestFunction::from_proto(req.digest_function).map_err(|e| Error::bad_field("digest_function", e.0))?;
+        self.auth.context(request, &instance, Some(function), Grant::Execute)
+    }
+
+    /// Everything up to the first Operation: errors here are gRPC statuses.
+    /// The server stores the result in the ActionCache itself, whatever the
+    /// caller's grants (`ac-write` guards only clients' own writes).
+    async fn start(&self, ctx: RequestContext, req: ExecuteRequest) -> Result<OpWatch, Error> {
+        let RequestContext { instance, principal, digest_function, .. } = ctx;
+        // Always set: `authorize` parsed it.
+        let function = digest_function.unwrap_or(DigestFunction::Sha256);
         let digest = Digest::from_field(function, req.action_digest.as_ref(), "action_digest")
             .map_err(|e| Error::bad_field("action_digest", e.0))?;
         let action = validate::read_action(&self.cas, &digest).await?;
@@ -67,7 +85,7 @@ impl ExecutionService {
             && !req.skip_cache_lookup
             && let Some(result) = self.ac.lookup(&key, function).await?
         {
-            return Ok(self.scheduler.record_hit(instance, digest, result));
+            return Ok(self.scheduler.record_hit(instance, digest, result, principal));
         }
         let checked = validate::check(&self.cas, &self.directories, digest, action, self.timeouts).await?;
         self.scheduler.submit(Submission {
@@ -75,6 +93,7 @@ impl ExecutionService {
             action_digest: digest,
             checked,
             cache_key: cacheable.then_some(key),
+            owner: principal,
         })
     }
 }
@@ -87,7 +106,8 @@ impl Execution for ExecutionService {
     type WaitExecutionStream = OperationStream;
 
     async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<OperationStream>, Status> {
-        let watch = self.start(request.into_inner()).await?;
+        let ctx = self.authorize(&request)?;
+        let watch = self.start(ctx, request.into_inner()).await?;
         Ok(Response::new(operation_stream(watch, false, self.keepalive)))
     }
 
@@ -95,8 +115,10 @@ impl Execution for ExecutionService {
         &self,
         request: Request<WaitExecutionRequest>,
     ) -> Result<Response<OperationStream>, Status> {
+        let caller = operations_caller(&self.auth, &request)?;
         let name = request.into_inner().name;
-        let Some(watch) = self.scheduler.subscribe(&name) else {
+        let visible = self.scheduler.get(&name).is_some_and(|v| may_see(&caller, &v));
+        let Some(watch) = self.scheduler.subscribe(&name).filter(|_| visible) else {
             return Err(
                 Error::not_found(format!("operation {} is unknown or expired; execute again", quote(&name))).into()
             );
@@ -170,19 +192,52 @@ fn any(type_name: &str, message: &impl Message) -> Any {
     Any { type_url: format!("{TYPE_PREFIX}{type_name}"), value: message.encode_to_vec() }
 }
 
+/// The caller of a call that names an operation or none: it must hold
+/// `execute` (its own operations) or `admin` (everyone's) somewhere; which
+/// operations it may touch is [`may_see`].
+fn operations_caller<T>(auth: &Auth, request: &Request<T>) -> Result<Caller, Error> {
+    let caller = auth.caller(request)?;
+    caller.require_somewhere(&[Grant::Execute, Grant::Admin])?;
+    Ok(caller)
+}
+
+/// An operation is visible to an admin of its instance and to its owners
+/// while they hold `execute` there; to anyone else it does not exist.
+fn may_see(caller: &Caller, view: &OpView) -> bool {
+    caller.allows(&view.instance, Grant::Admin)
+        || (view.owners.contains(&caller.principal) && caller.allows(&view.instance, Grant::Execute))
+}
+
 pub struct OperationsService {
     scheduler: Arc<Scheduler>,
+    auth: Arc<Auth>,
 }
 
 impl OperationsService {
+    /// A service that allows every call; the server adds its policy with
+    /// [`OperationsService::with_auth`].
     pub fn new(scheduler: Arc<Scheduler>) -> Self {
-        OperationsService { scheduler }
+        OperationsService { scheduler, auth: Auth::open() }
     }
 
-    fn current(&self, name: &str) -> Result<Operation, Status> {
-        match self.scheduler.get(name) {
+    pub fn with_auth(self, auth: Arc<Auth>) -> Self {
+        OperationsService { auth, ..self }
+    }
+
+    fn current(&self, caller: &Caller, name: &str) -> Result<Operation, Status> {
+        match self.scheduler.get(name).filter(|v| may_see(caller, v)) {
             Some(view) => Ok(to_operation(&view, view.stage(), true)),
-            None => Err(Error::not_found(format!("operation {} is unknown or expired", quote(name))).into()),
+            None => Err(unknown_operation(name).into()),
+        }
+    }
+
+    /// Who `caller` acts as on operation `name`: `None` for an admin of its
+    /// instance (acts on the operation itself), its principal for an owner.
+    fn acting_as(&self, caller: &Caller, name: &str) -> Result<Option<Principal>, Status> {
+        match self.scheduler.get(name).filter(|v| may_see(caller, v)) {
+            Some(view) if caller.allows(&view.instance, Grant::Admin) => Ok(None),
+            Some(_) => Ok(Some(caller.principal.clone())),
+            None => Err(unknown_operation(name).into()),
         }
     }
 }
@@ -193,8 +248,9 @@ impl Operations for OperationsService {
         &self,
         request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
+        let caller = operations_caller(&self.auth, &request)?;
         let req = request.into_inner();
-        let all = self.scheduler.list();
+        let all: Vec<OpView> = self.scheduler.list().into_iter().filter(|v| may_see(&caller, v)).collect();
         let start = match req.page_token.as_str() {
             "" => 0,
             token => token.parse::<usize>().map_err(|_| Error::bad_field("page_token", "is not a token we issued"))?,
@@ -211,23 +267,32 @@ impl Operations for OperationsService {
     }
 
     async fn get_operation(&self, request: Request<GetOperationRequest>) -> Result<Response<Operation>, Status> {
-        self.current(&request.into_inner().name).map(Response::new)
+        let caller = operations_caller(&self.auth, &request)?;
+        self.current(&caller, &request.into_inner().name).map(Response::new)
     }
 
     async fn delete_operation(&self, request: Request<DeleteOperationRequest>) -> Result<Response<Empty>, Status> {
-        self.scheduler.delete(&request.into_inner().name)?;
+        let caller = operations_caller(&self.auth, &request)?;
+        let name = request.into_inner().name;
+        let by = self.acting_as(&caller, &name)?;
+        self.scheduler.delete(&name, by.as_ref())?;
         Ok(Response::new(Empty {}))
     }
 
     async fn cancel_operation(&self, request: Request<CancelOperationRequest>) -> Result<Response<Empty>, Status> {
-        self.scheduler.cancel(&request.into_inner().name)?;
+        let caller = operations_caller(&self.auth, &request)?;
+        let name = request.into_inner().name;
+        let by = self.acting_as(&caller, &name)?;
+        self.scheduler.cancel(&name, by.as_ref())?;
         Ok(Response::new(Empty {}))
     }
 
     async fn wait_operation(&self, request: Request<WaitOperationRequest>) -> Result<Response<Operation>, Status> {
+        let caller = operations_caller(&self.auth, &request)?;
         let req = request.into_inner();
+        self.current(&caller, &req.name)?;
         let Some(mut watch) = self.scheduler.subscribe(&req.name) else {
-            return Err(Error::not_found(format!("operation {} is unknown or expired", quote(&req.name))).into());
+            return Err(unknown_operation(&req.name).into());
         };
         let limit = req
             .timeout
@@ -235,6 +300,6 @@ impl Operations for OperationsService {
             .filter(|d| !d.is_zero())
             .unwrap_or(Duration::from_secs(60));
         let _ = tokio::time::timeout(limit, watch.wait_for(|v| v.done())).await;
-        self.current(&req.name).map(Response::new)
+        self.current(&caller, &req.name).map(Response::new)
     }
 }

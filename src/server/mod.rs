@@ -90,6 +90,9 @@ pub fn grpc_message_limit(max_batch_bytes: u64) -> usize {
 
 /// Serves every service on `listener` until `shutdown` resolves.
 pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Before opening (and scanning) the store: refuse an open server on a
+    // public address at once.
+    config.auth.check_listener(listener.local_addr()?, "[scheduler] addr")?;
     let stores = open_stores(&config).await?;
     serve(listener, &config, stores, shutdown).await
 }
@@ -102,6 +105,15 @@ pub async fn serve(
     stores: Stores,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    config.auth.check_listener(listener.local_addr()?, "[scheduler] addr")?;
+    let worker_listener = match config.worker_listen {
+        Some(addr) => {
+            config.auth.check_listener(addr, "[server] worker_listen")?;
+            Some(TcpListener::bind(addr).await.with_context(|| format!("[server] worker_listen: binding {addr}"))?)
+        }
+        None => None,
+    };
+    let auth = crate::auth::Auth::new(&config.auth)?;
     let limit = grpc_message_limit(config.max_batch_size);
     let fd_limit = listener::raise_fd_limit();
     let conns = ConnectionLimits {
@@ -109,17 +121,21 @@ pub async fn serve(
         ..config.connections.clone()
     };
     let Stores { cas, ac, scrub } = stores;
-    let ac = Arc::new(ActionCacheService::new(ac, cas.clone()));
+    let ac = Arc::new(ActionCacheService::new(ac, cas.clone()).with_auth(auth.clone()));
     let stop_workers = CancellationToken::new();
     let closing = CancellationToken::new();
     let (execution, builtin_worker) = start_execution(config, &cas, &ac, &stop_workers).await?;
+    auth.watch(closing.clone());
 
-    let bytestream = Arc::new(ByteStreamService::new(
-        cas.clone(),
-        config.upload_resume_window,
-        config.max_parked_uploads,
-        config.max_parked_uploads_per_client,
-    ));
+    let bytestream = Arc::new(
+        ByteStreamService::new(
+            cas.clone(),
+            config.upload_resume_window,
+            config.max_parked_uploads,
+            config.max_parked_uploads_per_client,
+        )
+        .with_auth(auth.clone()),
+    );
     // Parked uploads go when their resume window ends, even if no new
     // upload arrives to sweep them.
     let parked = bytestream.clone();
@@ -145,38 +161,66 @@ pub async fn serve(
         Backend::Filesystem => config.data_dir.display().to_string(),
         Backend::Memory => String::new(),
     };
-    let router = tonic::transport::Server::builder()
-        .layer(request_log::layer())
-        .tcp_nodelay(true)
-        .max_concurrent_streams(conns.max_concurrent_streams)
-        .http2_keepalive_interval(conns.keepalive_interval)
-        .http2_keepalive_timeout(Some(conns.keepalive_timeout))
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20))
-        .max_frame_size(Some(1 << 20))
+    macro_rules! builder {
+        () => {
+            tonic::transport::Server::builder()
+                .layer(request_log::layer())
+                .tcp_nodelay(true)
+                .max_concurrent_streams(conns.max_concurrent_streams)
+                .http2_keepalive_interval(conns.keepalive_interval)
+                .http2_keepalive_timeout(Some(conns.keepalive_timeout))
+                .initial_stream_window_size(Some(8 << 20))
+                .initial_connection_window_size(Some(16 << 20))
+                .max_frame_size(Some(1 << 20))
+        };
+    }
+    let gateway = limits!(WorkerGatewayServer::new(
+        GatewayService::new(execution.clone(), config.heartbeat_interval, closing.clone()).with_auth(auth.clone())
+    ));
+    let mut router = builder!()
         .add_service(health_service)
-        .add_service(limits!(CapabilitiesServer::new(CapabilitiesService::new(config.max_batch_size))))
-        .add_service(limits!(ContentAddressableStorageServer::new(CasService::new(cas.clone(), config.max_batch_size))))
+        .add_service(limits!(CapabilitiesServer::new(
+            CapabilitiesService::new(config.max_batch_size).with_auth(auth.clone())
+        )))
+        .add_service(limits!(ContentAddressableStorageServer::new(
+            CasService::new(cas.clone(), config.max_batch_size).with_auth(auth.clone())
+        )))
         .add_service(limits!(ByteStreamServer::from_arc(bytestream.clone())))
         .add_service(limits!(ActionCacheServer::from_arc(ac.clone())))
-        .add_service(limits!(ExecutionServer::new(ExecutionService::new(
-            cas.clone(),
-            ac,
-            execution.clone(),
-            Timeouts {
-                default: config.execution.default_timeout,
-                max: config.execution.max_timeout,
-                tree: config.execution.tree_limits(),
-            },
-            STREAM_KEEPALIVE,
-        ))))
-        .add_service(limits!(OperationsServer::new(OperationsService::new(execution.clone()))))
-        .add_service(limits!(WorkerGatewayServer::new(GatewayService::new(
-            execution.clone(),
-            config.heartbeat_interval,
-            closing.clone(),
-        ))))
-        .add_service(limits!(AdminServer::new(AdminService::new(cas, scrub, config.backend, data_dir, execution))));
+        .add_service(limits!(ExecutionServer::new(
+            ExecutionService::new(
+                cas.clone(),
+                ac,
+                execution.clone(),
+                Timeouts {
+                    default: config.execution.default_timeout,
+                    max: config.execution.max_timeout,
+                    tree: config.execution.tree_limits(),
+                },
+                STREAM_KEEPALIVE,
+            )
+            .with_auth(auth.clone())
+        )))
+        .add_service(limits!(OperationsServer::new(OperationsService::new(execution.clone()).with_auth(auth.clone()))))
+        .add_service(limits!(AdminServer::new(
+            AdminService::new(cas, scrub, config.backend, data_dir, execution).with_auth(auth.clone())
+        )));
+    // With [server] worker_listen, the worker protocol is served there only.
+    let worker_server = match worker_listener {
+        None => {
+            router = router.add_service(gateway);
+            None
+        }
+        Some(worker_listener) => {
+            let addr = worker_listener.local_addr()?;
+            tracing::info!(%addr, "serving the worker protocol");
+            let incoming = listener::incoming(worker_listener, &conns);
+            let serving = builder!()
+                .add_service(gateway)
+                .serve_with_incoming_shutdown(incoming, closing.clone().cancelled_owned());
+            Some(tokio::spawn(serving))
+        }
+    };
 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, backend = ?config.backend, data_dir = %config.data_dir.display(), "serving REAPI");
@@ -200,6 +244,15 @@ pub async fn serve(
                 Ok(result) => result?,
                 Err(_) => tracing::warn!("grace period over; abandoning the calls still running"),
             }
+        }
+    }
+    closing.cancel();
+    if let Some(worker_server) = worker_server {
+        // Its streams end with `closing`; the listener stops with them.
+        match tokio::time::timeout(config.shutdown_grace, worker_server).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(e)) => tracing::warn!(error = %e, "the worker listener's task failed"),
+            Err(_) => tracing::warn!("the worker listener did not stop within the grace period"),
         }
     }
     // Workers go after the listener: no new action can arrive, running ones

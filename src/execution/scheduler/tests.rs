@@ -45,7 +45,12 @@ fn submission(seed: &[u8], platform: &[(&str, &str)]) -> Submission {
             timeout: Duration::from_secs(10),
         },
         cache_key: Some(AcKey::new(&InstanceName::default(), &digest)),
+        owner: Principal::Anonymous,
     }
+}
+
+fn owned(seed: &[u8], owner: &str) -> Submission {
+    Submission { owner: Principal::Token(owner.into()), ..submission(seed, &[]) }
 }
 
 fn assigned(rx: &mut mpsc::UnboundedReceiver<WorkerCommand>) -> Option<Arc<Task>> {
@@ -61,7 +66,10 @@ fn finished_operations_are_capped_oldest_first() {
     let names: Vec<String> = (0..4u8)
         .map(|i| {
             let d = DigestFunction::Sha256.digest_of(&[i]);
-            s.record_hit(InstanceName::default(), d, ActionResult::default()).borrow().name.clone()
+            s.record_hit(InstanceName::default(), d, ActionResult::default(), Principal::Anonymous)
+                .borrow()
+                .name
+                .clone()
         })
         .collect();
     assert_eq!(s.list().len(), 4);
@@ -147,7 +155,7 @@ async fn duplicates_merge_and_late_answers_are_ignored() {
     assert_eq!(a.borrow().name, b.borrow().name);
     let task = assigned(&mut rx).unwrap();
     let name = a.borrow().name.clone(); // no watch guard held across the cancel
-    s.cancel(&name).unwrap();
+    s.cancel(&name, None).unwrap();
     assert!(b.borrow().done());
     assert!(matches!(rx.try_recv(), Ok(WorkerCommand::Cancel(id)) if id == task.id), "the worker is told");
     // The worker's answer for the cancelled task changes nothing.
@@ -157,4 +165,31 @@ async fn duplicates_merge_and_late_answers_are_ignored() {
     // The slot is free again.
     s.submit(submission(b"next", &[])).unwrap();
     assert!(assigned(&mut rx).is_some());
+}
+
+#[tokio::test]
+async fn merged_principals_own_the_operation_and_cancel_only_detaches() {
+    let s = scheduler(3);
+    let (_w, mut rx) = worker(&s, "w", 1, &[]);
+    let a = s.submit(owned(b"same", "alice")).unwrap();
+    let b = s.submit(owned(b"same", "bob")).unwrap();
+    let name = a.borrow().name.clone();
+    assert_eq!(b.borrow().name, name, "identical actions still merge across principals");
+    let (alice, bob, eve) =
+        (Principal::Token("alice".into()), Principal::Token("bob".into()), Principal::Token("eve".into()));
+    assert_eq!(s.get(&name).unwrap().owners, vec![alice.clone(), bob.clone()]);
+    let task = assigned(&mut rx).unwrap();
+    // Someone else's cancel or delete: as if the operation did not exist.
+    assert_eq!(s.cancel(&name, Some(&eve)).unwrap_err().code, tonic::Code::NotFound);
+    assert_eq!(s.delete(&name, Some(&eve)).unwrap_err().code, tonic::Code::NotFound);
+    // Bob cancels: he is detached, Alice's action keeps running.
+    s.cancel(&name, Some(&bob)).unwrap();
+    assert!(!a.borrow().done());
+    assert_eq!(s.get(&name).unwrap().owners, vec![alice.clone()]);
+    assert!(rx.try_recv().is_err(), "the worker is not told to cancel");
+    assert_eq!(s.cancel(&name, Some(&bob)).unwrap_err().code, tonic::Code::NotFound);
+    // Alice, the last owner, really cancels.
+    s.cancel(&name, Some(&alice)).unwrap();
+    assert!(a.borrow().done());
+    assert!(matches!(rx.try_recv(), Ok(WorkerCommand::Cancel(id)) if id == task.id));
 }
