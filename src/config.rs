@@ -28,6 +28,8 @@ pub struct FileConfig {
     pub execution: ExecutionSection,
     pub server: ServerSection,
     pub wrapper: WrapperSection,
+    pub tls: TlsSection,
+    pub client: ClientSection,
     /// `[auth]`; absent: everything is allowed, on loopback listeners only.
     pub auth: Option<AuthSection>,
 }
@@ -358,6 +360,72 @@ impl AuthSection {
     }
 }
 
+/// `[tls]`: the server's TLS (every listener). Unset: plaintext. The files
+/// are PEM and are reloaded when they change and on SIGHUP, without
+/// dropping connections.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// The server's certificate chain, leaf first. With `key`, turns TLS on.
+    pub cert: Option<PathBuf>,
+    /// The certificate's private key.
+    pub key: Option<PathBuf>,
+    /// CA certificates that client certificates must chain to (mTLS). The
+    /// names of a verified client certificate (subject CN, then DNS, URI
+    /// and e-mail SANs) are the caller's certificate identity.
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: refuse clients without a certificate (default
+    /// true). false: such clients connect without a certificate identity
+    /// (for anonymous grants or bearer tokens), while a certificate that
+    /// is presented must still verify.
+    pub require_client_cert: Option<bool>,
+}
+
+impl TlsSection {
+    fn resolve(&self) -> anyhow::Result<Option<crate::server::tls::TlsSettings>> {
+        let (cert, key) = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+            (None, None) => {
+                if self.client_ca.is_some() || self.require_client_cert.is_some() {
+                    bail!("[tls] client_ca and require_client_cert need the server's cert and key");
+                }
+                return Ok(None);
+            }
+            _ => bail!("[tls] cert and key go together: set both or neither"),
+        };
+        if self.client_ca.is_none() && self.require_client_cert == Some(true) {
+            bail!("[tls] require_client_cert needs client_ca (the CA client certificates are checked against)");
+        }
+        Ok(Some(crate::server::tls::TlsSettings {
+            cert,
+            key,
+            client_ca: self.client_ca.clone(),
+            require_client_cert: self.client_ca.is_some() && self.require_client_cert.unwrap_or(true),
+        }))
+    }
+}
+
+/// `[client]`: how client commands (`cas`, `exec`, `job`, `jobs`,
+/// `workers`, `scheduler`, the shell), `worker` and the rustc wrapper that
+/// `cargo distbuild` starts reach a server. The command-line flags of the
+/// same names (`--tls-ca`, `--tls-cert`, `--tls-key`, `--token-file`)
+/// override these; the environment variable `DISTBUILD_TOKEN` holds a
+/// token itself (used when no token file is named on the command line).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientSection {
+    /// CA certificates (PEM) the server's certificate is checked against,
+    /// for `grpcs://` addresses. Unset: the system's roots.
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM) and its key, for servers that verify
+    /// client certificates (mTLS).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// A file holding a bearer token, sent as `authorization: Bearer ...`
+    /// on every call. The token is never put on a command line or logged.
+    pub token_file: Option<PathBuf>,
+}
+
 /// The validated configuration the server runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -380,6 +448,8 @@ pub struct Config {
     pub worker_properties: Vec<(String, String)>,
     pub action_init: Option<PathBuf>,
     pub execution: ExecutionSection,
+    /// TLS of every listener; `None`: plaintext.
+    pub tls: Option<crate::server::tls::TlsSettings>,
     pub auth: crate::auth::AuthConfig,
     pub worker_listen: Option<SocketAddr>,
 }
@@ -453,6 +523,7 @@ impl FileConfig {
             worker_properties: self.worker_properties(),
             action_init: self.worker.action_init.clone(),
             execution: self.execution.clone(),
+            tls: self.tls.resolve()?,
             auth: self.auth.as_ref().map(AuthSection::resolve).transpose()?.unwrap_or_default(),
             worker_listen: match &self.server.worker_listen {
                 Some(a) => {

@@ -291,7 +291,7 @@ impl ByteStream for ByteStreamService {
     }
 
     async fn write(&self, request: Request<Streaming<WriteRequest>>) -> Result<Response<WriteResponse>, Status> {
-        let client = request.remote_addr().map(|a| a.ip());
+        let client = crate::server::peer::remote_addr(request.extensions()).map(|a| a.ip());
         let caller = self.auth.caller(&request)?;
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| Error::invalid("the write stream sent no message"))?;

@@ -41,6 +41,9 @@ pub async fn cargo(command: &str, args: Vec<String>, ctx: Session) -> anyhow::Re
         .env("DISTBUILD_INSTANCE", &ctx.instance)
         .env("DISTBUILD_MODE", mode.as_env())
         .env("DISTBUILD_STATS", &stats);
+    // The local server started on demand is plaintext on loopback.
+    let remote = ctx.explicit_server.is_some() || ctx.file.wrapper.server.is_some();
+    client_env(&mut cmd, &ctx.client, remote)?;
     if let Some(out) = sysroot.filter(|o| o.status.success()) {
         cmd.env("DISTBUILD_SYSROOT", String::from_utf8_lossy(&out.stdout).trim());
     }
@@ -64,6 +67,26 @@ pub async fn cargo(command: &str, args: Vec<String>, ctx: Session) -> anyhow::Re
         Some(c) => ExitCode::from(c.clamp(0, 255) as u8),
         None => ExitCode::FAILURE,
     })
+}
+
+/// The wrapper's TLS files and token source, as the environment variables
+/// it reads (absolute paths: rustc runs in other directories). A token from
+/// a file is passed as the file's path; one from `DISTBUILD_TOKEN` is
+/// inherited as it is. Without a `remote` server no TLS files are passed.
+fn client_env(cmd: &mut std::process::Command, client: &super::Client, remote: bool) -> anyhow::Result<()> {
+    let tls = client.options.tls.clone().filter(|_| remote).unwrap_or_default();
+    for (var, path) in
+        [("DISTBUILD_TLS_CA", &tls.ca), ("DISTBUILD_TLS_CERT", &tls.cert), ("DISTBUILD_TLS_KEY", &tls.key)]
+    {
+        match path {
+            Some(p) => cmd.env(var, std::path::absolute(p).with_context(|| format!("{}", p.display()))?),
+            None => cmd.env_remove(var),
+        };
+    }
+    if let Some(file) = &client.token_file {
+        cmd.env("DISTBUILD_TOKEN_FILE", std::path::absolute(file).with_context(|| format!("{}", file.display()))?);
+    }
+    Ok(())
 }
 
 /// `CFLAGS` and `CXXFLAGS` with `-ffile-prefix-map` for `CARGO_HOME` and

@@ -6,11 +6,10 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Subcommand;
-use remote_apis::client::{CasClient, endpoint};
+use remote_apis::client::{CasClient, ClientOptions};
 use remote_apis::{Digest, DigestFunction, InstanceName};
 
 use super::rpc_error;
-use crate::admin::proto::admin_client::AdminClient;
 use crate::admin::proto::{GetStoreStatusRequest, ListBlobsRequest, VerifyBlobsRequest};
 
 #[derive(Subcommand, Debug)]
@@ -37,10 +36,11 @@ pub enum CasCommand {
     Verify,
 }
 
-pub async fn run(cmd: CasCommand, server: &str, instance: &str) -> anyhow::Result<ExitCode> {
+pub async fn run(cmd: CasCommand, server: &str, options: &ClientOptions, instance: &str) -> anyhow::Result<ExitCode> {
     let instance = InstanceName::new(instance).context("--instance")?;
-    let connect =
-        || async { CasClient::connect(server, instance.clone()).await.map_err(|s| rpc_error("connecting", s)) };
+    let connect = || async {
+        CasClient::connect_with(server, options, instance.clone()).await.map_err(|s| rpc_error("connecting", s))
+    };
     match cmd {
         CasCommand::Put { files, blake3 } => {
             let function = if blake3 { DigestFunction::Blake3 } else { DigestFunction::Sha256 };
@@ -71,8 +71,7 @@ pub async fn run(cmd: CasCommand, server: &str, instance: &str) -> anyhow::Resul
             }
         }
         CasCommand::List { limit } => {
-            let channel = endpoint(server)?.connect().await.with_context(|| format!("connecting to {server}"))?;
-            let mut admin = AdminClient::new(channel);
+            let mut admin = super::status::admin(server, options).await?;
             let status = admin
                 .get_store_status(GetStoreStatusRequest {})
                 .await
@@ -101,15 +100,15 @@ pub async fn run(cmd: CasCommand, server: &str, instance: &str) -> anyhow::Resul
                 if status.data_dir.is_empty() { String::new() } else { format!(" in {}", status.data_dir) }
             );
         }
-        CasCommand::Verify => return verify(server).await,
+        CasCommand::Verify => return verify(server, options).await,
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// `cas verify`: the admin scrub, with its counts.
-async fn verify(server: &str) -> anyhow::Result<ExitCode> {
-    let channel = endpoint(server)?.connect().await.with_context(|| format!("connecting to {server}"))?;
-    let report = AdminClient::new(channel)
+async fn verify(server: &str, options: &ClientOptions) -> anyhow::Result<ExitCode> {
+    let report = super::status::admin(server, options)
+        .await?
         .verify_blobs(VerifyBlobsRequest {})
         .await
         .map_err(|s| rpc_error("VerifyBlobs", s))?

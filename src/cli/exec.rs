@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Subcommand;
 use prost::Message;
-use remote_apis::client::{CasClient, endpoint};
+use remote_apis::client::{CasClient, ClientOptions, Transport};
 use remote_apis::longrunning::operations_client::OperationsClient;
 use remote_apis::longrunning::{
     CancelOperationRequest, GetOperationRequest, ListOperationsRequest, Operation, operation,
@@ -22,7 +22,6 @@ use remote_apis::reapi::{
     Action, ActionResult, Command, ExecuteOperationMetadata, ExecuteRequest, ExecuteResponse, Platform, Tree, platform,
 };
 use remote_apis::{Digest, DigestFunction, InstanceName};
-use tonic::transport::Channel;
 
 use super::rpc_error;
 use crate::execution::platform::parse_property;
@@ -81,18 +80,17 @@ pub enum JobsCommand {
     },
 }
 
-async fn channel(server: &str) -> anyhow::Result<Channel> {
-    let ep = endpoint(server).map_err(|s| rpc_error("server address", s))?;
-    ep.connect().await.with_context(|| format!("connecting to {server}"))
+async fn channel(server: &str, options: &ClientOptions) -> anyhow::Result<Transport> {
+    remote_apis::client::connect(server, options).await.map_err(|s| rpc_error("connecting", s))
 }
 
-fn execution(channel: Channel) -> ExecutionClient<Channel> {
+fn execution(channel: Transport) -> ExecutionClient<Transport> {
     ExecutionClient::new(channel).max_decoding_message_size(64 << 20)
 }
 
-pub async fn run(args: RunArgs, server: &str, instance: &str) -> anyhow::Result<ExitCode> {
+pub async fn run(args: RunArgs, server: &str, options: &ClientOptions, instance: &str) -> anyhow::Result<ExitCode> {
     let instance = InstanceName::new(instance).context("--instance")?;
-    let channel = channel(server).await?;
+    let channel = channel(server, options).await?;
     let cas = CasClient::new(channel.clone(), instance.clone());
     let function = DigestFunction::Sha256;
 
@@ -179,7 +177,7 @@ async fn upload(cas: &CasClient, tree: &merkle::BuiltTree, mut blobs: Vec<(Diges
 /// Executes and follows the operation to its end; returns its name and
 /// response.
 async fn execute(
-    channel: Channel,
+    channel: Transport,
     instance: &InstanceName,
     action: Digest,
     skip_cache: bool,
@@ -201,7 +199,7 @@ async fn execute(
 
 /// Sends an ExecuteRequest; returns the operation stream.
 async fn start_execute(
-    channel: Channel,
+    channel: Transport,
     instance: &InstanceName,
     action: Digest,
     skip_cache: bool,
@@ -318,9 +316,9 @@ async fn fetch_file(cas: &CasClient, digest: Digest, path: &Path, executable: bo
         .with_context(|| path.display().to_string())
 }
 
-pub async fn job(cmd: JobCommand, server: &str, instance: &str) -> anyhow::Result<ExitCode> {
+pub async fn job(cmd: JobCommand, server: &str, options: &ClientOptions, instance: &str) -> anyhow::Result<ExitCode> {
     let instance = InstanceName::new(instance).context("--instance")?;
-    let channel = channel(server).await?;
+    let channel = channel(server, options).await?;
     match cmd {
         JobCommand::Submit { action, skip_cache, no_wait } => {
             if no_wait {
@@ -390,9 +388,9 @@ fn print_response(name: &str, stage: Stage, response: Option<&ExecuteResponse>) 
     }
 }
 
-pub async fn jobs(cmd: JobsCommand, server: &str) -> anyhow::Result<ExitCode> {
+pub async fn jobs(cmd: JobsCommand, server: &str, options: &ClientOptions) -> anyhow::Result<ExitCode> {
     let JobsCommand::List { limit } = cmd;
-    let channel = channel(server).await?;
+    let channel = channel(server, options).await?;
     let resp = OperationsClient::new(channel)
         .list_operations(ListOperationsRequest { page_size: limit, ..Default::default() })
         .await

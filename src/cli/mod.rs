@@ -31,6 +31,9 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "")]
     instance: String,
 
+    #[command(flatten)]
+    client: ClientFlags,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -83,6 +86,68 @@ enum Command {
     /// Make bearer tokens for the server's token file.
     #[command(subcommand)]
     Token(token::TokenCommand),
+}
+
+/// How client commands, `worker` and the rustc wrapper reach a server over
+/// TLS and with a token; each overrides its key in the config's `[client]`.
+#[derive(clap::Args, Debug, Clone, Default)]
+struct ClientFlags {
+    /// CA certificates (PEM) that the server's certificate must chain to,
+    /// for grpcs:// addresses (default: [client] tls_ca, else the system's roots).
+    #[arg(long, global = true, env = "DISTBUILD_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that verify them (mTLS).
+    #[arg(long, global = true, env = "DISTBUILD_TLS_CERT", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "DISTBUILD_TLS_KEY", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// A file holding the bearer token sent on every call (default:
+    /// $DISTBUILD_TOKEN, else [client] token_file). Tokens are never
+    /// taken on the command line.
+    #[arg(long, global = true, env = "DISTBUILD_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+/// The environment variable that holds a bearer token itself.
+pub(crate) const TOKEN_ENV: &str = "DISTBUILD_TOKEN";
+
+/// The client side of TLS and authentication, resolved.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Client {
+    pub options: remote_apis::client::ClientOptions,
+    /// Where the token came from when it was a file (the rustc wrapper is
+    /// given the path, not the token).
+    pub token_file: Option<PathBuf>,
+}
+
+impl ClientFlags {
+    /// Flags over `DISTBUILD_TOKEN` over `[client]`.
+    fn resolve(&self, file: &crate::config::ClientSection) -> anyhow::Result<Client> {
+        use remote_apis::client::{ClientOptions, ClientTls, Token};
+        let tls = ClientTls {
+            ca: self.tls_ca.clone().or_else(|| file.tls_ca.clone()),
+            cert: self.tls_cert.clone().or_else(|| file.tls_cert.clone()),
+            key: self.tls_key.clone().or_else(|| file.tls_key.clone()),
+        };
+        let env_token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.trim().is_empty());
+        let (token, token_file) = match (&self.token_file, env_token, &file.token_file) {
+            (Some(path), _, _) | (None, None, Some(path)) => {
+                let token = Token::from_file(path).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                (Some(token), Some(path.clone()))
+            }
+            (None, Some(token), _) => {
+                (Some(Token::new(&token).map_err(|s| anyhow::anyhow!("{TOKEN_ENV}: {}", s.message()))?), None)
+            }
+            (None, None, None) => (None, None),
+        };
+        let tls = (!tls.is_empty()).then_some(tls);
+        Ok(Client { options: ClientOptions { tls, token }, token_file })
+    }
+
+    fn is_set(&self) -> bool {
+        self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_key.is_some() || self.token_file.is_some()
+    }
 }
 
 /// Arguments passed to cargo as they are.
@@ -218,12 +283,19 @@ pub(crate) struct Session {
     /// `--server` or `DISTBUILD_SERVER`, when given.
     explicit_server: Option<String>,
     instance: String,
+    client: Client,
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let file = load_config(cli.config.as_ref())?;
     let server = cli.server.clone().unwrap_or_else(|| client_address(&file.scheduler.addr));
-    let ctx = Session { file, server, explicit_server: cli.server.clone(), instance: cli.instance.clone() };
+    // The server itself reads no [client] keys: a bad token file there
+    // must not stop it.
+    let client = match &cli.command {
+        Some(Command::Server(_)) => Client::default(),
+        _ => cli.client.resolve(&file.client)?,
+    };
+    let ctx = Session { file, server, explicit_server: cli.server.clone(), instance: cli.instance.clone(), client };
     match cli.command {
         None => repl::run(ctx).await,
         Some(command) => dispatch(command, ctx).await,
@@ -234,8 +306,8 @@ async fn dispatch(command: Command, ctx: Session) -> anyhow::Result<ExitCode> {
     match command {
         Command::Server(args) => server(args, ctx.file).await,
         Command::Worker(args) => worker(args, ctx).await,
-        Command::Cas(cmd) => cas::run(cmd, &ctx.server, &ctx.instance).await,
-        Command::Exec(args) => exec::run(args, &ctx.server, &ctx.instance).await,
+        Command::Cas(cmd) => cas::run(cmd, &ctx.server, &ctx.client.options, &ctx.instance).await,
+        Command::Exec(args) => exec::run(args, &ctx.server, &ctx.client.options, &ctx.instance).await,
         Command::Build(a) => cargo::cargo("build", a.args, ctx).await,
         Command::Check(a) => cargo::cargo("check", a.args, ctx).await,
         Command::Test(a) => cargo::cargo("test", a.args, ctx).await,
@@ -244,11 +316,11 @@ async fn dispatch(command: Command, ctx: Session) -> anyhow::Result<ExitCode> {
         Command::Doc(a) => cargo::cargo("doc", a.args, ctx).await,
         Command::Stats { reset } => cargo::stats(reset),
         Command::Stop => cargo::stop().await,
-        Command::Job(cmd) => exec::job(cmd, &ctx.server, &ctx.instance).await,
-        Command::Jobs(cmd) => exec::jobs(cmd, &ctx.server).await,
-        Command::Workers(ListOnly::List) => status::workers(&ctx.server).await,
+        Command::Job(cmd) => exec::job(cmd, &ctx.server, &ctx.client.options, &ctx.instance).await,
+        Command::Jobs(cmd) => exec::jobs(cmd, &ctx.server, &ctx.client.options).await,
+        Command::Workers(ListOnly::List) => status::workers(&ctx.server, &ctx.client.options).await,
         Command::Token(cmd) => token::run(cmd),
-        Command::Scheduler(StatusOnly::Status) => status::scheduler(&ctx.server).await,
+        Command::Scheduler(StatusOnly::Status) => status::scheduler(&ctx.server, &ctx.client.options).await,
     }
 }
 
@@ -302,17 +374,19 @@ async fn worker(args: WorkerArgs, ctx: Session) -> anyhow::Result<ExitCode> {
     let config = file.resolve()?;
     anyhow::ensure!(config.worker_capacity > 0, "[worker] capacity must be at least 1 for a worker");
     let name = args.name.unwrap_or_else(remote::default_name);
-    let channel = remote_apis::client::endpoint(&scheduler).map_err(|s| rpc_error("--scheduler", s))?.connect_lazy();
+    let transport =
+        remote_apis::client::connect_lazy(&scheduler, &ctx.client.options).map_err(|s| rpc_error("--scheduler", s))?;
     let (work_dir, cache_size, exec_name) = (config.work_dir.clone(), config.worker_cache_size, name.clone());
     let (init, limits) = (config.action_init.clone(), config.execution.tree_limits());
     let executor = tokio::task::spawn_blocking(move || {
-        Executor::new(exec_name, Arc::new(RemoteCas::new(channel)), &work_dir, cache_size, init)
+        Executor::new(exec_name, Arc::new(RemoteCas::new(transport)), &work_dir, cache_size, init)
             .map(|e| e.with_limits(limits))
     })
     .await?
     .with_context(|| format!("preparing the work directory {}", config.work_dir.display()))?;
     let options = remote::WorkerOptions {
         scheduler,
+        client: ctx.client.options.clone(),
         name,
         slots: config.worker_capacity,
         properties: config.worker_properties.clone(),
@@ -361,6 +435,13 @@ fn client_address(listen: &str) -> String {
 }
 
 /// A gRPC error as one readable line.
+/// Transport failures add their causes ("received fatal alert:
+/// CertificateRequired"): tonic's message alone is "transport error".
 pub(crate) fn rpc_error(context: &str, status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{context}: {:?}: {}", status.code(), status.message())
+    let cause = std::error::Error::source(&status)
+        .map(remote_apis::client::error_chain)
+        .filter(|c| c != status.message())
+        .map(|c| format!(" ({c})"))
+        .unwrap_or_default();
+    anyhow::anyhow!("{context}: {:?}: {}{cause}", status.code(), status.message())
 }

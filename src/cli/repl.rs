@@ -96,6 +96,15 @@ async fn execute(ctx: &Session, words: Vec<String>) {
     if !cli.instance.is_empty() {
         ctx.instance = cli.instance;
     }
+    if cli.client.is_set() {
+        match cli.client.resolve(&ctx.file.client) {
+            Ok(client) => ctx.client = client,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return;
+            }
+        }
+    }
     match Box::pin(super::dispatch(command, ctx)).await {
         Ok(code) if code != ExitCode::SUCCESS => eprintln!("({code:?})"),
         Ok(_) => {}

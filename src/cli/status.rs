@@ -2,20 +2,20 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
-use remote_apis::client::endpoint;
+use remote_apis::client::{ClientOptions, Transport};
 
 use super::rpc_error;
 use crate::admin::proto::admin_client::AdminClient;
 use crate::admin::proto::{GetSchedulerStatusRequest, ListWorkersRequest};
 
-async fn admin(server: &str) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
-    let ep = endpoint(server).map_err(|s| rpc_error("server address", s))?;
-    Ok(AdminClient::new(ep.connect().await.with_context(|| format!("connecting to {server}"))?))
+/// An admin client over the session's TLS settings and token.
+pub(super) async fn admin(server: &str, options: &ClientOptions) -> anyhow::Result<AdminClient<Transport>> {
+    let transport = remote_apis::client::connect(server, options).await.map_err(|s| rpc_error("connecting", s))?;
+    Ok(AdminClient::new(transport))
 }
 
-pub async fn workers(server: &str) -> anyhow::Result<ExitCode> {
-    let resp = admin(server)
+pub async fn workers(server: &str, options: &ClientOptions) -> anyhow::Result<ExitCode> {
+    let resp = admin(server, options)
         .await?
         .list_workers(ListWorkersRequest {})
         .await
@@ -33,8 +33,8 @@ pub async fn workers(server: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn scheduler(server: &str) -> anyhow::Result<ExitCode> {
-    let s = admin(server)
+pub async fn scheduler(server: &str, options: &ClientOptions) -> anyhow::Result<ExitCode> {
+    let s = admin(server, options)
         .await?
         .get_scheduler_status(GetSchedulerStatusRequest {})
         .await

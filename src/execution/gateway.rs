@@ -60,7 +60,7 @@ impl WorkerGateway for GatewayService {
         // A worker receives every instance's actions and its results are
         // cached: it needs the worker grant on all instances (prefix "").
         self.auth.context(&request, &remote_apis::InstanceName::default(), None, Grant::Worker)?;
-        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let peer = crate::server::peer::remote_addr(request.extensions()).map(|a| a.to_string()).unwrap_or_default();
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(WorkerMessage { message: Some(worker_message::Message::Hello(h)) }) => h,

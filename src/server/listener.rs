@@ -18,6 +18,14 @@
 //!   and is closed when nothing was read for `idle_timeout`. A live peer
 //!   answers the server's HTTP/2 keepalive pings, so a long Execute stream
 //!   with nothing to say still reads bytes and stays open.
+//! - With TLS, the TLS handshake happens here too, within the same
+//!   `handshake_timeout` (counted from the accept, so TLS and the HTTP/2
+//!   preface share it) and while holding the connection's slot.
+//!   Handshakes run concurrently, so a slow client delays no other. The
+//!   preface and idle clocks then run on the decrypted stream.
+//! - Every connection carries a [`ConnInfo`]: the client's address and,
+//!   when its certificate verified, the names in it. tonic puts it in the
+//!   extensions of each request (read them with [`peer`](super::peer)).
 
 use std::future::Future;
 use std::io;
@@ -26,12 +34,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::Connected;
+
+use super::peer::{ConnInfo, PeerIdentity, names_of_certificate};
+use super::tls::ServerTls;
 
 /// The HTTP/2 client connection preface (RFC 9113, section 3.4): what a
 /// client must send before anything else.
@@ -60,29 +72,91 @@ pub struct ConnectionLimits {
 }
 
 /// The connections of `listener`, at most `limits.max_connections` open at
-/// once, each closed by the handshake and idle timeouts. Never yields an
-/// error: accept errors are logged and retried with a backoff.
-pub fn incoming(listener: TcpListener, limits: &ConnectionLimits) -> impl Stream<Item = io::Result<Conn>> + use<> {
+/// once (including those still in their TLS handshake), each closed by the
+/// handshake and idle timeouts; with `tls`, the ones whose TLS handshake
+/// succeeded. Never yields an error: accept errors are logged and retried
+/// with a backoff, failed handshakes logged at debug level and dropped.
+/// Several listeners may share one `tls`.
+pub fn incoming(
+    listener: TcpListener,
+    limits: &ConnectionLimits,
+    tls: Option<Arc<ServerTls>>,
+) -> impl Stream<Item = io::Result<Conn>> + use<> {
     let acceptor = Acceptor {
         listener,
         slots: Arc::new(Semaphore::new(limits.max_connections)),
         handshake_timeout: limits.handshake_timeout,
-        idle_timeout: limits.idle_timeout,
         backoff: None,
         last_log: None,
         unlogged: 0,
     };
-    futures::stream::unfold(acceptor, |mut a| async move {
-        let conn = a.next().await;
-        Some((Ok(conn), a))
-    })
+    let idle = limits.idle_timeout;
+    let accepted = futures::stream::unfold(acceptor, |mut a| async move {
+        let accepted = a.next().await;
+        Some((accepted, a))
+    });
+    // Each handshake is its own future, polled beside the accept loop; the
+    // slots bound how many there are.
+    accepted
+        .map(move |accepted| handshake(accepted, tls.clone(), idle))
+        .buffer_unordered(limits.max_connections.max(1))
+        .filter_map(|conn| std::future::ready(conn.map(Ok)))
+}
+
+/// A TCP connection before its TLS handshake.
+struct Accepted {
+    stream: TcpStream,
+    slot: OwnedSemaphorePermit,
+    /// When the handshake (TLS and the HTTP/2 preface) must be done.
+    deadline: Instant,
+}
+
+/// The TLS handshake (if any) within the handshake deadline, and the
+/// connection's [`ConnInfo`].
+async fn handshake(accepted: Accepted, tls: Option<Arc<ServerTls>>, idle: Duration) -> Option<Conn> {
+    let Accepted { stream, slot, deadline } = accepted;
+    let remote = stream.peer_addr().ok();
+    let Some(tls) = tls else {
+        let info = ConnInfo { remote, peer: None };
+        return Some(Conn::new(Io::Plain(stream), info, slot, deadline, idle));
+    };
+    let stream = match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = ?remote, error = %e, "TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(peer = ?remote, "no TLS handshake within the handshake timeout");
+            return None;
+        }
+    };
+    let peer = peer_identity(&stream, remote)?;
+    let info = ConnInfo { remote, peer: peer.map(Arc::new) };
+    Some(Conn::new(Io::Tls(Box::new(stream)), info, slot, deadline, idle))
+}
+
+/// The names of a client certificate that verified (rustls has checked it
+/// against the CA before the handshake completes). `None` drops the
+/// connection: a certificate that verified but cannot be parsed for names
+/// must not pass as anonymous.
+fn peer_identity(stream: &TlsStream<TcpStream>, remote: Option<std::net::SocketAddr>) -> Option<Option<PeerIdentity>> {
+    let Some(leaf) = stream.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        return Some(None);
+    };
+    match names_of_certificate(leaf) {
+        Ok(identity) => Some(Some(identity)),
+        Err(e) => {
+            tracing::warn!(peer = ?remote, error = %e, "dropping a connection whose client certificate has no readable names");
+            None
+        }
+    }
 }
 
 struct Acceptor {
     listener: TcpListener,
     slots: Arc<Semaphore>,
     handshake_timeout: Duration,
-    idle_timeout: Duration,
     /// The current pause after errors; `None` after a success.
     backoff: Option<Duration>,
     last_log: Option<Instant>,
@@ -92,7 +166,7 @@ struct Acceptor {
 
 impl Acceptor {
     /// Waits for a free slot, then for a connection.
-    async fn next(&mut self) -> Conn {
+    async fn next(&mut self) -> Accepted {
         // The semaphore is never closed.
         let permit = self.slots.clone().acquire_owned().await.expect("connection semaphore closed");
         loop {
@@ -101,7 +175,8 @@ impl Acceptor {
                     self.backoff = None;
                     // Without it, small responses wait for delayed ACKs (~40 ms).
                     let _ = stream.set_nodelay(true);
-                    return Conn::new(stream, permit, self.handshake_timeout, self.idle_timeout);
+                    let deadline = Instant::now() + self.handshake_timeout;
+                    return Accepted { stream, slot: permit, deadline };
                 }
                 Err(e) if is_connection_error(&e) => continue,
                 Err(e) => {
@@ -134,11 +209,18 @@ fn is_connection_error(e: &io::Error) -> bool {
         || e.raw_os_error() == Some(libc::EPROTO)
 }
 
+/// The byte stream of a connection: plain TCP or TLS over it.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
 /// An accepted connection: holds its slot, and fails its reads (so hyper
 /// closes it) when the preface does not arrive within the handshake
 /// timeout or nothing was read for the idle timeout.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Io,
+    info: ConnInfo,
     _slot: OwnedSemaphorePermit,
     /// Preface bytes still expected; the handshake deadline applies until 0.
     preface_left: usize,
@@ -150,15 +232,15 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, handshake: Duration, idle: Duration) -> Self {
-        let now = Instant::now();
+    fn new(stream: Io, info: ConnInfo, slot: OwnedSemaphorePermit, handshake_until: Instant, idle: Duration) -> Self {
         Conn {
             stream,
+            info,
             _slot: slot,
             preface_left: PREFACE_LEN,
             idle_timeout: idle,
-            last_read: now,
-            deadline: Box::pin(tokio::time::sleep_until(now + handshake)),
+            last_read: Instant::now(),
+            deadline: Box::pin(tokio::time::sleep_until(handshake_until)),
         }
     }
 
@@ -190,7 +272,7 @@ impl Conn {
         match self.check_deadline(cx) {
             Ok(()) => Poll::Pending,
             Err(e) => {
-                tracing::debug!(peer = ?self.stream.peer_addr().ok(), error = %e, "closing connection");
+                tracing::debug!(peer = ?self.info.remote, error = %e, "closing connection");
                 Poll::Ready(Err(e))
             }
         }
@@ -239,7 +321,10 @@ impl AsyncWrite for Conn {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.stream {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -252,11 +337,55 @@ impl AsyncWrite for Conn {
 }
 
 impl Connected for Conn {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnInfo;
 
-    /// The TCP addresses, so `Request::remote_addr` keeps working.
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+    /// What tonic puts in each request's extensions.
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+/// Dispatches to the plain or TLS stream.
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Io::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Io::Tls($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
     }
 }
 

@@ -8,8 +8,9 @@
 mod listener;
 pub mod peer;
 mod request_log;
+pub mod tls;
 
-pub use listener::ConnectionLimits;
+pub use listener::{ConnectionLimits, incoming};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -125,6 +126,14 @@ pub async fn serve(
     let stop_workers = CancellationToken::new();
     let closing = CancellationToken::new();
     let (execution, builtin_worker) = start_execution(config, &cas, &ac, &stop_workers).await?;
+    let tls = match &config.tls {
+        Some(settings) => {
+            let tls = tls::ServerTls::new(settings.clone())?;
+            tls.watch(closing.clone()).context("installing the SIGHUP handler")?;
+            Some(tls)
+        }
+        None => None,
+    };
     auth.watch(closing.clone());
 
     let bytestream = Arc::new(
@@ -214,7 +223,7 @@ pub async fn serve(
         Some(worker_listener) => {
             let addr = worker_listener.local_addr()?;
             tracing::info!(%addr, "serving the worker protocol");
-            let incoming = listener::incoming(worker_listener, &conns);
+            let incoming = listener::incoming(worker_listener, &conns, tls.clone());
             let serving = builder!()
                 .add_service(gateway)
                 .serve_with_incoming_shutdown(incoming, closing.clone().cancelled_owned());
@@ -223,11 +232,17 @@ pub async fn serve(
     };
 
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, backend = ?config.backend, data_dir = %config.data_dir.display(), "serving REAPI");
+    let tls_mode = match &config.tls {
+        None => "off",
+        Some(t) if t.client_ca.is_none() => "on",
+        Some(t) if t.require_client_cert => "mTLS (client certificate required)",
+        Some(_) => "mTLS (client certificate optional)",
+    };
+    tracing::info!(%addr, backend = ?config.backend, data_dir = %config.data_dir.display(), tls = tls_mode, "serving REAPI");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // The builder's `tcp_nodelay` applies only to listeners tonic binds
     // itself: `incoming` sets it on every connection.
-    let incoming = listener::incoming(listener, &conns);
+    let incoming = listener::incoming(listener, &conns, tls.clone());
     let serving = router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
     });

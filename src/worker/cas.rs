@@ -8,9 +8,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use remote_apis::client::CasClient;
+use remote_apis::client::Transport;
 use remote_apis::{Digest, InstanceName};
 use tokio::io::AsyncWriteExt;
-use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -71,11 +71,13 @@ impl ExecCas for StoreCas {
 
 /// A CAS reached over gRPC (a remote worker's view of the server).
 pub struct RemoteCas {
-    channel: Channel,
+    channel: Transport,
 }
 
 impl RemoteCas {
-    pub fn new(channel: Channel) -> Self {
+    /// `channel`: a `Transport` (with the worker's token) or a plain `Channel`.
+    pub fn new(channel: impl Into<Transport>) -> Self {
+        let channel = channel.into();
         RemoteCas { channel }
     }
 

@@ -20,6 +20,8 @@ use crate::execution::gateway::proto::{self, WorkerMessage, scheduler_message, w
 
 pub struct WorkerOptions {
     pub scheduler: String,
+    /// TLS files and the token for the connection to the scheduler.
+    pub client: remote_apis::client::ClientOptions,
     pub name: String,
     pub slots: usize,
     pub properties: Vec<(String, String)>,
@@ -64,8 +66,7 @@ async fn session(
     executor: &Arc<Executor>,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let endpoint = remote_apis::client::endpoint(&options.scheduler)?;
-    let connecting = endpoint.connect();
+    let connecting = remote_apis::client::connect(&options.scheduler, &options.client);
     let channel = tokio::select! {
         c = connecting => c?,
         () = stop.cancelled() => return Ok(()),

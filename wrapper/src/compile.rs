@@ -116,10 +116,11 @@ pub fn run(settings: &Settings, rustc: &Path, words: &[String], c: &Compile) -> 
 
 async fn serve(job: &Job<'_>, p: &Prepared, started: Instant) -> Outcome {
     let Job { settings, trace, .. } = job;
-    let remote = match Remote::connect(&settings.server, &settings.instance, settings.connect_timeout).await {
-        Ok(r) => r,
-        Err(e) => return unavailable(job, &e),
-    };
+    let remote =
+        match Remote::connect(&settings.server, &settings.instance, settings.connect_timeout, &settings.client).await {
+            Ok(r) => r,
+            Err(e) => return unavailable(job, &e),
+        };
     trace.phase("connected");
     let digest = p.built.action_digest;
     let found = remote.lookup(digest).await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
-use remote_apis::client::{CasClient, endpoint};
+use remote_apis::client::{CasClient, ClientOptions, Transport, error_chain};
 use remote_apis::merkle::BuiltTree;
 use remote_apis::reapi::action_cache_client::ActionCacheClient;
 use remote_apis::reapi::execution_client::ExecutionClient;
@@ -18,7 +18,6 @@ use remote_apis::reapi::{
 };
 use remote_apis::{Digest, DigestFunction, InstanceName};
 use tokio::io::AsyncWriteExt;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::key::BuiltAction;
@@ -28,20 +27,28 @@ const SMALL_FILE: u64 = 1 << 20;
 
 #[derive(Clone)]
 pub struct Remote {
-    channel: Channel,
+    channel: Transport,
     cas: CasClient,
     instance: InstanceName,
     function: DigestFunction,
 }
 
 impl Remote {
-    /// Connects, giving up after `timeout` (a down server must not stall a build).
-    pub async fn connect(server: &str, instance: &str, timeout: Duration) -> Result<Remote, Status> {
+    /// Connects (TLS and token from `options`), giving up after `timeout`
+    /// (a down server must not stall a build).
+    pub async fn connect(
+        server: &str,
+        instance: &str,
+        timeout: Duration,
+        options: &ClientOptions,
+    ) -> Result<Remote, Status> {
         let instance = InstanceName::new(instance).map_err(|e| Status::invalid_argument(e.0))?;
-        let channel = tokio::time::timeout(timeout, endpoint(server)?.connect_timeout(timeout).connect())
+        let endpoint = options.endpoint(server)?.connect_timeout(timeout);
+        let channel = tokio::time::timeout(timeout, endpoint.connect())
             .await
             .map_err(|_| Status::unavailable(format!("{server}: no answer in {timeout:?}")))?
-            .map_err(|e| Status::unavailable(format!("{server}: {e}")))?;
+            .map_err(|e| Status::unavailable(format!("{server}: {}", error_chain(&e))))?;
+        let channel = options.transport(channel);
         let function = DigestFunction::Sha256;
         let cas = CasClient::new(channel.clone(), instance.clone()).with_digest_function(function);
         Ok(Remote { channel, cas, instance, function })

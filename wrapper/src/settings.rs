@@ -2,11 +2,17 @@
 //! these from `--server`, `DISTBUILD_SERVER` or `config.toml`), and the
 //! records it leaves: one stats line per invocation, and a marker that keeps
 //! a down server to one warning per build.
+//!
+//! TLS and authentication: `DISTBUILD_TLS_CA`, `DISTBUILD_TLS_CERT` and
+//! `DISTBUILD_TLS_KEY` name PEM files (for `grpcs://` servers);
+//! `DISTBUILD_TOKEN_FILE` names a file holding a bearer token, else
+//! `DISTBUILD_TOKEN` holds the token itself.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use remote_apis::client::{ClientOptions, ClientTls, Token};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +35,8 @@ pub struct Settings {
     pub sysroot: Option<PathBuf>,
     pub connect_timeout: Duration,
     pub queue_timeout: Duration,
+    /// TLS files and the bearer token (its `Debug` hides it).
+    pub client: ClientOptions,
 }
 
 /// `$VAR/cargo-distbuild`, else `~/<fallback>/cargo-distbuild`, else
@@ -107,6 +115,19 @@ impl Settings {
         };
         let server = var("DISTBUILD_SERVER").unwrap_or_else(|| "127.0.0.1:8980".to_string());
         let server = if server.contains("://") { server } else { format!("grpc://{server}") };
+        let tls = ClientTls {
+            ca: var("DISTBUILD_TLS_CA").map(PathBuf::from),
+            cert: var("DISTBUILD_TLS_CERT").map(PathBuf::from),
+            key: var("DISTBUILD_TLS_KEY").map(PathBuf::from),
+        };
+        let token = match (var("DISTBUILD_TOKEN_FILE"), std::env::var("DISTBUILD_TOKEN").ok()) {
+            (Some(file), _) => Some(Token::from_file(Path::new(&file)).map_err(|s| s.message().to_string())?),
+            (None, Some(token)) if !token.trim().is_empty() => {
+                Some(Token::new(&token).map_err(|s| format!("DISTBUILD_TOKEN: {}", s.message()))?)
+            }
+            (None, _) => None,
+        };
+        let client = ClientOptions { tls: (!tls.is_empty()).then_some(tls), token };
         Ok(Settings {
             server,
             instance: var("DISTBUILD_INSTANCE").unwrap_or_default(),
@@ -118,6 +139,7 @@ impl Settings {
             sysroot: var("DISTBUILD_SYSROOT").map(PathBuf::from),
             connect_timeout: secs("DISTBUILD_CONNECT_TIMEOUT", 2.0)?,
             queue_timeout: secs("DISTBUILD_QUEUE_TIMEOUT", 30.0)?,
+            client,
         })
     }
 
