@@ -630,10 +630,19 @@ mod tests {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {
-                FileConfig::load(&path).and_then(|f| f.resolve()).unwrap_or_else(|e| panic!("{e:#}"));
+                let c = FileConfig::load(&path).and_then(|f| f.resolve()).unwrap_or_else(|e| panic!("{e:#}"));
+                // A server example on a public address must say who may call
+                // it (in the client examples, [scheduler] addr is the server's).
+                if !["worker.toml", "ci-runner.toml"].iter().any(|n| path.ends_with(n)) {
+                    let listen = c.auth.check_listener(c.listen, "[scheduler] addr");
+                    listen.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                }
                 seen += 1;
             }
         }
+        // The token file the server examples and the image use.
+        let tokens = dir.join("../tokens.toml");
+        crate::auth::tokens::Policy::load(&tokens, crate::auth::GrantSet::NONE).unwrap_or_else(|e| panic!("{e:#}"));
         assert!(seen >= 2, "expected example configs in {}", dir.display());
     }
 }

@@ -655,3 +655,35 @@ async fn token_new_makes_a_working_entry() {
         .unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("cas-reed"));
 }
+
+/// Bazel 4.2.3 with `--remote_header=Authorization=Bearer ...`: remote
+/// execution (whose endpoint is also its cache) works with a token, the
+/// results come back as cache hits after `bazel clean`, and without the
+/// header the build fails on UNAUTHENTICATED instead of running locally.
+#[tokio::test(flavor = "multi_thread")]
+async fn bazel_with_a_bearer_token() {
+    use crate::bazel::{GENRULES, Workspace, bazel_or_skip, count, external_runners, process_summary};
+    let Some(bazel) = bazel_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = token_file_text(&[("bazel", &["cas-read", "cas-write", "ac-read", "execute"], "")]);
+    let server = start(dir.path(), &tokens, &[], |f| f.cas.backend = Backend::Filesystem).await;
+    let url = server.url();
+    let header = format!("--remote_header=Authorization=Bearer {}", token_of("bazel"));
+    let (cold, warm, refused) = tokio::task::spawn_blocking(move || {
+        let ws = Workspace::new(bazel);
+        let out = ws.test_remotely_output(&url, &[]);
+        let refused = (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned());
+        let cold = process_summary(&ws.test_remotely_with(&url, &[&header]));
+        assert!(ws.run("clean", &[]).0);
+        let warm = process_summary(&ws.test_remotely_with(&url, &[&header]));
+        (cold, warm, refused)
+    })
+    .await
+    .unwrap();
+    assert!(!refused.0, "bazel succeeded without a token");
+    assert!(refused.1.contains("UNAUTHENTICATED"), "{}", refused.1);
+    assert_eq!(external_runners(&cold), ["remote"], "cold: {cold:?}");
+    assert!(count(&cold, "remote") >= GENRULES, "cold: {cold:?}");
+    // Results the server cached itself although the token has no ac-write.
+    assert_eq!(external_runners(&warm), ["remote cache hit"], "warm: {warm:?}");
+}

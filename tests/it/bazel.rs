@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use crate::common::TestServer;
 
 /// The genrules under //gen/... in the fixture.
-const GENRULES: usize = 8;
+pub(crate) const GENRULES: usize = 8;
 
 /// The sh_tests under //shtest/... in the fixture.
 const SH_TESTS: usize = 2;
@@ -28,7 +28,7 @@ fn bazel_binary() -> Option<PathBuf> {
 /// The `bazel` to test with, or `None` (after saying so) when the test should
 /// be skipped because it is missing. Panics instead when
 /// `DISTBUILD_REQUIRE_BAZEL=1`, so CI cannot pass by skipping.
-fn bazel_or_skip() -> Option<PathBuf> {
+pub(crate) fn bazel_or_skip() -> Option<PathBuf> {
     let bazel = bazel_binary();
     if bazel.is_none() {
         if std::env::var("DISTBUILD_REQUIRE_BAZEL").as_deref() == Ok("1") {
@@ -39,7 +39,7 @@ fn bazel_or_skip() -> Option<PathBuf> {
     bazel
 }
 
-struct Workspace {
+pub(crate) struct Workspace {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
     output_root: PathBuf,
@@ -47,7 +47,7 @@ struct Workspace {
 }
 
 impl Workspace {
-    fn new(bazel: PathBuf) -> Self {
+    pub(crate) fn new(bazel: PathBuf) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("ws");
         copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bazel"), &dir);
@@ -69,7 +69,7 @@ impl Workspace {
     }
 
     /// Runs `bazel <command> <args>`; returns (success, stderr).
-    fn run(&self, command: &str, args: &[&str]) -> (bool, String) {
+    pub(crate) fn run(&self, command: &str, args: &[&str]) -> (bool, String) {
         let out = self.output_of(command, args);
         (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
     }
@@ -95,11 +95,12 @@ impl Workspace {
     /// running here. Bazel 4.2.3 also uses the executor's endpoint as its
     /// remote cache, so no `--remote_cache` is needed.
     fn test_remotely(&self, server: &str) -> String {
-        let remote = format!("--remote_executor={server}");
-        let mut args = COMMON_FLAGS.to_vec();
-        // A failing test's log then shows up in the panic message below.
-        args.extend(["--spawn_strategy=remote", "--test_output=errors", &remote, "//gen/...", "//shtest/..."]);
-        let out = self.output_of("test", &args);
+        self.test_remotely_with(server, &[])
+    }
+
+    /// [`Workspace::test_remotely`] with more flags (e.g. `--remote_header`).
+    pub(crate) fn test_remotely_with(&self, server: &str, extra: &[&str]) -> String {
+        let out = self.test_remotely_output(server, extra);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         // `bazel test` succeeds only if it ran tests (no test targets is exit
         // code 4) and every one of them passed.
@@ -112,7 +113,19 @@ impl Workspace {
         stderr
     }
 
-    fn output(&self, label_path: &str) -> String {
+    /// `bazel test` of every genrule and sh_test on `server` as the remote
+    /// executor, whatever the outcome.
+    pub(crate) fn test_remotely_output(&self, server: &str, extra: &[&str]) -> Output {
+        let remote = format!("--remote_executor={server}");
+        let mut args = COMMON_FLAGS.to_vec();
+        // A failing test's log then shows up in the panic message below.
+        args.extend(["--spawn_strategy=remote", "--test_output=errors", &remote]);
+        args.extend_from_slice(extra);
+        args.extend(["//gen/...", "//shtest/..."]);
+        self.output_of("test", &args)
+    }
+
+    pub(crate) fn output(&self, label_path: &str) -> String {
         let out = Command::new(&self.bazel)
             .current_dir(&self.dir)
             .arg("--nohome_rc")
@@ -145,7 +158,7 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// Parses Bazel's `INFO: N processes: ...` summary into (runner, count).
-fn process_summary(stderr: &str) -> Vec<(String, usize)> {
+pub(crate) fn process_summary(stderr: &str) -> Vec<(String, usize)> {
     let line = stderr
         .lines()
         .find(|l| l.starts_with("INFO:") && (l.contains(" processes") || l.contains(" process:")))
@@ -163,13 +176,13 @@ fn process_summary(stderr: &str) -> Vec<(String, usize)> {
         .collect()
 }
 
-fn count(summary: &[(String, usize)], runner: &str) -> usize {
+pub(crate) fn count(summary: &[(String, usize)], runner: &str) -> usize {
     summary.iter().filter(|(r, _)| r == runner).map(|(_, n)| n).sum()
 }
 
 /// The runners in `summary` other than `internal` (the symlink and runfiles
 /// work Bazel does in its own process, whatever the strategy).
-fn external_runners(summary: &[(String, usize)]) -> Vec<&str> {
+pub(crate) fn external_runners(summary: &[(String, usize)]) -> Vec<&str> {
     summary.iter().filter(|(r, _)| r != "internal").map(|(r, _)| r.as_str()).collect()
 }
 
