@@ -140,6 +140,13 @@ pub struct WorkerSection {
     /// Default: the running binary for `server` and `worker`; unset for a
     /// server embedded in another program, which runs commands directly.
     pub action_init: Option<PathBuf>,
+    /// Most bytes an action may output (files, directories, stdout and
+    /// stderr); an action's `output_bytes_limit` property may lower it.
+    /// Over it the action fails with RESOURCE_EXHAUSTED, nothing uploaded.
+    pub max_output_bytes: ByteSize,
+    /// Most output files and symlinks an action may make; an action's
+    /// `output_files_limit` property may lower it.
+    pub max_output_files: u64,
 }
 
 impl Default for WorkerSection {
@@ -151,6 +158,8 @@ impl Default for WorkerSection {
             cache_size: ByteSize::gib(10),
             properties: BTreeMap::new(),
             action_init: None,
+            max_output_bytes: ByteSize::b(crate::worker::OutputLimits::default().max_bytes),
+            max_output_files: crate::worker::OutputLimits::default().max_files,
         }
     }
 }
@@ -447,6 +456,7 @@ pub struct Config {
     pub worker_cache_size: u64,
     pub worker_properties: Vec<(String, String)>,
     pub action_init: Option<PathBuf>,
+    pub output_limits: crate::worker::OutputLimits,
     pub execution: ExecutionSection,
     /// TLS of every listener; `None`: plaintext.
     pub tls: Option<crate::server::tls::TlsSettings>,
@@ -522,6 +532,10 @@ impl FileConfig {
             worker_cache_size: self.worker.cache_size.as_u64(),
             worker_properties: self.worker_properties(),
             action_init: self.worker.action_init.clone(),
+            output_limits: crate::worker::OutputLimits {
+                max_bytes: self.worker.max_output_bytes.as_u64(),
+                max_files: self.worker.max_output_files,
+            },
             execution: self.execution.clone(),
             tls: self.tls.resolve()?,
             auth: self.auth.as_ref().map(AuthSection::resolve).transpose()?.unwrap_or_default(),

@@ -378,9 +378,10 @@ async fn worker(args: WorkerArgs, ctx: Session) -> anyhow::Result<ExitCode> {
         remote_apis::client::connect_lazy(&scheduler, &ctx.client.options).map_err(|s| rpc_error("--scheduler", s))?;
     let (work_dir, cache_size, exec_name) = (config.work_dir.clone(), config.worker_cache_size, name.clone());
     let (init, limits) = (config.action_init.clone(), config.execution.tree_limits());
+    let output_limits = config.output_limits;
     let executor = tokio::task::spawn_blocking(move || {
         Executor::new(exec_name, Arc::new(RemoteCas::new(transport)), &work_dir, cache_size, init)
-            .map(|e| e.with_limits(limits))
+            .map(|e| e.with_limits(limits).with_output_limits(output_limits))
     })
     .await?
     .with_context(|| format!("preparing the work directory {}", config.work_dir.display()))?;

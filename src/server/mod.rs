@@ -310,9 +310,10 @@ async fn start_execution(
         let work_dir = config.work_dir.clone();
         let (cas_for_worker, cache_size, worker_name) = (cas.clone(), config.worker_cache_size, name.clone());
         let (init, limits) = (config.action_init.clone(), config.execution.tree_limits());
+        let output_limits = config.output_limits;
         let executor = tokio::task::spawn_blocking(move || {
             Executor::new(worker_name, Arc::new(StoreCas(cas_for_worker)), &work_dir, cache_size, init)
-                .map(|e| e.with_limits(limits))
+                .map(|e| e.with_limits(limits).with_output_limits(output_limits))
         })
         .await?
         .with_context(|| format!("preparing the worker directory {}", config.work_dir.display()))?;

@@ -28,6 +28,8 @@ use crate::error::{Error, Result};
 use cache::LocalCache;
 use cas::ExecCas;
 pub use inputs::DirectoryCache;
+use isolation::FilePolicy;
+pub use outputs::OutputLimits;
 use outputs::Upload;
 use process::Ending;
 
@@ -59,6 +61,11 @@ pub struct Executor {
     exec_dir: PathBuf,
     /// Bounds on input roots and output directories.
     limits: TreeLimits,
+    /// How input and output files are laid out for the runner (see
+    /// [`isolation`]).
+    files: FilePolicy,
+    /// The worker's maxima on an action's outputs.
+    output_limits: OutputLimits,
     /// The `cargo-distbuild` binary that supervises each action (see
     /// [`action_init`]); None runs commands directly.
     action_init: Option<PathBuf>,
@@ -91,6 +98,8 @@ impl Executor {
             directories: DirectoryCache::new(DIRECTORY_CACHE_ENTRIES),
             exec_dir,
             limits: TreeLimits::default(),
+            files: FilePolicy::default(),
+            output_limits: OutputLimits::default(),
             action_init: process::check_init(action_init),
             _lock: lock,
         })
@@ -102,6 +111,27 @@ impl Executor {
 
     /// Bounds on the trees this worker creates and collects (the server's
     /// `[execution]` limits, checked again here before anything is created).
+    /// How the runner needs the action's files laid out (its
+    /// [`isolation::FilePolicy`]). With an action owner, `exec/` can be
+    /// traversed but not listed, so one action cannot find another's
+    /// directory by name.
+    pub fn with_file_policy(mut self, files: FilePolicy) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        if files.action_owner.is_some() {
+            std::fs::set_permissions(&self.exec_dir, std::fs::Permissions::from_mode(0o711))?;
+        }
+        self.files = files;
+        Ok(self)
+    }
+
+    /// The worker's maxima on an action's outputs (`[worker]
+    /// max_output_bytes`, `max_output_files`); an action's platform may
+    /// lower them.
+    pub fn with_output_limits(mut self, limits: OutputLimits) -> Self {
+        self.output_limits = limits;
+        self
+    }
+
     pub fn with_limits(mut self, limits: TreeLimits) -> Self {
         self.limits = limits;
         self
@@ -148,6 +178,7 @@ impl Executor {
     ) -> std::result::Result<(ActionResult, Ending), (Option<ActionResult>, Error)> {
         let root = dir.join("root");
         tokio::fs::create_dir_all(&root).await.map_err(|e| (None, Error::io(root.display(), e)))?;
+        self.files.give_dir(&root).map_err(|e| (None, Error::io(root.display(), e)))?;
 
         meta.input_fetch_start_timestamp = Some(timestamp(SystemTime::now()));
         let working_dir = self.prepare_inputs(task, &root, cancel).await.map_err(|e| (None, e))?;
@@ -191,13 +222,15 @@ impl Executor {
             inputs::Stop { deadline: Instant::now() + task.timeout, limit: task.timeout, cancel: cancel.clone() };
         let function = task.action_digest.function;
         let root_digest = Digest::from_field(function, task.action.input_root_digest.as_ref(), "input_root_digest")?;
+        // A bad output limit is refused before the command runs.
+        self.output_limits.for_action(&action_platform(task))?;
         let fetching =
             inputs::fetch_tree(self.cas.as_ref(), &self.directories, &task.instance, root_digest, &self.limits);
         let tree = stop.bound(fetching).await?;
-        inputs::materialize(self.cas.as_ref(), &self.cache, &task.instance, &tree, root, &stop).await?;
+        inputs::materialize(self.cas.as_ref(), &self.cache, &task.instance, &tree, root, self.files, &stop).await?;
         drop(tree);
-        let (root, command, limits) = (root.to_path_buf(), task.command.clone(), self.limits);
-        tokio::task::spawn_blocking(move || outputs::prepare(&root, &command, &limits))
+        let (root, command, limits, files) = (root.to_path_buf(), task.command.clone(), self.limits, self.files);
+        tokio::task::spawn_blocking(move || outputs::prepare(&root, &command, &limits, files))
             .await
             .map_err(|e| Error::internal(e.to_string()))?
     }
@@ -213,9 +246,24 @@ impl Executor {
         let function = task.action_digest.function;
         let (root, command, limits) = (root.to_path_buf(), task.command.clone(), self.limits);
         let (out, err) = (stdout.to_path_buf(), stderr.to_path_buf());
+        let mut tally = outputs::Tally::new(self.output_limits.for_action(&action_platform(task))?);
+        let files = self.files;
         let (mut result, mut uploads, adopt) = tokio::task::spawn_blocking(move || -> Result<_> {
+            // Counted first: an action over its limits is refused before
+            // anything is read, let alone uploaded.
+            for p in [&out, &err] {
+                tally.add_bytes(std::fs::metadata(p).map_err(|e| Error::io(p.display(), e))?.len())?;
+            }
+            // Beside `root`, in the action's directory: the worker's own.
+            let staging = root.with_file_name("staged");
+            if files.stages_outputs() {
+                use std::os::unix::fs::DirBuilderExt;
+                let mut builder = std::fs::DirBuilder::new();
+                builder.mode(0o700).create(&staging).map_err(|e| Error::io(staging.display(), e))?;
+            }
+            let staging = outputs::Staging { policy: files, dir: &staging };
             let outputs::Collected { result, mut uploads, adopt } =
-                outputs::collect(function, &root, &command, &limits)?;
+                outputs::collect(function, &root, &command, &limits, &staging, &mut tally)?;
             for p in [out, err] {
                 let d = remote_apis::merkle::hash_file_blocking(function, &p).map_err(|e| Error::io(p.display(), e))?;
                 uploads.push(Upload::File(d, p));
@@ -263,6 +311,17 @@ impl Executor {
         .await;
         Ok(result)
     }
+}
+
+/// The platform the action was matched on: Action.platform, else the
+/// Command's (REAPI 2.2 moved it; older clients set the Command's).
+fn action_platform(task: &Task) -> crate::execution::platform::Platform {
+    #[allow(deprecated)]
+    let platform = match task.action.platform.as_ref() {
+        Some(p) if !p.properties.is_empty() => Some(p),
+        _ => task.command.platform.as_ref(),
+    };
+    crate::execution::platform::Platform::from_proto(platform)
 }
 
 /// Takes the work directory's lock: a second worker on the same directory
