@@ -76,7 +76,7 @@ impl Workspace {
 
     /// Builds //gen/... with `server` as the remote cache only: every action
     /// that misses runs locally, unsandboxed.
-    fn build(&self, server: &str, extra: &[&str]) -> String {
+    pub(crate) fn build(&self, server: &str, extra: &[&str]) -> String {
         let remote = format!("--remote_cache={server}");
         let mut args = COMMON_FLAGS.to_vec();
         args.extend(["--spawn_strategy=local", &remote]);

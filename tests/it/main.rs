@@ -4,6 +4,7 @@
 mod ac;
 mod auth;
 mod bazel;
+mod bazel_tls;
 mod bytestream;
 mod cas;
 mod cli;
