@@ -450,4 +450,94 @@ fi
 
 if ! kill -0 "$SERVER_PID" 2>/dev/null; then fail "the server died during the test"; fi
 [[ $FAILED -gt 0 ]] && show_log_tail
+
+# ------------------------------------- a secured server: TLS and bearer tokens
+# A second server with [tls] (a CA and a certificate for localhost made here
+# with openssl) and [auth] tokens, reached the way bgd users reach a real
+# deployment: --remote https://, --server-cert, --auth-token FILE.
+echo "--- TLS and tokens"
+SEC="$TMP/secure"
+mkdir -p "$SEC"
+if ! command -v openssl >/dev/null; then
+  fail "openssl available (needed to make test certificates)"
+else
+  (
+    cd "$SEC" &&
+      openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj "/CN=interop test CA" &&
+      openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj "/CN=localhost" &&
+      printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >ext.cnf &&
+      openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext.cnf
+  ) >"$SEC/openssl.log" 2>&1 || { cat "$SEC/openssl.log"; fail "openssl test certificates"; }
+  # Tokens: one that may build (read, write, execute), one read-only.
+  "$BIN" token new builder --grant cas-read --grant cas-write --grant ac-read --grant execute \
+    >"$SEC/builder.token" 2>"$SEC/builder.entry"
+  "$BIN" token new reader --grant cas-read --grant ac-read >"$SEC/reader.token" 2>"$SEC/reader.entry"
+  # The entries are the [[token]] lines of the stderr output.
+  for who in builder reader; do sed -n '/^\[\[token\]\]/,$p' "$SEC/$who.entry"; done >"$SEC/tokens.toml"
+  SPORT="$("$VPY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  cat >"$SEC/config.toml" <<EOF
+[tls]
+cert = "$SEC/server.pem"
+key = "$SEC/server.key"
+[auth]
+tokens = "$SEC/tokens.toml"
+EOF
+  "$BIN" --config "$SEC/config.toml" server --listen "127.0.0.1:$SPORT" --data-dir "$SEC/data" >"$SEC/server.log" 2>&1 &
+  SEC_PID=$!
+  for _ in $(seq 100); do
+    "$VPY" -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.2)' "$SPORT" 2>/dev/null && break
+    sleep 0.1
+  done
+  SREMOTE="https://localhost:$SPORT"
+  TLS_ARGS=(--remote "$SREMOTE" --server-cert "$SEC/ca.pem")
+  printf 'secret bytes\n' >"$SEC/s.txt"
+  if bgd cas "${TLS_ARGS[@]}" upload-file "$SEC/s.txt"; then
+    fail "bgd cas upload-file over TLS without a token was accepted"
+  elif grep -qi "unauthenticated" out.txt; then
+    pass "bgd cas upload-file over TLS without a token: UNAUTHENTICATED"
+  else
+    fail "bgd cas upload-file without a token: want UNAUTHENTICATED: $(head -c 300 out.txt)"
+  fi
+  if bgd cas "${TLS_ARGS[@]}" --auth-token "$SEC/reader.token" upload-file "$SEC/s.txt"; then
+    fail "bgd cas upload-file with a read-only token was accepted"
+  elif grep -q 'token:reader does not have the cas-write grant' out.txt; then # bgd prints the message, not the code
+    pass "bgd cas upload-file with a read-only token: refused, naming the missing grant"
+  else
+    fail "bgd cas upload-file with a read-only token: want PERMISSION_DENIED: $(head -c 300 out.txt)"
+  fi
+  SDIG=""
+  if (cd "$SEC" && bgd cas "${TLS_ARGS[@]}" --auth-token builder.token upload-file --verify s.txt); then
+    SDIG="$(pushed_digest s.txt)"
+    [[ "$SDIG" == "$(local_digest "$SEC/s.txt")" ]] && pass "bgd cas upload-file --verify over TLS with a token" ||
+      fail "bgd cas upload-file over TLS: digest '$SDIG'"
+  else
+    fail "bgd cas upload-file over TLS with the builder token"
+  fi
+  if [[ -n "$SDIG" ]] && bgd cas "${TLS_ARGS[@]}" --auth-token "$SEC/reader.token" download-file --verify "$SDIG" "$SEC/s.got" &&
+    cmp -s "$SEC/s.txt" "$SEC/s.got"; then
+    pass "bgd cas download-file over TLS with the read-only token"
+  else
+    fail "bgd cas download-file over TLS with the read-only token"
+  fi
+  mkdir -p "$SEC/empty-root"
+  if bgd execute "${TLS_ARGS[@]}" --auth-token "$SEC/builder.token" command --output-file r.txt \
+    --output-directory "$SEC/exec-got" -- "$SEC/empty-root" /bin/sh -c 'echo secured > r.txt' &&
+    grep -q '^done: true' out.txt && [[ "$(cat "$SEC/exec-got/r.txt" 2>/dev/null)" == secured ]]; then
+    pass "bgd execute command over TLS with a token: output downloaded"
+  else
+    fail "bgd execute command over TLS with a token: $(head -c 300 out.txt)"
+  fi
+  if bgd execute "${TLS_ARGS[@]}" --auth-token "$SEC/reader.token" command -- "$SEC/empty-root" /bin/true; then
+    fail "bgd execute with a read-only token was accepted"
+  else
+    pass "bgd execute with a read-only token refused"
+  fi
+  kill "$SEC_PID" 2>/dev/null
+  wait "$SEC_PID" 2>/dev/null
+  if grep -q "$(head -c 20 "$SEC/builder.token")" "$SEC/server.log"; then
+    fail "the server log contains a token"
+  else
+    pass "no token in the server log"
+  fi
+fi
 finish
