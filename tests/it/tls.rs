@@ -369,9 +369,11 @@ async fn cli_cas_put_and_get_over_mtls() {
     assert!(!out.status.success());
     let err = text(&out.stderr);
     // TLS 1.3: the server refuses the client after the client's side of
-    // the handshake, so the first call reports it.
+    // the handshake, so the first call reports it: as the server's alert,
+    // or as the closed connection when the client writes first.
     assert!(err.starts_with("error: ") && err.lines().count() == 1, "{err}");
-    assert!(err.contains("CertificateRequired"), "{err}");
+    let causes = ["CertificateRequired", "broken pipe", "reset", "connection closed"];
+    assert!(causes.iter().any(|c| err.contains(c)), "{err}");
     server.stop().await.unwrap();
 }
 
