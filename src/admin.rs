@@ -140,6 +140,7 @@ impl Admin for AdminService {
                 done: w.done,
                 builtin: w.info.builtin,
                 connected_secs: w.connected_for.as_secs(),
+                sandbox: w.info.sandbox,
             })
             .collect();
         Ok(Response::new(ListWorkersResponse { workers }))

@@ -140,6 +140,25 @@ pub struct WorkerSection {
     /// Default: the running binary for `server` and `worker`; unset for a
     /// server embedded in another program, which runs commands directly.
     pub action_init: Option<PathBuf>,
+    /// How actions are isolated: "auto" (default: Linux namespaces; the
+    /// worker refuses to start where they do not work), "namespaces" (the
+    /// same, required), "none" (plain processes: trusted actions only).
+    pub sandbox: crate::worker::runner::SandboxMode,
+    /// The user sandboxed commands run as when the worker runs as root: a
+    /// name, `uid` or `uid:gid`; default `nobody`.
+    pub run_as: Option<String>,
+    /// Actions whose platform asks `network=on` get the host's network
+    /// (the worker offers `network=on`); others have loopback only.
+    pub allow_network: bool,
+    /// Most memory an action's process may have (RLIMIT_DATA), and the
+    /// default for actions that set no `memory_limit`.
+    pub max_memory: Option<ByteSize>,
+    /// Most processes an action may have (RLIMIT_NPROC), and the default
+    /// for actions that set no `process_limit`.
+    pub max_processes: Option<u64>,
+    /// More paths hidden from actions (beyond the work and data
+    /// directories), e.g. TLS keys and token files.
+    pub hide: Vec<PathBuf>,
     /// Most bytes an action may output (files, directories, stdout and
     /// stderr); an action's `output_bytes_limit` property may lower it.
     /// Over it the action fails with RESOURCE_EXHAUSTED, nothing uploaded.
@@ -158,6 +177,12 @@ impl Default for WorkerSection {
             cache_size: ByteSize::gib(10),
             properties: BTreeMap::new(),
             action_init: None,
+            sandbox: Default::default(),
+            run_as: None,
+            allow_network: false,
+            max_memory: None,
+            max_processes: None,
+            hide: Vec::new(),
             max_output_bytes: ByteSize::b(crate::worker::OutputLimits::default().max_bytes),
             max_output_files: crate::worker::OutputLimits::default().max_files,
         }
@@ -457,6 +482,7 @@ pub struct Config {
     pub worker_properties: Vec<(String, String)>,
     pub action_init: Option<PathBuf>,
     pub output_limits: crate::worker::OutputLimits,
+    pub sandbox: crate::worker::runner::SandboxConfig,
     pub execution: ExecutionSection,
     /// TLS of every listener; `None`: plaintext.
     pub tls: Option<crate::server::tls::TlsSettings>,
@@ -535,6 +561,16 @@ impl FileConfig {
             output_limits: crate::worker::OutputLimits {
                 max_bytes: self.worker.max_output_bytes.as_u64(),
                 max_files: self.worker.max_output_files,
+            },
+            sandbox: crate::worker::runner::SandboxConfig {
+                mode: self.worker.sandbox,
+                run_as: self.worker.run_as.clone(),
+                allow_network: self.worker.allow_network,
+                limits: crate::worker::runner::Limits {
+                    max_memory: self.worker.max_memory.map(|b| b.as_u64()),
+                    max_processes: self.worker.max_processes,
+                },
+                hide: self.worker.hide.clone(),
             },
             execution: self.execution.clone(),
             tls: self.tls.resolve()?,

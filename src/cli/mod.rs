@@ -378,19 +378,22 @@ async fn worker(args: WorkerArgs, ctx: Session) -> anyhow::Result<ExitCode> {
         remote_apis::client::connect_lazy(&scheduler, &ctx.client.options).map_err(|s| rpc_error("--scheduler", s))?;
     let (work_dir, cache_size, exec_name) = (config.work_dir.clone(), config.worker_cache_size, name.clone());
     let (init, limits) = (config.action_init.clone(), config.execution.tree_limits());
+    let (sandbox, hide) = (config.sandbox.clone(), vec![config.work_dir.clone()]);
     let output_limits = config.output_limits;
-    let executor = tokio::task::spawn_blocking(move || {
-        Executor::new(exec_name, Arc::new(RemoteCas::new(transport)), &work_dir, cache_size, init)
-            .map(|e| e.with_limits(limits).with_output_limits(output_limits))
+    let executor = tokio::task::spawn_blocking(move || -> anyhow::Result<Executor> {
+        let runner = crate::worker::runner::build(&sandbox, init, hide, &work_dir)?;
+        let e = Executor::new(exec_name, Arc::new(RemoteCas::new(transport)), &work_dir, cache_size, runner)?;
+        Ok(e.with_limits(limits).with_output_limits(output_limits))
     })
     .await?
-    .with_context(|| format!("preparing the work directory {}", config.work_dir.display()))?;
+    .with_context(|| format!("preparing the worker in {}", config.work_dir.display()))?;
     let options = remote::WorkerOptions {
         scheduler,
         client: ctx.client.options.clone(),
         name,
         slots: config.worker_capacity,
-        properties: config.worker_properties.clone(),
+        properties: executor.offered_properties(&config.worker_properties),
+        sandbox: executor.runner().describe(),
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let on_signal = stop.clone();

@@ -21,11 +21,13 @@ pub async fn workers(server: &str, options: &ClientOptions) -> anyhow::Result<Ex
         .await
         .map_err(|s| rpc_error("ListWorkers", s))?
         .into_inner();
-    println!("{:<40} {:>5} {:>5} {:>8} {:<8} PROPERTIES", "NAME", "SLOTS", "BUSY", "DONE", "KIND");
+    println!("{:<40} {:>5} {:>5} {:>8} {:<8} {:<44} PROPERTIES", "NAME", "SLOTS", "BUSY", "DONE", "KIND", "SANDBOX");
     for w in &resp.workers {
         let props: Vec<String> = w.properties.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
         let kind = if w.builtin { "built-in" } else { "remote" };
-        println!("{:<40} {:>5} {:>5} {:>8} {:<8} {}", w.name, w.slots, w.busy, w.done, kind, props.join(","));
+        let sandbox = if w.sandbox.is_empty() { "(not reported)" } else { w.sandbox.as_str() };
+        let (name, slots, busy, done) = (&w.name, w.slots, w.busy, w.done);
+        println!("{name:<40} {slots:>5} {busy:>5} {done:>8} {kind:<8} {sandbox:<44} {}", props.join(","));
     }
     if resp.workers.is_empty() {
         println!("(no workers connected)");

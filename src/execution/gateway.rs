@@ -78,6 +78,7 @@ impl WorkerGateway for GatewayService {
             properties: Platform::new(hello.properties.into_iter().map(|p| (p.name, p.value)).collect()),
             slots: hello.slots as usize,
             builtin: false,
+            sandbox: hello.sandbox.chars().take(MAX_NAME_LEN).collect(),
         };
         let (tx, rx) = mpsc::unbounded_channel::<WorkerCommand>();
         // A name in use is refused: no connection evicts another worker.

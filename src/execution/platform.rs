@@ -32,11 +32,13 @@ impl Platform {
     }
 
     /// The first requirement `offer` does not meet, if any. Sandbox
-    /// settings ([`SANDBOX_SETTINGS`]) are not requirements.
+    /// settings ([`SANDBOX_SETTINGS`]) are not requirements, except
+    /// `network=on`: only a worker that allows actions the network offers
+    /// it, so such an action never runs without it.
     pub fn unmet_by<'a>(&'a self, offer: &Platform, numeric: &[String]) -> Option<&'a (String, String)> {
         self.0
             .iter()
-            .filter(|(name, _)| !is_sandbox_setting(name))
+            .filter(|(name, value)| !is_sandbox_setting(name) || (name == NETWORK && value == "on"))
             .find(|(name, value)| !offers(offer, name, value, numeric))
     }
 
@@ -50,7 +52,16 @@ impl Platform {
 /// it (each worker applies them within its own maxima) rather than select
 /// a worker: workers do not advertise them and matching skips them. Extend
 /// this list for every new sandbox setting.
-pub const SANDBOX_SETTINGS: &[&str] = &["output_bytes_limit", "output_files_limit"];
+pub const SANDBOX_SETTINGS: &[&str] =
+    &["output_bytes_limit", "output_files_limit", NETWORK, MEMORY_LIMIT, PROCESS_LIMIT];
+
+/// `network=on`: the host's network instead of loopback only, on workers
+/// that allow it (they offer `network=on`); `off` is the default.
+pub const NETWORK: &str = "network";
+/// Memory per process of the action (RLIMIT_DATA), a size such as `2GiB`.
+pub const MEMORY_LIMIT: &str = "memory_limit";
+/// Processes the action may have at once (RLIMIT_NPROC).
+pub const PROCESS_LIMIT: &str = "process_limit";
 
 /// Whether `name` is a sandbox setting, not a matching key.
 pub fn is_sandbox_setting(name: &str) -> bool {
@@ -148,7 +159,12 @@ mod tests {
         }
         // Not numeric: compared as strings.
         assert!(p(&[("cpu-count", "4")]).unmet_by(&worker, &[]).is_some());
-        // Sandbox settings never keep an action from a worker.
+        // Sandbox settings never keep an action from a worker, but for
+        // network=on, which only a worker allowing it offers.
+        assert_eq!(p(&[("network", "on")]).unmet_by(&worker, &numeric).map(|(k, _)| k.as_str()), Some("network"));
+        let open = p(&[("OSFamily", "linux"), ("network", "on")]);
+        assert_eq!(p(&[("network", "on")]).unmet_by(&open, &numeric), None);
+        assert_eq!(p(&[("network", "off")]).unmet_by(&worker, &numeric), None);
         for setting in SANDBOX_SETTINGS {
             assert_eq!(p(&[(setting, "1"), ("OSFamily", "linux")]).unmet_by(&worker, &numeric), None, "{setting}");
         }

@@ -59,6 +59,8 @@ pub struct WorkerInfo {
     pub properties: Platform,
     pub slots: usize,
     pub builtin: bool,
+    /// How the worker isolates actions (its runner's description).
+    pub sandbox: String,
 }
 
 /// A worker as `workers list` shows it.

@@ -310,18 +310,22 @@ async fn start_execution(
         let work_dir = config.work_dir.clone();
         let (cas_for_worker, cache_size, worker_name) = (cas.clone(), config.worker_cache_size, name.clone());
         let (init, limits) = (config.action_init.clone(), config.execution.tree_limits());
+        // Actions see neither the stored blobs and results nor the worker's files.
+        let (sandbox, hide) = (config.sandbox.clone(), vec![config.data_dir.clone(), config.work_dir.clone()]);
         let output_limits = config.output_limits;
-        let executor = tokio::task::spawn_blocking(move || {
-            Executor::new(worker_name, Arc::new(StoreCas(cas_for_worker)), &work_dir, cache_size, init)
-                .map(|e| e.with_limits(limits).with_output_limits(output_limits))
+        let executor = tokio::task::spawn_blocking(move || -> anyhow::Result<Executor> {
+            let runner = crate::worker::runner::build(&sandbox, init, hide, &work_dir)?;
+            let e = Executor::new(worker_name, Arc::new(StoreCas(cas_for_worker)), &work_dir, cache_size, runner)?;
+            Ok(e.with_limits(limits).with_output_limits(output_limits))
         })
         .await?
-        .with_context(|| format!("preparing the worker directory {}", config.work_dir.display()))?;
+        .with_context(|| format!("preparing the built-in worker in {}", config.work_dir.display()))?;
         let info = WorkerInfo {
             name,
-            properties: Platform::new(config.worker_properties.clone()),
+            properties: Platform::new(executor.offered_properties(&config.worker_properties)),
             slots: config.worker_capacity,
             builtin: true,
+            sandbox: executor.runner().describe(),
         };
         tracing::info!(slots = info.slots, work_dir = %config.work_dir.display(), "built-in worker");
         let worker = tokio::spawn(builtin::run(scheduler.clone(), Arc::new(executor), info, stop.clone()));

@@ -23,6 +23,22 @@
 //!   reaping until it has no child left, then exits with the command's exit
 //!   code (128 + N for a signal N).
 //!
+//! In a sandbox (options `--hide`, `--bind`, ... before `N`; see
+//! [`Options`]) the init is also the one process that sets up namespaces,
+//! so nothing the action runs can undo them or kill the supervisor: it
+//! unshares mount, PID, network (unless `--net`), IPC and UTS namespaces
+//! (first a user namespace mapping only its own uid and gid when it is not
+//! root), then forks a helper that is PID 1 of the new PID namespace. The
+//! helper makes every mount private, hides the given paths under empty
+//! read-only tmpfs, binds the action's directory back at its path, mounts a
+//! private `/tmp` (and `/dev/shm`) and a fresh `/proc`, makes the whole
+//! tree read-only except those, brings loopback up in the new network
+//! namespace, and spawns the command (as `--uid`, with `no_new_privs` and
+//! the rlimits) and reaps. When the helper exits, or the init kills it, the
+//! kernel kills every process left in the namespace, `setsid` daemons
+//! included. The line protocol is the same in both modes (the helper writes
+//! `ok` or `err`).
+//!
 //! The line replaces `PR_SET_PDEATHSIG`, which fires when the *thread* that
 //! forked dies (a tokio blocking thread retiring would kill a healthy
 //! action) and needs a `getppid` check against a race; a closed socket is
@@ -32,7 +48,10 @@ use std::ffi::{OsStr, OsString};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::Stdio;
+
+mod sandbox;
 
 /// The hidden subcommand of the `cargo-distbuild` binary.
 pub const SUBCOMMAND: &str = "__action-init";
@@ -40,10 +59,17 @@ pub const SUBCOMMAND: &str = "__action-init";
 /// Exit code when the command could not be started (as shells report).
 const CANNOT_RUN: u8 = 127;
 
-/// The init's arguments after [`SUBCOMMAND`]: the command's environment,
-/// then the program (a path, resolved by the worker) and its arguments.
-pub fn arguments(environment: &[(String, String)], program: &OsStr, args: &[String]) -> Vec<OsString> {
-    let mut out = Vec::with_capacity(2 + environment.len() + args.len());
+/// The init's arguments after [`SUBCOMMAND`]: the options (none for a
+/// plain run), the command's environment, then the program (a path,
+/// resolved by the worker) and its arguments.
+pub fn arguments(
+    options: &Options,
+    environment: &[(String, String)],
+    program: &OsStr,
+    args: &[String],
+) -> Vec<OsString> {
+    let mut out = options.encode();
+    out.reserve(2 + environment.len() + args.len());
     out.push(OsString::from(environment.len().to_string()));
     out.extend(environment.iter().map(|(k, v)| OsString::from(format!("{k}={v}"))));
     out.push(program.to_os_string());
@@ -51,26 +77,140 @@ pub fn arguments(environment: &[(String, String)], program: &OsStr, args: &[Stri
     out
 }
 
+/// How the init runs the command, beyond the plain run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Namespaces and mounts; None: the command runs on the host.
+    pub sandbox: Option<Sandbox>,
+    /// RLIMIT_DATA of the command (and each of its processes), bytes.
+    pub memory: Option<u64>,
+    /// RLIMIT_NPROC: processes of the command's uid (in its user namespace).
+    pub processes: Option<u64>,
+    /// Exit 0 at once (the worker's start-up check that the sandbox works
+    /// runs the init itself as the command).
+    pub probe: bool,
+}
+
+/// The sandbox the init sets up (see the module documentation).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sandbox {
+    /// Not root: a user namespace mapping the init's own uid and gid.
+    pub user_namespace: bool,
+    /// Keep the host's network (no network namespace).
+    pub network: bool,
+    /// Hidden under an empty read-only tmpfs (the worker's directory, the
+    /// server's data directory).
+    pub hide: Vec<PathBuf>,
+    /// The action's directory: bound back, writable, at its own path.
+    pub writable: PathBuf,
+    /// The command's uid and gid (a root init only).
+    pub run_as: Option<(u32, u32)>,
+}
+
+impl Options {
+    fn encode(&self) -> Vec<OsString> {
+        let mut out = Vec::new();
+        let flag = |name: &str, value: &OsStr| {
+            let mut s = OsString::from(format!("--{name}="));
+            s.push(value);
+            s
+        };
+        if let Some(s) = &self.sandbox {
+            if s.user_namespace {
+                out.push("--userns".into());
+            }
+            if s.network {
+                out.push("--net".into());
+            }
+            out.extend(s.hide.iter().map(|p| flag("hide", p.as_os_str())));
+            out.push(flag("bind", s.writable.as_os_str()));
+            if let Some((u, g)) = s.run_as {
+                out.push(format!("--uid={u}:{g}").into());
+            }
+        }
+        if let Some(n) = self.memory {
+            out.push(format!("--data={n}").into());
+        }
+        if let Some(n) = self.processes {
+            out.push(format!("--nproc={n}").into());
+        }
+        if self.probe {
+            out.push("--probe".into());
+        }
+        out
+    }
+
+    /// Parses the leading `--` options; returns them and the rest.
+    fn decode(args: &[OsString]) -> Option<(Options, &[OsString])> {
+        let mut options = Options::default();
+        let mut sandbox = Sandbox::default();
+        let (mut sandboxed, mut i) = (false, 0);
+        while let Some(arg) = args.get(i).filter(|a| a.as_bytes().starts_with(b"--")) {
+            i += 1;
+            let bytes = arg.as_bytes();
+            let (name, value) = match bytes.iter().position(|&b| b == b'=') {
+                Some(eq) => (&bytes[2..eq], Some(OsStr::from_bytes(&bytes[eq + 1..]))),
+                None => (&bytes[2..], None),
+            };
+            let number = |v: Option<&OsStr>| v?.to_str()?.parse::<u64>().ok();
+            match (name, value) {
+                (b"userns", None) => (sandboxed, sandbox.user_namespace) = (true, true),
+                (b"net", None) => (sandboxed, sandbox.network) = (true, true),
+                (b"hide", Some(p)) => sandbox.hide.push(PathBuf::from(p)),
+                (b"bind", Some(p)) => (sandboxed, sandbox.writable) = (true, PathBuf::from(p)),
+                (b"uid", Some(v)) => {
+                    let (u, g) = v.to_str()?.split_once(':')?;
+                    sandbox.run_as = Some((u.parse().ok()?, g.parse().ok()?));
+                }
+                (b"data", v) => options.memory = Some(number(v)?),
+                (b"nproc", v) => options.processes = Some(number(v)?),
+                (b"probe", None) => options.probe = true,
+                _ => return None,
+            }
+        }
+        if sandboxed || !sandbox.hide.is_empty() || sandbox.run_as.is_some() {
+            if sandbox.writable.as_os_str().is_empty() {
+                return None;
+            }
+            options.sandbox = Some(sandbox);
+        }
+        Some((options, &args[i..]))
+    }
+}
+
 /// Runs the init with the arguments that follow [`SUBCOMMAND`]; returns its
 /// exit code.
 pub fn main(args: &[OsString]) -> u8 {
+    let Some((options, args)) = Options::decode(args) else {
+        eprintln!("cargo-distbuild {SUBCOMMAND}: bad options (run by workers, not by hand)");
+        return 2;
+    };
+    if options.probe {
+        return 0;
+    }
     let Some((env, program, rest)) = parse(args) else {
-        eprintln!("usage: cargo-distbuild {SUBCOMMAND} N K=V... PROGRAM ARGS... (run by workers, not by hand)");
+        eprintln!(
+            "usage: cargo-distbuild {SUBCOMMAND} [OPTIONS] N K=V... PROGRAM ARGS... (run by workers, not by hand)"
+        );
         return 2;
     };
     let signals = match Signals::block() {
         Ok(s) => s,
         Err(e) => return fail(&format!("blocking signals: {e}"), None),
     };
+    let mut command = std::process::Command::new(program);
+    command.args(rest).env_clear().envs(env).stdin(Stdio::null()).process_group(0);
+    if let Some(sandbox) = &options.sandbox {
+        return sandbox::run(sandbox, &options, &signals, command);
+    }
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
         let e = std::io::Error::last_os_error();
         return fail(&format!("becoming a subreaper: {e}"), None);
     }
-    let mut command = std::process::Command::new(program);
-    command.args(rest).env_clear().envs(env).stdin(Stdio::null()).process_group(0);
+    let (memory, processes) = (options.memory, options.processes);
     // SAFETY: the closure only calls async-signal-safe functions.
-    unsafe { command.pre_exec(default_signals) };
+    unsafe { command.pre_exec(move || prepare_exec(memory, processes)) };
     let child = command.spawn();
     let command = match child {
         Ok(c) => c.id() as i32,
@@ -97,6 +237,21 @@ fn parse(args: &[OsString]) -> Option<(Vec<(&OsStr, &OsStr)>, &OsStr, &[OsString
         .collect::<Option<Vec<_>>>()?;
     let program = args.get(1 + n)?;
     Some((env, program, &args[2 + n..]))
+}
+
+/// In the command's process before exec: the default signals, the limits.
+fn prepare_exec(memory: Option<u64>, processes: Option<u64>) -> std::io::Result<()> {
+    default_signals()?;
+    for (resource, limit) in [(libc::RLIMIT_DATA, memory), (libc::RLIMIT_NPROC, processes)] {
+        if let Some(n) = limit {
+            let l = libc::rlimit { rlim_cur: n, rlim_max: n };
+            // SAFETY: setrlimit with a valid struct.
+            if unsafe { libc::setrlimit(resource, &l) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// In the command's process before exec: nothing blocked (std leaves the
@@ -329,13 +484,38 @@ mod tests {
     #[test]
     fn arguments_round_trip_with_equals_signs_and_empty_values() {
         let env = vec![("A".to_string(), "x=y".to_string()), ("EMPTY".to_string(), String::new())];
-        let args = arguments(&env, OsStr::new("/bin/sh"), &["-c".into(), "echo".into()]);
-        let (parsed, program, rest) = parse(&args).unwrap();
+        let args = arguments(&Options::default(), &env, OsStr::new("/bin/sh"), &["-c".into(), "echo".into()]);
+        let (options, args) = Options::decode(&args).unwrap();
+        assert_eq!(options, Options::default());
+        let (parsed, program, rest) = parse(args).unwrap();
         assert_eq!(parsed, [(OsStr::new("A"), OsStr::new("x=y")), (OsStr::new("EMPTY"), OsStr::new(""))]);
         assert_eq!(program, "/bin/sh");
         assert_eq!(rest, [OsString::from("-c"), OsString::from("echo")]);
         assert!(parse(&[OsString::from("2"), OsString::from("A=1")]).is_none(), "too few variables");
         assert!(parse(&[OsString::from("1"), OsString::from("NOEQUALS"), OsString::from("p")]).is_none());
+    }
+
+    #[test]
+    fn sandbox_options_round_trip() {
+        let options = Options {
+            sandbox: Some(Sandbox {
+                user_namespace: true,
+                network: false,
+                hide: vec!["/var/lib/x".into(), "/with space/--hide=y".into()],
+                writable: "/work/exec/1/root".into(),
+                run_as: Some((65534, 65533)),
+            }),
+            memory: Some(1 << 30),
+            processes: Some(64),
+            probe: false,
+        };
+        let args = arguments(&options, &[("K".into(), "V".into())], OsStr::new("/bin/sh"), &["--net".into()]);
+        let (decoded, rest) = Options::decode(&args).unwrap();
+        assert_eq!(decoded, options);
+        let (env, program, args) = parse(rest).unwrap();
+        assert_eq!((env.len(), program, args), (1, OsStr::new("/bin/sh"), &[OsString::from("--net")][..]));
+        assert!(Options::decode(&[OsString::from("--bogus")]).is_none());
+        assert!(Options::decode(&[OsString::from("--hide=/x")]).is_none(), "a sandbox needs --bind");
     }
 
     #[test]

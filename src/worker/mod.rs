@@ -12,8 +12,8 @@ pub mod cas;
 mod inputs;
 pub mod isolation;
 mod outputs;
-mod process;
 pub mod remote;
+pub mod runner;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,7 +31,7 @@ pub use inputs::DirectoryCache;
 use isolation::FilePolicy;
 pub use outputs::OutputLimits;
 use outputs::Upload;
-use process::Ending;
+use runner::{Ending, Runner};
 
 pub use inputs::{TreeLimits, TreeSize, check_directory, tree_size};
 
@@ -66,23 +66,22 @@ pub struct Executor {
     files: FilePolicy,
     /// The worker's maxima on an action's outputs.
     output_limits: OutputLimits,
-    /// The `cargo-distbuild` binary that supervises each action (see
-    /// [`action_init`]); None runs commands directly.
-    action_init: Option<PathBuf>,
+    /// Runs each command (plain, or in a sandbox; see [`runner`]).
+    runner: Arc<dyn Runner>,
     /// Held for the executor's life: one worker per work directory.
     _lock: std::fs::File,
 }
 
 impl Executor {
     /// `work_dir` holds the blob cache (`cache/`, kept across restarts) and
-    /// the actions' directories (`exec/`, emptied now). `action_init` is a
-    /// `cargo-distbuild` binary to supervise each action with.
+    /// the actions' directories (`exec/`, emptied now). `runner` runs the
+    /// commands ([`runner::build`] makes it from the configuration).
     pub fn new(
         name: String,
         cas: Arc<dyn ExecCas>,
         work_dir: &Path,
         cache_bytes: u64,
-        action_init: Option<PathBuf>,
+        runner: Arc<dyn Runner>,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(work_dir)?;
         let lock = lock_work_dir(work_dir)?;
@@ -91,7 +90,9 @@ impl Executor {
         set_aside(work_dir, &exec_dir);
         std::fs::create_dir_all(&exec_dir)?;
         let cache = Arc::new(LocalCache::open(&work_dir.join("cache"), cache_bytes)?);
-        Ok(Executor {
+        // The runner's file policy from the start: no way to forget it.
+        let files = runner.file_policy();
+        Executor {
             name,
             cas,
             cache,
@@ -100,13 +101,32 @@ impl Executor {
             limits: TreeLimits::default(),
             files: FilePolicy::default(),
             output_limits: OutputLimits::default(),
-            action_init: process::check_init(action_init),
+            runner,
             _lock: lock,
-        })
+        }
+        .with_file_policy(files)
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// What runs the commands (`workers list` shows its description).
+    pub fn runner(&self) -> &dyn Runner {
+        self.runner.as_ref()
+    }
+
+    /// The properties this worker offers: `configured` without sandbox
+    /// settings (an action's own, not the worker's), plus `network=on` when
+    /// the runner gives actions that ask for it the network.
+    pub fn offered_properties(&self, configured: &[(String, String)]) -> Vec<(String, String)> {
+        use crate::execution::platform;
+        let mut out: Vec<(String, String)> =
+            configured.iter().filter(|(k, _)| !platform::is_sandbox_setting(k)).cloned().collect();
+        if self.runner.network() {
+            out.push((platform::NETWORK.into(), "on".into()));
+        }
+        out
     }
 
     /// Bounds on the trees this worker creates and collects (the server's
@@ -187,17 +207,19 @@ impl Executor {
         let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
         let env: Vec<(String, String)> =
             task.command.environment_variables.iter().map(|v| (v.name.clone(), v.value.clone())).collect();
+        let settings = sandbox_settings(task).map_err(|e| (None, e))?;
         meta.execution_start_timestamp = Some(timestamp(SystemTime::now()));
-        let spec = process::Spec {
+        let spec = runner::Spec {
             arguments: &task.command.arguments,
             environment: &env,
             working_dir: &working_dir,
+            action_dir: &root,
             stdout: &stdout,
             stderr: &stderr,
             timeout: task.timeout,
-            init: self.action_init.as_deref(),
+            settings: &settings,
         };
-        let ending = process::run(spec, cancel).await.map_err(|e| {
+        let ending = self.runner.run(spec, cancel).await.map_err(|e| {
             let program = task.command.arguments.first().map(String::as_str).unwrap_or("");
             (None, Error::invalid(format!("cannot run {program:?}: {e}")))
         })?;
@@ -311,6 +333,19 @@ impl Executor {
         .await;
         Ok(result)
     }
+}
+
+/// What the action's platform (Action.platform, else the Command's, as the
+/// scheduler matched it) asks of the sandbox.
+fn sandbox_settings(task: &Task) -> Result<runner::Settings> {
+    #[allow(deprecated)]
+    let platform = match task.action.platform.as_ref() {
+        Some(p) if !p.properties.is_empty() => Some(p),
+        _ => task.command.platform.as_ref(),
+    };
+    let pairs: Vec<(String, String)> =
+        platform.map(|p| p.properties.iter().map(|x| (x.name.clone(), x.value.clone())).collect()).unwrap_or_default();
+    runner::Settings::from_platform(&pairs).map_err(Error::invalid)
 }
 
 /// The platform the action was matched on: Action.platform, else the

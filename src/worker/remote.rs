@@ -25,6 +25,8 @@ pub struct WorkerOptions {
     pub name: String,
     pub slots: usize,
     pub properties: Vec<(String, String)>,
+    /// The runner's description, for `workers list`.
+    pub sandbox: String,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -83,6 +85,7 @@ async fn session(
             .collect(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         incarnation: incarnation.to_string(),
+        sandbox: options.sandbox.clone(),
     };
     send(&out_tx, worker_message::Message::Hello(hello));
     let opening = client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(out_rx));

@@ -452,6 +452,25 @@ async fn timeouts() {
     assert!(!again.cached_result, "a timed-out action is never cached");
 }
 
+/// A `sleep` argument no other process has: 60 seconds and a unique
+/// fraction. Actions run in their own PID namespace (and a private /tmp),
+/// so a test finds their processes by it in the host's /proc, not by `$!`.
+pub fn unique_sleep() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("60.{}{:04}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The host pid of the live process running `sleep SECONDS`.
+pub fn sleeper(seconds: &str) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let mut args = cmdline.split(|&b| b == 0);
+        (args.next()?.ends_with(b"sleep") && args.next()? == seconds.as_bytes() && alive(pid)).then_some(pid)
+    })
+}
+
 /// Whether a process is alive (and not a zombie).
 pub fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -461,23 +480,19 @@ pub fn alive(pid: i32) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_kills_the_process() {
     let server = TestServer::start().await;
-    let tmp = tempfile::tempdir().unwrap();
-    let pidfile = tmp.path().join("pid");
-    let act = Act {
-        script: format!("sleep 60 & echo $! > {}.tmp; mv {0}.tmp {0}; wait", pidfile.display()),
-        do_not_cache: true,
-        ..Default::default()
-    };
+    let seconds = unique_sleep();
+    let act = Act { script: format!("sleep {seconds} & wait"), do_not_cache: true, ..Default::default() };
     let digest = act.upload(&server).await;
     let mut stream = execution(&server).execute(request(digest)).await.unwrap().into_inner();
     let first = stream.message().await.unwrap().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !pidfile.exists() {
+    let pid = loop {
+        if let Some(pid) = sleeper(&seconds) {
+            break pid;
+        }
         assert!(std::time::Instant::now() < deadline, "the action never started");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
-    assert!(alive(pid));
+    };
     let mut ops = OperationsClient::new(server.channel.clone());
     ops.cancel_operation(CancelOperationRequest { name: first.name.clone() }).await.unwrap();
     let mut last = first.clone();

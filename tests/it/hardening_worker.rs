@@ -2,7 +2,6 @@
 //! processes die with the action and with its worker (item 7), and a worker's
 //! name cannot be taken by another connection (item 8).
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -19,28 +18,39 @@ use crate::common::{TestServer, assert_code};
 use crate::execution::{Act, alive, execute, execution, request, stage};
 
 /// A shell script that starts a `setsid` daemon (its own session, out of
-/// the action's process group) and writes the shell's and the daemon's
-/// pids to `pids` (atomically), then runs `rest`.
-fn daemon_script(pids: &Path, rest: &str) -> String {
-    format!(
-        "setsid sh -c 'echo $$ > {p}.daemon; exec sleep 1000' & \
-         while [ ! -s {p}.daemon ]; do sleep 0.01; done; \
-         echo $$ $(cat {p}.daemon) > {p}.tmp; mv {p}.tmp {p}; {rest}",
-        p = pids.display()
-    )
+/// the action's process group) running `sleep MARKER`, then runs `rest`.
+/// Actions run in their own PID namespace with a private /tmp, so the test
+/// finds their processes in the host's /proc by the marker (see
+/// [`read_pids`]), not through files.
+fn daemon_script(marker: &str, rest: &str) -> String {
+    format!("setsid sleep {marker} </dev/null >/dev/null 2>&1 & {rest}")
 }
 
-/// Waits (up to 20 s) for the pid file the script writes; returns its pids.
-async fn read_pids(pids: &Path) -> Vec<i32> {
+/// Host pids of the live processes whose command line holds `marker`: the
+/// daemon, the shell (its script names the marker) and the action init.
+fn marked(marker: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let holds = cmdline.windows(marker.len()).any(|w| w == marker.as_bytes());
+            (holds && alive(pid)).then_some(pid)
+        })
+        .collect()
+}
+
+/// Waits (up to 20 s) until the daemon runs; returns every marked pid.
+async fn read_pids(marker: &str) -> Vec<i32> {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !pids.exists() {
+    loop {
+        if crate::execution::sleeper(marker).is_some() {
+            return marked(marker);
+        }
         assert!(Instant::now() < deadline, "the action never started");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let text = std::fs::read_to_string(pids).unwrap();
-    let pids: Vec<i32> = text.split_whitespace().map(|p| p.parse().unwrap()).collect();
-    assert_eq!(pids.len(), 2, "{text:?}");
-    pids
 }
 
 /// Polls until none of `pids` is alive; fails after a generous deadline
@@ -77,11 +87,11 @@ async fn a_sigkilled_remote_worker_takes_its_action_with_it() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let pids = dir.path().join("pids");
-    let act = Act { do_not_cache: true, ..Act::sh(&daemon_script(&pids, "sleep 1000")) };
+    let marker = crate::execution::unique_sleep();
+    let act = Act { do_not_cache: true, ..Act::sh(&daemon_script(&marker, "sleep 1000")) };
     let digest = act.upload(&server).await;
     let _stream = execution(&server).execute(request(digest)).await.unwrap().into_inner();
-    let pids = read_pids(&pids).await;
+    let pids = read_pids(&marker).await;
     assert!(pids.iter().all(|&p| alive(p)), "{pids:?}");
     worker.start_kill().unwrap(); // SIGKILL: the worker cleans up nothing itself
     worker.wait().await.unwrap();
@@ -94,17 +104,19 @@ async fn no_descendant_survives_the_end_the_cancel_or_the_timeout_of_an_action()
         c.execution.default_timeout = Duration::from_secs(60);
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
 
-    // The action ends on its own, leaving a daemon behind.
-    let ended = dir.path().join("ended");
-    let act = Act { do_not_cache: true, ..Act::sh(&daemon_script(&ended, "exit 3")) };
+    // The action ends on its own, leaving a daemon behind (it waits until
+    // the daemon runs: `sleep MARKER` is in the namespace's /proc).
+    let ended = crate::execution::unique_sleep();
+    let wait = format!("until grep -qs {ended} /proc/[0-9]*/cmdline; do sleep 0.01; done; echo daemon; exit 3");
+    let act = Act { do_not_cache: true, ..Act::sh(&daemon_script(&ended, &wait)) };
     let r = execute(&server, &act).await;
     assert_eq!(r.result.as_ref().unwrap().exit_code, 3, "{:?}", r.status);
-    wait_all_dead(&read_pids(&ended).await, "the action's end").await;
+    wait_all_dead(&marked(&ended), "the action's end").await;
+    assert!(marked(&ended).is_empty());
 
     // The action is cancelled.
-    let cancelled = dir.path().join("cancelled");
+    let cancelled = crate::execution::unique_sleep();
     let act = Act { do_not_cache: true, ..Act::sh(&daemon_script(&cancelled, "sleep 1000")) };
     let digest = act.upload(&server).await;
     let mut stream = execution(&server).execute(request(digest)).await.unwrap().into_inner();
@@ -117,15 +129,27 @@ async fn no_descendant_survives_the_end_the_cancel_or_the_timeout_of_an_action()
     wait_all_dead(&pids, "CancelOperation").await;
 
     // The action runs past its timeout.
-    let timed_out = dir.path().join("timed_out");
+    let timed_out = crate::execution::unique_sleep();
     let act = Act {
         do_not_cache: true,
-        timeout: Some(Duration::from_secs(1)),
+        timeout: Some(Duration::from_secs(2)),
         ..Act::sh(&daemon_script(&timed_out, "sleep 1000"))
     };
-    let r = execute(&server, &act).await;
+    let digest = act.upload(&server).await;
+    let channel = server.channel.clone();
+    let running = tokio::spawn(async move {
+        let mut client = remote_apis::reapi::execution_client::ExecutionClient::new(channel);
+        let mut stream = client.execute(request(digest)).await.unwrap().into_inner();
+        let mut last = None;
+        while let Some(op) = stream.message().await.unwrap() {
+            last = Some(op);
+        }
+        crate::execution::response(&last.unwrap())
+    });
+    let pids = read_pids(&timed_out).await;
+    let r = running.await.unwrap();
     assert_eq!(r.status.as_ref().map(|s| s.code), Some(Code::DeadlineExceeded as i32), "{:?}", r.status);
-    wait_all_dead(&read_pids(&timed_out).await, "the action's timeout").await;
+    wait_all_dead(&pids, "the action's timeout").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

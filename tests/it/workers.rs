@@ -169,24 +169,19 @@ async fn two_workers_cannot_share_a_work_directory() {
 }
 
 /// Starts an action that leaves a background `sleep` and returns its pid.
-async fn start_sleeper(
-    server: &TestServer,
-    pidfile: &std::path::Path,
-) -> (tonic::Streaming<remote_apis::longrunning::Operation>, i32) {
-    let act = Act {
-        script: format!("sleep 60 & echo $! > {0}.tmp; mv {0}.tmp {0}; wait", pidfile.display()),
-        do_not_cache: true,
-        ..Default::default()
-    };
+async fn start_sleeper(server: &TestServer) -> (tonic::Streaming<remote_apis::longrunning::Operation>, i32) {
+    let seconds = crate::execution::unique_sleep();
+    let act = Act { script: format!("sleep {seconds} & wait"), do_not_cache: true, ..Default::default() };
     let digest = act.upload(server).await;
     let stream = execution(server).execute(request(digest)).await.unwrap().into_inner();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !pidfile.exists() {
+    loop {
+        if let Some(pid) = crate::execution::sleeper(&seconds) {
+            return (stream, pid);
+        }
         assert!(Instant::now() < deadline, "the action never started");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let pid = std::fs::read_to_string(pidfile).unwrap().trim().parse().unwrap();
-    (stream, pid)
 }
 
 async fn wait_dead(pid: i32) {
@@ -199,12 +194,11 @@ async fn wait_dead(pid: i32) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_worker_leaves_no_process_behind() {
-    let tmp = tempfile::tempdir().unwrap();
     // A remote worker stopped with SIGTERM.
     let server = TestServer::start_with(Backend::Memory, scheduler_only(Backend::Memory)).await;
     let worker = Worker::start(&server, "stopping", &[]);
     wait_for_workers(&server, 1).await;
-    let (_stream, pid) = start_sleeper(&server, &tmp.path().join("remote")).await;
+    let (_stream, pid) = start_sleeper(&server).await;
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(worker.child.id().unwrap() as i32, libc::SIGTERM) };
     let status = tokio::time::timeout(Duration::from_secs(15), worker.child.wait_with_output()).await.unwrap().unwrap();
@@ -214,7 +208,7 @@ async fn a_stopped_worker_leaves_no_process_behind() {
     // The built-in slots of a server that stops.
     let server =
         TestServer::start_with(Backend::Memory, |c| c.server.shutdown_grace = Duration::from_millis(200)).await;
-    let (_stream, pid) = start_sleeper(&server, &tmp.path().join("builtin")).await;
+    let (_stream, pid) = start_sleeper(&server).await;
     server.stop().await.unwrap();
     wait_dead(pid).await;
 }

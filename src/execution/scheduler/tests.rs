@@ -28,7 +28,7 @@ fn worker(
 ) -> (u64, mpsc::UnboundedReceiver<WorkerCommand>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let properties = Platform::new(props.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
-    let info = WorkerInfo { name: name.into(), properties, slots, builtin: false };
+    let info = WorkerInfo { name: name.into(), properties, slots, builtin: false, sandbox: "none".into() };
     let id = s.register_worker(info, name, tx).unwrap();
     (id, rx)
 }
@@ -66,10 +66,7 @@ fn finished_operations_are_capped_oldest_first() {
     let names: Vec<String> = (0..4u8)
         .map(|i| {
             let d = DigestFunction::Sha256.digest_of(&[i]);
-            s.record_hit(InstanceName::default(), d, ActionResult::default(), Principal::Anonymous)
-                .borrow()
-                .name
-                .clone()
+            s.record_hit(InstanceName::default(), d, ActionResult::default(), Principal::Anonymous).borrow().name.clone()
         })
         .collect();
     assert_eq!(s.list().len(), 4);
@@ -100,7 +97,13 @@ fn a_lost_worker_requeues_until_the_attempts_run_out() {
 #[test]
 fn a_live_name_is_refused_unless_the_same_worker_reconnects() {
     let s = scheduler(3);
-    let info = |name: &str| WorkerInfo { name: name.into(), properties: Platform::default(), slots: 1, builtin: false };
+    let info = |name: &str| WorkerInfo {
+        name: name.into(),
+        properties: Platform::default(),
+        slots: 1,
+        builtin: false,
+        sandbox: "none".into(),
+    };
     let (tx, mut first) = mpsc::unbounded_channel();
     let id = s.register_worker(info("w"), "secret", tx).unwrap();
     let watch = s.submit(submission(b"a", &[])).unwrap();

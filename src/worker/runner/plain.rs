@@ -1,7 +1,10 @@
-//! Running an action's command: exactly its environment, its working
-//! directory, its own process group, output to files; under the action init
-//! (see [`super::action_init`]) when the worker has one, so that no
+//! The plain runner: the command as the worker's user, on the host, in its
+//! own process group, under the action init (see
+//! [`crate::worker::action_init`]) when the worker has one, so that no
 //! descendant survives the action's end, timeout or cancel, or the worker.
+//! Nothing keeps the command from the worker's files or network: only for
+//! trusted actions (`[worker] sandbox = "none"`). The sandboxed runner
+//! shares the supervised run ([`run_supervised`]).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -10,40 +13,55 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-/// How a command ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
-    /// Exit code; 128 + N for a process killed by signal N, as shells report.
-    Exited(i32),
-    TimedOut,
-    Cancelled,
+use super::{Ending, Limits, Runner, Spec};
+use crate::worker::action_init::{self, Options};
+use crate::worker::isolation::FilePolicy;
+
+pub struct PlainRunner {
+    /// The action init; None runs commands directly (a descendant that
+    /// leaves its process group survives).
+    init: Option<PathBuf>,
+    limits: Limits,
 }
 
-pub struct Spec<'a> {
-    pub arguments: &'a [String],
-    pub environment: &'a [(String, String)],
-    pub working_dir: &'a Path,
-    pub stdout: &'a Path,
-    pub stderr: &'a Path,
-    pub timeout: Duration,
-    /// The `cargo-distbuild` binary that supervises the command; None runs
-    /// it directly (a descendant that leaves its process group survives).
-    pub init: Option<&'a Path>,
+impl PlainRunner {
+    /// `init` as [`check_init`] returned it.
+    pub fn new(init: Option<PathBuf>, limits: Limits) -> Self {
+        PlainRunner { init, limits }
+    }
+}
+
+#[async_trait::async_trait]
+impl Runner for PlainRunner {
+    fn describe(&self) -> String {
+        if self.init.is_some() { "none".into() } else { "none (no action init)".into() }
+    }
+
+    fn file_policy(&self) -> FilePolicy {
+        // Unsafe for untrusted actions: the command is the cache's owner.
+        FilePolicy { action_owner: None, copy_inputs: false }
+    }
+
+    fn network(&self) -> bool {
+        true
+    }
+
+    async fn run(&self, spec: Spec<'_>, cancel: &CancellationToken) -> std::io::Result<Ending> {
+        let program = resolve_program(&spec.arguments[0], spec.environment, spec.working_dir)?;
+        match &self.init {
+            Some(init) => {
+                let (memory, processes) = self.limits.apply(spec.settings);
+                let options = Options { memory, processes, ..Default::default() };
+                run_supervised(init, &program, &options, &spec, cancel).await
+            }
+            None => run_direct(program, &spec, cancel).await,
+        }
+    }
 }
 
 /// How long a stopped action init may take to kill the action's processes
 /// before the worker kills it and the command's process group itself.
 const STOP_GRACE: Duration = Duration::from_secs(2);
-
-/// Runs the command to its end, its timeout or `cancel`, then kills whatever
-/// is left of it.
-pub async fn run(spec: Spec<'_>, cancel: &CancellationToken) -> std::io::Result<Ending> {
-    let program = resolve_program(&spec.arguments[0], spec.environment, spec.working_dir)?;
-    match spec.init {
-        Some(init) => run_supervised(init, &program, &spec, cancel).await,
-        None => run_direct(program, &spec, cancel).await,
-    }
-}
 
 /// The command as a child of the worker, in its own process group, which is
 /// killed at the end.
@@ -79,9 +97,10 @@ async fn run_direct(program: PathBuf, spec: &Spec<'_>, cancel: &CancellationToke
 /// The command under the action init. The init's standard input is one end
 /// of a socket pair; the worker keeps the other, so closing it (or the
 /// worker dying) tells the init to kill everything and exit.
-async fn run_supervised(
+pub(super) async fn run_supervised(
     init: &Path,
     program: &Path,
+    options: &Options,
     spec: &Spec<'_>,
     cancel: &CancellationToken,
 ) -> std::io::Result<Ending> {
@@ -89,8 +108,8 @@ async fn run_supervised(
     ours.set_nonblocking(true)?;
     let mut line = tokio::net::UnixStream::from_std(ours)?;
     let mut cmd = tokio::process::Command::new(init);
-    cmd.arg(super::action_init::SUBCOMMAND)
-        .args(super::action_init::arguments(spec.environment, program.as_os_str(), &spec.arguments[1..]))
+    cmd.arg(action_init::SUBCOMMAND)
+        .args(action_init::arguments(options, spec.environment, program.as_os_str(), &spec.arguments[1..]))
         .env_clear()
         .current_dir(spec.working_dir)
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
@@ -188,7 +207,7 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
 
 /// The action init to use: `init` if it is an executable file. Logged once
 /// (executors are made at startup) when there is none.
-pub fn check_init(init: Option<PathBuf>) -> Option<PathBuf> {
+pub(super) fn check_init(init: Option<PathBuf>) -> Option<PathBuf> {
     match init {
         Some(p) if is_executable(&p) => Some(p),
         Some(p) => {
@@ -213,7 +232,7 @@ pub fn check_init(init: Option<PathBuf>) -> Option<PathBuf> {
 /// action's own PATH (not the worker's; a PATH entry that is relative is
 /// relative to the working directory); a relative path with a slash is
 /// relative to the working directory.
-fn resolve_program(arg0: &str, env: &[(String, String)], working_dir: &Path) -> std::io::Result<PathBuf> {
+pub(super) fn resolve_program(arg0: &str, env: &[(String, String)], working_dir: &Path) -> std::io::Result<PathBuf> {
     if arg0.contains('/') {
         return Ok(working_dir.join(arg0));
     }
@@ -235,7 +254,7 @@ fn resolve_program(arg0: &str, env: &[(String, String)], working_dir: &Path) -> 
     ))
 }
 
-fn is_executable(path: &Path) -> bool {
+pub(super) fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }

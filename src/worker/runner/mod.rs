@@ -1,0 +1,275 @@
+//! Running an action's prepared command: the runner seam.
+//!
+//! The executor materializes the input root, hands the command to a
+//! [`Runner`], and collects the outputs; neither end knows which runner
+//! ran it. A runner only says what it needs of the files
+//! ([`Runner::file_policy`]) and what it is ([`Runner::describe`], shown by
+//! `workers list`).
+
+mod plain;
+mod sandbox;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+pub use plain::PlainRunner;
+pub use sandbox::SandboxRunner;
+
+use super::isolation::FilePolicy;
+use crate::execution::platform;
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Exit code; 128 + N for a process killed by signal N, as shells report.
+    Exited(i32),
+    TimedOut,
+    Cancelled,
+}
+
+/// One command to run.
+pub struct Spec<'a> {
+    pub arguments: &'a [String],
+    pub environment: &'a [(String, String)],
+    pub working_dir: &'a Path,
+    /// The action's input root: the one directory a sandboxed command may
+    /// write (besides a private `/tmp`).
+    pub action_dir: &'a Path,
+    pub stdout: &'a Path,
+    pub stderr: &'a Path,
+    pub timeout: Duration,
+    /// What the action's platform asks of the sandbox.
+    pub settings: &'a Settings,
+}
+
+/// Runs an action's command: a plain process, a process in Linux
+/// namespaces, and (next) a container are interchangeable behind it, so
+/// input materialization and output collection do not know which one ran
+/// the command, and a worker picks one from its configuration.
+#[async_trait::async_trait]
+pub trait Runner: Send + Sync {
+    /// What `workers list` shows, e.g. `namespaces(pid,mount,net,ipc,uts)
+    /// run_as=65534:65534` or `none`.
+    fn describe(&self) -> String;
+
+    /// What the runner needs of the action's files so that the command
+    /// cannot change a blob another action or the cache sees.
+    fn file_policy(&self) -> FilePolicy;
+
+    /// Whether an action asking `network=on` gets the host's network (the
+    /// worker then offers the property `network=on`; without it such an
+    /// action is never assigned here).
+    fn network(&self) -> bool;
+
+    /// Runs the command to its end, its timeout or `cancel`; no process of
+    /// it is left when this returns. An error: the command did not start.
+    async fn run(&self, spec: Spec<'_>, cancel: &CancellationToken) -> std::io::Result<Ending>;
+}
+
+/// The sandbox settings an action asks for in its platform properties
+/// (`network`, `memory_limit`, `process_limit`): not worker-matching keys,
+/// except `network=on` (see `execution::platform`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settings {
+    pub network: bool,
+    /// Bytes.
+    pub memory: Option<u64>,
+    pub processes: Option<u64>,
+}
+
+impl Settings {
+    /// Reads the settings from the action's platform; an unreadable value
+    /// is an error naming the property.
+    pub fn from_platform(pairs: &[(String, String)]) -> Result<Settings, String> {
+        let mut s = Settings::default();
+        for (name, value) in pairs {
+            match name.as_str() {
+                platform::NETWORK => {
+                    s.network = match value.as_str() {
+                        "on" => true,
+                        "off" | "" => false,
+                        _ => return Err(format!("platform property {name}={value:?}: expected on or off")),
+                    }
+                }
+                platform::MEMORY_LIMIT => {
+                    let b: bytesize::ByteSize = value
+                        .parse()
+                        .map_err(|e| format!("platform property {name}={value:?}: not a size like 2GiB ({e})"))?;
+                    s.memory = Some(b.as_u64());
+                }
+                platform::PROCESS_LIMIT => {
+                    let n = value
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| format!("platform property {name}={value:?}: expected a positive number"))?;
+                    s.processes = Some(n);
+                }
+                _ => {}
+            }
+        }
+        Ok(s)
+    }
+}
+
+/// `[worker] sandbox`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxMode {
+    /// Namespaces; the worker refuses to start where they do not work.
+    #[default]
+    Auto,
+    /// Namespaces, required.
+    Namespaces,
+    /// Plain processes: the worker's user, network and filesystem. Only for
+    /// trusted actions.
+    None,
+}
+
+/// The worker's sandbox configuration (`[worker] sandbox`, `run_as`,
+/// `allow_network`, `max_memory`, `max_processes`, `hide`).
+#[derive(Debug, Clone, Default)]
+pub struct SandboxConfig {
+    pub mode: SandboxMode,
+    /// User name, `uid` or `uid:gid`; for a worker running as root.
+    pub run_as: Option<String>,
+    pub allow_network: bool,
+    pub limits: Limits,
+    /// More paths hidden from actions (e.g. TLS keys, token files).
+    pub hide: Vec<PathBuf>,
+}
+
+/// The worker's maxima: an action's own limit is capped by them, and an
+/// action without one gets them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub max_memory: Option<u64>,
+    pub max_processes: Option<u64>,
+}
+
+impl Limits {
+    /// (memory, processes) for an action.
+    fn apply(&self, s: &Settings) -> (Option<u64>, Option<u64>) {
+        let cap = |asked: Option<u64>, max: Option<u64>| match (asked, max) {
+            (Some(a), Some(m)) => Some(a.min(m)),
+            (a, m) => a.or(m),
+        };
+        (cap(s.memory, self.max_memory), cap(s.processes, self.max_processes))
+    }
+}
+
+/// The runner the configuration asks for. `hide`: what actions must not
+/// see (the worker's work directory; the server's data directory for
+/// built-in workers). With namespaces, the sandbox is tried once now (a
+/// real action init in real namespaces, in `work_dir`); where it cannot
+/// work this fails with the reason and how to go on: the worker does not
+/// start rather than run untrusted actions unsandboxed. Blocking.
+pub fn build(
+    config: &SandboxConfig,
+    init: Option<PathBuf>,
+    mut hide: Vec<PathBuf>,
+    work_dir: &Path,
+) -> anyhow::Result<Arc<dyn Runner>> {
+    let init = plain::check_init(init);
+    if config.mode == SandboxMode::None {
+        tracing::warn!(
+            "[worker] sandbox = \"none\": actions run as this worker's user, with its network and its files \
+             (the blob cache included); only for trusted actions"
+        );
+        anyhow::ensure!(config.run_as.is_none(), "[worker] run_as needs a sandbox (it is \"none\")");
+        return Ok(Arc::new(PlainRunner::new(init, config.limits)));
+    }
+    let Some(init) = init else {
+        anyhow::bail!(
+            "the sandbox needs the action init ([worker] action_init); set [worker] sandbox = \"none\" to run \
+             trusted actions without one"
+        )
+    };
+    hide.extend(config.hide.iter().cloned());
+    let hide = hide.into_iter().filter_map(|p| std::fs::canonicalize(&p).ok().or(Some(p))).collect();
+    let runner = SandboxRunner::new(init, hide, config)?;
+    runner.probe(work_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "the action sandbox does not work on this machine: {e}. It needs Linux namespaces: run the worker \
+             as root, or allow unprivileged user namespaces (sysctl user.max_user_namespaces > 0, \
+             kernel.apparmor_restrict_unprivileged_userns=0); in a container, grant CAP_SYS_ADMIN with \
+             seccomp and AppArmor unconfined. Or set [worker] sandbox = \"none\" to run trusted actions \
+             without a sandbox"
+        )
+    })?;
+    tracing::info!(sandbox = %runner.describe(), "actions run in a sandbox");
+    Ok(Arc::new(runner))
+}
+
+/// Resolves `[worker] run_as`: a user name, a uid (its passwd group, or
+/// the same number) or `uid:gid`.
+pub fn resolve_user(spec: &str) -> anyhow::Result<(u32, u32)> {
+    if let Some((u, g)) = spec.split_once(':') {
+        let uid = u.parse().map_err(|_| anyhow::anyhow!("[worker] run_as {spec:?}: {u:?} is not a uid"))?;
+        let gid = g.parse().map_err(|_| anyhow::anyhow!("[worker] run_as {spec:?}: {g:?} is not a gid"))?;
+        return Ok((uid, gid));
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let entry = passwd.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        Some((f.first()?.to_string(), f.get(2)?.parse::<u32>().ok()?, f.get(3)?.parse::<u32>().ok()?))
+    });
+    let entries: Vec<(String, u32, u32)> = entry.collect();
+    if let Ok(uid) = spec.parse::<u32>() {
+        let gid = entries.iter().find(|(_, u, _)| *u == uid).map_or(uid, |(_, _, g)| *g);
+        return Ok((uid, gid));
+    }
+    entries
+        .iter()
+        .find(|(n, _, _)| n == spec)
+        .map(|(_, u, g)| (*u, *g))
+        .ok_or_else(|| anyhow::anyhow!("[worker] run_as {spec:?}: no such user in /etc/passwd"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+        p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn settings_come_from_the_platform() {
+        let s = Settings::from_platform(&pairs(&[
+            ("network", "on"),
+            ("memory_limit", "2GiB"),
+            ("process_limit", "64"),
+            ("OSFamily", "linux"),
+        ]))
+        .unwrap();
+        assert_eq!(s, Settings { network: true, memory: Some(2 << 30), processes: Some(64) });
+        assert_eq!(Settings::from_platform(&[]).unwrap(), Settings::default());
+        for bad in [("network", "yes"), ("memory_limit", "lots"), ("process_limit", "0")] {
+            let e = Settings::from_platform(&pairs(&[bad])).unwrap_err();
+            assert!(e.contains(bad.0), "{e}");
+        }
+    }
+
+    #[test]
+    fn worker_maxima_cap_and_default() {
+        let l = Limits { max_memory: Some(100), max_processes: None };
+        let asked = Settings { memory: Some(500), processes: Some(7), network: false };
+        assert_eq!(l.apply(&asked), (Some(100), Some(7)));
+        assert_eq!(l.apply(&Settings::default()), (Some(100), None));
+        assert_eq!(Limits::default().apply(&Settings { memory: Some(5), ..Default::default() }), (Some(5), None));
+    }
+
+    #[test]
+    fn users_resolve() {
+        assert_eq!(resolve_user("12:34").unwrap(), (12, 34));
+        assert_eq!(resolve_user("root").unwrap(), (0, 0));
+        assert_eq!(resolve_user("0").unwrap(), (0, 0));
+        assert!(resolve_user("no-such-user-here").is_err());
+        assert!(resolve_user("x:1").is_err());
+    }
+}
