@@ -44,6 +44,8 @@ pub(crate) struct Workspace {
     dir: PathBuf,
     output_root: PathBuf,
     bazel: PathBuf,
+    /// Startup options before the command (e.g. `--host_jvm_args=...`).
+    startup: Vec<String>,
 }
 
 impl Workspace {
@@ -52,7 +54,13 @@ impl Workspace {
         let dir = tmp.path().join("ws");
         copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bazel"), &dir);
         let output_root = tmp.path().join("root");
-        Workspace { _tmp: tmp, dir, output_root, bazel }
+        Workspace { _tmp: tmp, dir, output_root, bazel, startup: Vec::new() }
+    }
+
+    /// Adds Bazel startup options (they go before the command).
+    pub(crate) fn with_startup(mut self, options: Vec<String>) -> Self {
+        self.startup = options;
+        self
     }
 
     /// Runs `bazel <command> <args>`.
@@ -60,6 +68,7 @@ impl Workspace {
         Command::new(&self.bazel)
             .current_dir(&self.dir)
             .arg("--nohome_rc")
+            .args(&self.startup)
             .arg(format!("--output_user_root={}", self.output_root.display()))
             .arg("--max_idle_secs=120")
             .arg(command)
@@ -129,6 +138,7 @@ impl Workspace {
         let out = Command::new(&self.bazel)
             .current_dir(&self.dir)
             .arg("--nohome_rc")
+            .args(&self.startup)
             .arg(format!("--output_user_root={}", self.output_root.display()))
             .args(["info", "bazel-bin"])
             .output()
