@@ -37,7 +37,8 @@ pub enum Grant {
     /// Execute, WaitExecution, and the Operations calls on the caller's own
     /// operations.
     Execute,
-    /// Connecting as a remote worker (the worker gateway).
+    /// Connecting as a remote worker (the worker gateway); implies
+    /// `cas-read` and `cas-write` (see [`GrantSet::contains`]).
     Worker,
     /// The admin API and every operation, whoever created it.
     Admin,
@@ -90,8 +91,12 @@ impl GrantSet {
     pub const NONE: GrantSet = GrantSet(0);
     pub const ALL: GrantSet = GrantSet(0x7f);
 
+    /// Whether the set allows `grant`. `worker` implies `cas-read` and
+    /// `cas-write`: a worker fetches its actions' inputs and uploads their
+    /// outputs, and can do nothing useful without both.
     pub fn contains(self, grant: Grant) -> bool {
         self.0 & grant.bit() != 0
+            || (matches!(grant, Grant::CasRead | Grant::CasWrite) && self.0 & Grant::Worker.bit() != 0)
     }
 
     pub fn insert(&mut self, grant: Grant) {

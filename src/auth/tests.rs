@@ -66,7 +66,8 @@ fn every_grant_for_every_kind_of_caller() {
         (Some(DEV_TOKEN), &[], "ops/x", [Y, D, Y, D, D, D, Y]),
         (Some("dbt_wrong"), &[], "", [U, U, U, U, U, U, U]),
         // A listed certificate name, found among the certificate's names.
-        (None, &["CN-not-listed", "worker-1.build.example"], "", [D, D, D, D, D, Y, D]),
+        // (`worker` implies cas-read and cas-write: a worker moves blobs.)
+        (None, &["CN-not-listed", "worker-1.build.example"], "", [Y, Y, D, D, D, Y, D]),
         // A verified certificate the file does not list: identified, anonymous grants.
         (None, &["stranger"], "", [Y, D, D, D, D, D, D]),
         // A valid token names the caller over a certificate.
