@@ -521,6 +521,9 @@ impl FileConfig {
         if self.cas.max_parked_uploads_per_client > self.cas.max_parked_uploads {
             bail!("[cas] max_parked_uploads_per_client must be at most max_parked_uploads");
         }
+        if self.worker.max_processes == Some(0) || self.worker.max_memory.is_some_and(|m| m.as_u64() == 0) {
+            bail!("[worker] max_processes and max_memory must be above zero when set");
+        }
         if self.worker.heartbeat_interval_secs == 0 {
             bail!("[worker] heartbeat_interval_secs must be at least 1");
         }
