@@ -66,7 +66,10 @@ fn finished_operations_are_capped_oldest_first() {
     let names: Vec<String> = (0..4u8)
         .map(|i| {
             let d = DigestFunction::Sha256.digest_of(&[i]);
-            s.record_hit(InstanceName::default(), d, ActionResult::default(), Principal::Anonymous).borrow().name.clone()
+            s.record_hit(InstanceName::default(), d, ActionResult::default(), Principal::Anonymous)
+                .borrow()
+                .name
+                .clone()
         })
         .collect();
     assert_eq!(s.list().len(), 4);
