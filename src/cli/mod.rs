@@ -378,7 +378,11 @@ async fn worker(args: WorkerArgs, ctx: Session) -> anyhow::Result<ExitCode> {
         remote_apis::client::connect_lazy(&scheduler, &ctx.client.options).map_err(|s| rpc_error("--scheduler", s))?;
     let (work_dir, cache_size, exec_name) = (config.work_dir.clone(), config.worker_cache_size, name.clone());
     let (init, limits) = (config.action_init.clone(), config.execution.tree_limits());
-    let (sandbox, hide) = (config.sandbox.clone(), vec![config.work_dir.clone()]);
+    // Actions see neither the worker's files nor its client key and token file.
+    let mut hide = vec![config.work_dir.clone()];
+    hide.extend(ctx.client.options.tls.as_ref().and_then(|t| t.key.clone()));
+    hide.extend(ctx.client.token_file.clone());
+    let sandbox = config.sandbox.clone();
     let output_limits = config.output_limits;
     let executor = tokio::task::spawn_blocking(move || -> anyhow::Result<Executor> {
         let runner = crate::worker::runner::build(&sandbox, init, hide, &work_dir)?;

@@ -310,8 +310,12 @@ async fn start_execution(
         let work_dir = config.work_dir.clone();
         let (cas_for_worker, cache_size, worker_name) = (cas.clone(), config.worker_cache_size, name.clone());
         let (init, limits) = (config.action_init.clone(), config.execution.tree_limits());
-        // Actions see neither the stored blobs and results nor the worker's files.
-        let (sandbox, hide) = (config.sandbox.clone(), vec![config.data_dir.clone(), config.work_dir.clone()]);
+        // Actions see neither the stored blobs and results nor the worker's
+        // files, nor the server's TLS key and token file.
+        let mut hide = vec![config.data_dir.clone(), config.work_dir.clone()];
+        hide.extend(config.tls.iter().map(|t| t.key.clone()));
+        hide.extend(config.auth.tokens.clone());
+        let sandbox = config.sandbox.clone();
         let output_limits = config.output_limits;
         let executor = tokio::task::spawn_blocking(move || -> anyhow::Result<Executor> {
             let runner = crate::worker::runner::build(&sandbox, init, hide, &work_dir)?;

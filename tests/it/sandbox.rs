@@ -46,7 +46,18 @@ impl Farm {
                 let server = TestServer::start_with(Backend::Filesystem, |c| c.worker.capacity = Some(0)).await;
                 let work_dir = dir.path().join("work");
                 let config = dir.path().join("worker.toml");
-                std::fs::write(&config, format!("[worker]\nallow_network = {allow_network}\n")).unwrap();
+                // A token file, readable by everyone, where a sandboxed
+                // action could reach it if it were not hidden (tempdir()
+                // is under /tmp, which is private in the sandbox anyway).
+                let token = worker_token_file();
+                std::fs::write(
+                    &config,
+                    format!(
+                        "[worker]\nallow_network = {allow_network}\n[client]\ntoken_file = \"{}\"\n",
+                        token.display()
+                    ),
+                )
+                .unwrap();
                 let worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"))
                     .args(["worker", "--scheduler", &server.url(), "--slots", "2", "--work-dir"])
                     .arg(&work_dir)
@@ -102,6 +113,28 @@ macro_rules! both {
             $scenario(Kind::Remote).await
         }
     };
+}
+
+/// `target/tmp/distbuild-worker-<pid>.token`, mode 0644, in a directory
+/// everyone can enter: a secret the worker holds and actions must not read.
+fn worker_token_file() -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("distbuild-worker-{}.token", std::process::id()));
+    std::fs::write(&path, "dbt_not_for_actions\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    path
+}
+
+/// The worker's token file (and TLS key) read as empty inside the sandbox.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_workers_token_file_is_hidden_remote() {
+    let farm = Farm::start(Kind::Remote, false).await;
+    let token = worker_token_file();
+    let act = Act { script: format!("echo bytes=$(cat {} | wc -c)", token.display()), ..Default::default() };
+    let (r, out, err) = farm.run(&act).await;
+    assert_eq!(r.result.unwrap().exit_code, 0, "{err}");
+    assert_eq!(out, "bytes=0\n", "the action read the worker's token file: {err}");
 }
 
 fn marker() -> String {

@@ -115,7 +115,8 @@ fn pid_one(sandbox: &Sandbox, options: &Options, mut command: std::process::Comm
     }
 }
 
-/// Private mounts; hidden paths under empty read-only tmpfs; a private
+/// Private mounts; hidden directories under empty read-only tmpfs, hidden
+/// files under /dev/null; a private
 /// `/tmp` and `/dev/shm`; the action's directory bound back; a fresh
 /// `/proc`; everything else read-only.
 fn mount_tree(sandbox: &Sandbox) -> io::Result<()> {
@@ -141,6 +142,12 @@ fn mount_tree(sandbox: &Sandbox) -> io::Result<()> {
         mount(Some("tmpfs"), &path, Some("tmpfs"), flags, Some(data))
             .map_err(|e| context(e, &format!("mounting a tmpfs over {}", path.display())))?;
         covered.push(path);
+    }
+    // Hidden files (a TLS key, a token file: readable by an action that
+    // runs as the worker's uid) read as empty: /dev/null bound over them.
+    for file in sandbox.hide.iter().filter(|p| p.is_file() && !covered.iter().any(|c| p.starts_with(c))) {
+        mount(Some("/dev/null"), file, None, libc::MS_BIND, None)
+            .map_err(|e| context(e, &format!("hiding {}", file.display())))?;
     }
     if covered.iter().any(|c| sandbox.writable.starts_with(c)) {
         std::fs::create_dir_all(&sandbox.writable)

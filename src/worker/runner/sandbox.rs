@@ -64,8 +64,12 @@ impl SandboxRunner {
         }
     }
 
-    /// Runs the init itself as a command in a full sandbox (namespaces,
-    /// mounts, run_as) in a directory under `work_dir`; Err says why not.
+    /// Runs a command in a full sandbox (namespaces, mounts, run_as) in a
+    /// directory under `work_dir`; Err says why not. The command is
+    /// `/bin/sh -c "exit 0"`, or the init itself (`--probe`) on a system
+    /// without a shell: not the init always, because an init installed
+    /// under `/tmp` or a hidden path is not visible inside the sandbox
+    /// (it runs fine: the worker starts it from outside).
     pub(super) fn probe(&self, work_dir: &Path) -> anyhow::Result<()> {
         use std::io::Read;
         let dir = work_dir.join("sandbox-probe");
@@ -73,11 +77,16 @@ impl SandboxRunner {
         std::fs::create_dir_all(&dir)?;
         let mut options = self.options(&dir, false, None, None);
         options.probe = false;
-        let args = [action_init::SUBCOMMAND.to_string(), "--probe".to_string()];
+        let shell = Path::new("/bin/sh");
+        let (program, args) = if shell.is_file() {
+            (shell.as_os_str(), vec!["-c".to_string(), "exit 0".to_string()])
+        } else {
+            (self.init.as_os_str(), vec![action_init::SUBCOMMAND.to_string(), "--probe".to_string()])
+        };
         let (mut ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let mut child = std::process::Command::new(&self.init)
             .arg(action_init::SUBCOMMAND)
-            .args(action_init::arguments(&options, &[], self.init.as_os_str(), &args))
+            .args(action_init::arguments(&options, &[], program, &args))
             .env_clear()
             .current_dir(&dir)
             .stdin(std::os::fd::OwnedFd::from(theirs))
