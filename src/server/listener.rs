@@ -40,6 +40,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::server::TlsStream;
+
+/// What TLS runs over: the socket behind a read buffer. rustls reads at
+/// most 4 KiB per call into its record buffer (and shrinks that buffer
+/// whenever it empties), which on a bulk upload is a system call and a
+/// reallocation per 4 KiB; the buffer turns those into one read per
+/// [`TLS_READ_BUFFER`] and a memcpy.
+type TlsIo = tokio::io::BufReader<TcpStream>;
+
+/// Bytes read from a TLS connection's socket at once.
+const TLS_READ_BUFFER: usize = 256 << 10;
 use tonic::transport::server::Connected;
 
 use super::peer::{ConnInfo, PeerIdentity, names_of_certificate};
@@ -120,7 +130,7 @@ async fn handshake(accepted: Accepted, tls: Option<Arc<ServerTls>>, idle: Durati
         let info = ConnInfo { remote, peer: None };
         return Some(Conn::new(Io::Plain(stream), info, slot, deadline, idle));
     };
-    let stream = match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
+    let stream = match tokio::time::timeout_at(deadline, tls.acceptor().accept(TlsIo::with_capacity(TLS_READ_BUFFER, stream))).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::debug!(peer = ?remote, error = %e, "TLS handshake failed");
@@ -140,7 +150,7 @@ async fn handshake(accepted: Accepted, tls: Option<Arc<ServerTls>>, idle: Durati
 /// against the CA before the handshake completes). `None` drops the
 /// connection: a certificate that verified but cannot be parsed for names
 /// must not pass as anonymous.
-fn peer_identity(stream: &TlsStream<TcpStream>, remote: Option<std::net::SocketAddr>) -> Option<Option<PeerIdentity>> {
+fn peer_identity(stream: &TlsStream<TlsIo>, remote: Option<std::net::SocketAddr>) -> Option<Option<PeerIdentity>> {
     let Some(leaf) = stream.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
         return Some(None);
     };
@@ -212,7 +222,7 @@ fn is_connection_error(e: &io::Error) -> bool {
 /// The byte stream of a connection: plain TCP or TLS over it.
 enum Io {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<TlsIo>>),
 }
 
 /// An accepted connection: holds its slot, and fails its reads (so hyper
