@@ -130,7 +130,8 @@ async fn handshake(accepted: Accepted, tls: Option<Arc<ServerTls>>, idle: Durati
         let info = ConnInfo { remote, peer: None };
         return Some(Conn::new(Io::Plain(stream), info, slot, deadline, idle));
     };
-    let stream = match tokio::time::timeout_at(deadline, tls.acceptor().accept(TlsIo::with_capacity(TLS_READ_BUFFER, stream))).await {
+    let accepting = tls.acceptor().accept(TlsIo::with_capacity(TLS_READ_BUFFER, stream));
+    let stream = match tokio::time::timeout_at(deadline, accepting).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::debug!(peer = ?remote, error = %e, "TLS handshake failed");
