@@ -89,6 +89,13 @@ pub async fn check(
         Some(p) if !p.properties.is_empty() => Platform::from_proto(Some(p)),
         _ => Platform::from_proto(command.platform.as_ref()),
     };
+    // Sandbox settings (`network`, `memory_limit`, `process_limit`,
+    // `output_*_limit`) that no worker could read are refused here, before
+    // the action waits in a queue, with the same message a worker gives.
+    crate::worker::runner::Settings::from_platform(platform.pairs())
+        .map_err(|e| Error::bad_field("action.platform", e))?;
+    let unlimited = crate::worker::OutputLimits { max_bytes: u64::MAX, max_files: u64::MAX };
+    unlimited.for_action(&platform)?;
     Ok(Checked { action, command, platform, timeout })
 }
 

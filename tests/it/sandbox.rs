@@ -279,10 +279,10 @@ async fn limits_are_enforced(kind: Kind) {
     let big = Act { platform: vec![("memory_limit", "64MiB")], ..Act::sh(&alloc(200)) };
     let (r, out, err) = farm.run(&big).await;
     assert_ne!(r.result.unwrap().exit_code, 0, "200 MB under memory_limit=64MiB: {out} {err}");
-    // An unreadable limit is the action's error, not a silent default.
+    // An unreadable limit is refused when the action is submitted, not
+    // silently defaulted (and it never waits in a queue).
     let bad = Act { platform: vec![("memory_limit", "lots")], do_not_cache: true, ..Act::sh("true") };
-    let r = execute(&farm.server, &bad).await;
-    let status = r.status.unwrap_or_default();
-    assert_eq!(status.code, tonic::Code::InvalidArgument as i32, "{status:?}");
-    assert!(status.message.contains("memory_limit"), "{}", status.message);
+    let status = run(&farm.server, request(bad.upload(&farm.server).await)).await.expect_err("accepted");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("memory_limit"), "{}", status.message());
 }

@@ -21,7 +21,7 @@ use remote_apis::{Digest, DigestFunction};
 use tonic::Code;
 
 use crate::common::{TestServer, sha};
-use crate::execution::{Act, execute};
+use crate::execution::{Act, execute, request, run};
 
 /// Which worker runs the actions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,10 +302,11 @@ async fn outputs_over_the_limits_are_refused_and_not_uploaded() {
         let files: Vec<Digest> = (1..=5).map(|i| sha(format!("over-the-file-limit-{i}\n").as_bytes())).collect();
         assert_eq!(missing(&farm.server, &files).await.len(), 5, "{kind:?}: something was uploaded");
 
-        // A value that is not a size is refused before the command runs.
+        // A value that is not a size is refused when the action is submitted.
         let act = Act { platform: vec![("output_bytes_limit", "lots")], ..Act::sh("echo ran") };
-        let status = execute(&farm.server, &act).await.status.expect("a status");
-        assert_eq!(status.code, Code::InvalidArgument as i32, "{status:?}");
+        let status = run(&farm.server, request(act.upload(&farm.server).await)).await.expect_err("accepted");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("output_bytes_limit"), "{}", status.message());
 
         // Under the limits, the same kind of action succeeds.
         let act = Act {
