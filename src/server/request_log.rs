@@ -10,13 +10,18 @@ use tower_http::classify::{GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, MakeSpan, TraceLayer};
 use tracing::{Level, Span};
 
-const METADATA_HEADER: &str = "build.bazel.remote.execution.v2.requestmetadata-bin";
+use crate::auth::METADATA_HEADER;
 
 #[derive(Clone, Copy)]
 pub struct CallSpan;
 
 impl<B> MakeSpan<B> for CallSpan {
     fn make_span(&mut self, request: &http::Request<B>) -> Span {
+        // The request context decodes RequestMetadata for the services;
+        // decode it here too only when the span is going to be recorded.
+        if !tracing::enabled!(Level::DEBUG) {
+            return Span::none();
+        }
         let method = request.uri().path();
         match metadata(request.headers()) {
             Some(m) => tracing::debug_span!(
