@@ -48,6 +48,31 @@ fn kinds() -> Vec<Kind> {
 
 const NOBODY: u32 = 65534;
 
+/// `cargo-distbuild` and the action init beside it, where uid 65534 can
+/// run them: the checkout may sit in a directory only root can enter (a
+/// `mktemp -d` clone is 0700). Hard links (same inode, its own mode) where
+/// the temporary directory shares the filesystem, copies otherwise; made
+/// once per test process.
+fn binaries_nobody_can_run() -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("distbuild-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for bin in [env!("CARGO_BIN_EXE_cargo-distbuild"), env!("CARGO_BIN_EXE_distbuild-action-init")] {
+            let bin = Path::new(bin);
+            let to = dir.join(bin.file_name().unwrap());
+            let _ = std::fs::remove_file(&to);
+            if std::fs::hard_link(bin, &to).is_err() {
+                std::fs::copy(bin, &to).unwrap();
+            }
+        }
+        dir
+    })
+    .join("cargo-distbuild")
+}
+
 /// A server with one worker: its own built-in one, or a worker process.
 struct Farm {
     server: TestServer,
@@ -72,7 +97,11 @@ impl Farm {
         })
         .await;
         let dir = tempfile::tempdir().unwrap();
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"));
+        let binary = match kind {
+            Kind::Unprivileged => binaries_nobody_can_run(),
+            _ => PathBuf::from(env!("CARGO_BIN_EXE_cargo-distbuild")),
+        };
+        let mut command = tokio::process::Command::new(binary);
         command
             .args(["worker", "--scheduler", &server.url(), "--name", "files", "--slots", "1", "--work-dir"])
             .arg(dir.path())
