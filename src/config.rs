@@ -166,6 +166,17 @@ pub struct WorkerSection {
     /// Most output files and symlinks an action may make; an action's
     /// `output_files_limit` property may lower it.
     pub max_output_files: u64,
+    /// Actions whose platform names `container-image` run in a container of
+    /// that image, through the Docker Engine (which must answer at start);
+    /// the worker then offers `container-image=*`. Other actions run as
+    /// `sandbox` says.
+    pub docker: bool,
+    /// The Docker Engine's address (`unix:///run/docker.sock`,
+    /// `tcp://host:2375`); default: `DOCKER_HOST`, else the local socket.
+    pub docker_host: Option<String>,
+    /// Images this worker pulled that it keeps; past it, the least recently
+    /// used one is removed from the engine (images it did not pull stay).
+    pub docker_images: usize,
 }
 
 impl Default for WorkerSection {
@@ -185,6 +196,9 @@ impl Default for WorkerSection {
             hide: Vec::new(),
             max_output_bytes: ByteSize::b(crate::worker::OutputLimits::default().max_bytes),
             max_output_files: crate::worker::OutputLimits::default().max_files,
+            docker: false,
+            docker_host: None,
+            docker_images: crate::worker::runner::ContainerConfig::default().keep_images,
         }
     }
 }
@@ -574,6 +588,10 @@ impl FileConfig {
                     max_processes: self.worker.max_processes,
                 },
                 hide: self.worker.hide.clone(),
+                container: self.worker.docker.then(|| crate::worker::runner::ContainerConfig {
+                    host: self.worker.docker_host.clone(),
+                    keep_images: self.worker.docker_images,
+                }),
             },
             execution: self.execution.clone(),
             tls: self.tls.resolve()?,

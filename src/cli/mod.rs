@@ -186,6 +186,10 @@ struct WorkerArgs {
     /// Name shown in `workers list` (default: host name and process id).
     #[arg(long)]
     name: Option<String>,
+    /// Run actions that name a container-image in containers of it, through
+    /// the Docker Engine (sets [worker] docker).
+    #[arg(long)]
+    docker: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -366,6 +370,9 @@ async fn worker(args: WorkerArgs, ctx: Session) -> anyhow::Result<ExitCode> {
         file.worker.capacity = Some(slots);
     }
     file.worker.properties.extend(args.properties);
+    if args.docker {
+        file.worker.docker = true;
+    }
     default_action_init(&mut file);
     // [scheduler] addr names the server here and may be a host name; it is
     // not this process's listen address.
@@ -384,12 +391,15 @@ async fn worker(args: WorkerArgs, ctx: Session) -> anyhow::Result<ExitCode> {
     hide.extend(ctx.client.token_file.clone());
     let sandbox = config.sandbox.clone();
     let output_limits = config.output_limits;
-    let executor = tokio::task::spawn_blocking(move || -> anyhow::Result<Executor> {
-        let runner = crate::worker::runner::build(&sandbox, init, hide, &work_dir)?;
-        let e = Executor::new(exec_name, Arc::new(RemoteCas::new(transport)), &work_dir, cache_size, runner)?;
-        Ok(e.with_limits(limits).with_output_limits(output_limits))
-    })
-    .await?
+    let executor = async move {
+        let runner = crate::worker::runner::start(&sandbox, init, hide, &work_dir, &exec_name).await?;
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Executor> {
+            let e = Executor::new(exec_name, Arc::new(RemoteCas::new(transport)), &work_dir, cache_size, runner)?;
+            Ok(e.with_limits(limits).with_output_limits(output_limits))
+        })
+        .await?
+    }
+    .await
     .with_context(|| format!("preparing the worker in {}", config.work_dir.display()))?;
     let options = remote::WorkerOptions {
         scheduler,

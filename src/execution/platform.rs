@@ -2,7 +2,8 @@
 //!
 //! A requirement is met when the worker offers the same name and value, or,
 //! for numeric capacity properties (such as `cpu-count`), a value at least as
-//! large. A name may repeat: every value is required (they are AND-ed).
+//! large, or the value `*` ([`ANY_VALUE`]). A name may repeat: every value
+//! is required (they are AND-ed).
 
 use std::fmt;
 
@@ -68,8 +69,15 @@ pub fn is_sandbox_setting(name: &str) -> bool {
     SANDBOX_SETTINGS.contains(&name)
 }
 
+/// An offered value that meets any requirement of its name (the container
+/// runner offers `container-image=*`: it runs any image).
+pub const ANY_VALUE: &str = "*";
+
 fn offers(offer: &Platform, name: &str, value: &str, numeric: &[String]) -> bool {
     let offered = offer.0.iter().filter(|(n, _)| n == name).map(|(_, v)| v);
+    if offered.clone().any(|v| v == ANY_VALUE) {
+        return true;
+    }
     if numeric.iter().any(|n| n == name)
         && let Ok(want) = value.parse::<u64>()
     {
@@ -165,6 +173,12 @@ mod tests {
         let open = p(&[("OSFamily", "linux"), ("network", "on")]);
         assert_eq!(p(&[("network", "on")]).unmet_by(&open, &numeric), None);
         assert_eq!(p(&[("network", "off")]).unmet_by(&worker, &numeric), None);
+        // `*` offers any value of its name, and nothing of another name.
+        let containers = p(&[("OSFamily", "linux"), ("container-image", "*")]);
+        let image = p(&[("container-image", "docker://busybox:1.36")]);
+        assert_eq!(image.unmet_by(&containers, &numeric), None);
+        assert_eq!(image.unmet_by(&worker, &numeric).map(|(k, _)| k.as_str()), Some("container-image"));
+        assert!(p(&[("pool", "x")]).unmet_by(&containers, &numeric).is_some());
         for setting in SANDBOX_SETTINGS {
             assert_eq!(p(&[(setting, "1"), ("OSFamily", "linux")]).unmet_by(&worker, &numeric), None, "{setting}");
         }

@@ -317,12 +317,15 @@ async fn start_execution(
         hide.extend(config.auth.tokens.clone());
         let sandbox = config.sandbox.clone();
         let output_limits = config.output_limits;
-        let executor = tokio::task::spawn_blocking(move || -> anyhow::Result<Executor> {
-            let runner = crate::worker::runner::build(&sandbox, init, hide, &work_dir)?;
-            let e = Executor::new(worker_name, Arc::new(StoreCas(cas_for_worker)), &work_dir, cache_size, runner)?;
-            Ok(e.with_limits(limits).with_output_limits(output_limits))
-        })
-        .await?
+        let executor = async move {
+            let runner = crate::worker::runner::start(&sandbox, init, hide, &work_dir, &worker_name).await?;
+            tokio::task::spawn_blocking(move || -> anyhow::Result<Executor> {
+                let e = Executor::new(worker_name, Arc::new(StoreCas(cas_for_worker)), &work_dir, cache_size, runner)?;
+                Ok(e.with_limits(limits).with_output_limits(output_limits))
+            })
+            .await?
+        }
+        .await
         .with_context(|| format!("preparing the built-in worker in {}", config.work_dir.display()))?;
         let info = WorkerInfo {
             name,

@@ -126,6 +126,7 @@ impl Executor {
         if self.runner.network() {
             out.push((platform::NETWORK.into(), "on".into()));
         }
+        out.extend(self.runner.properties());
         out
     }
 
@@ -220,6 +221,9 @@ impl Executor {
             settings: &settings,
         };
         let ending = self.runner.run(spec, cancel).await.map_err(|e| {
+            if let Some(f) = runner::RunFailure::of(&e) {
+                return (None, Error::new(f.code, f.message.clone()));
+            }
             let program = task.command.arguments.first().map(String::as_str).unwrap_or("");
             (None, Error::invalid(format!("cannot run {program:?}: {e}")))
         })?;

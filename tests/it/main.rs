@@ -9,6 +9,7 @@ mod bytestream;
 mod cas;
 mod cli;
 mod common;
+mod container;
 mod execution;
 mod hardening_cas;
 mod hardening_exec;

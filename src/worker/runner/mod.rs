@@ -6,6 +6,7 @@
 //! ([`Runner::file_policy`]) and what it is ([`Runner::describe`], shown by
 //! `workers list`).
 
+pub mod container;
 mod plain;
 mod sandbox;
 
@@ -16,6 +17,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+pub use container::{ContainerConfig, ContainerRunner};
 pub use plain::PlainRunner;
 pub use sandbox::SandboxRunner;
 
@@ -65,20 +67,60 @@ pub trait Runner: Send + Sync {
     /// action is never assigned here).
     fn network(&self) -> bool;
 
+    /// Properties the runner adds to the worker's offer (the container
+    /// runner: `container-image=*`).
+    fn properties(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
     /// Runs the command to its end, its timeout or `cancel`; no process of
-    /// it is left when this returns. An error: the command did not start.
+    /// it is left when this returns. An error: the command did not start
+    /// (reported as INVALID_ARGUMENT, or with the code of a [`RunFailure`]
+    /// inside it).
     async fn run(&self, spec: Spec<'_>, cancel: &CancellationToken) -> std::io::Result<Ending>;
+}
+
+/// Why a command could not start when the fault is not the command's: the
+/// image cannot be pulled (FAILED_PRECONDITION), the container engine is
+/// gone (UNAVAILABLE). Carried inside the `std::io::Error` of
+/// [`Runner::run`]; the executor reports its code and message.
+#[derive(Debug, Clone)]
+pub struct RunFailure {
+    pub code: tonic::Code,
+    pub message: String,
+}
+
+impl std::fmt::Display for RunFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for RunFailure {}
+
+impl RunFailure {
+    pub fn into_io(self) -> std::io::Error {
+        std::io::Error::other(self)
+    }
+
+    /// The failure inside a run's error, if it is one.
+    pub fn of(e: &std::io::Error) -> Option<&RunFailure> {
+        e.get_ref().and_then(|inner| inner.downcast_ref::<RunFailure>())
+    }
 }
 
 /// The sandbox settings an action asks for in its platform properties
 /// (`network`, `memory_limit`, `process_limit`): not worker-matching keys,
-/// except `network=on` (see `execution::platform`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// except `network=on` (see `execution::platform`); and the image it runs
+/// in (`container-image`, a matching key: only workers that run containers
+/// offer it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
     pub network: bool,
     /// Bytes.
     pub memory: Option<u64>,
     pub processes: Option<u64>,
+    pub container_image: Option<container::ImageRef>,
 }
 
 impl Settings {
@@ -109,6 +151,7 @@ impl Settings {
                         .ok_or_else(|| format!("platform property {name}={value:?}: expected a positive number"))?;
                     s.processes = Some(n);
                 }
+                container::PROPERTY => s.container_image = Some(container::ImageRef::parse(value)?),
                 _ => {}
             }
         }
@@ -141,6 +184,9 @@ pub struct SandboxConfig {
     pub limits: Limits,
     /// More paths hidden from actions (e.g. TLS keys, token files).
     pub hide: Vec<PathBuf>,
+    /// `[worker] docker`: actions naming a `container-image` run in
+    /// containers of it (see [`container`]).
+    pub container: Option<ContainerConfig>,
 }
 
 /// The worker's maxima: an action's own limit is capped by them, and an
@@ -205,6 +251,27 @@ pub fn build(
     Ok(Arc::new(runner))
 }
 
+/// The runner of a worker named `worker`: [`build`]'s, wrapped by the
+/// container runner when `[worker] docker` is on (the engine must answer).
+pub async fn start(
+    config: &SandboxConfig,
+    init: Option<PathBuf>,
+    hide: Vec<PathBuf>,
+    work_dir: &Path,
+    worker: &str,
+) -> anyhow::Result<Arc<dyn Runner>> {
+    let (c, dir) = (config.clone(), work_dir.to_path_buf());
+    let host = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir)?;
+        build(&c, init, hide, &dir)
+    })
+    .await??;
+    match &config.container {
+        None => Ok(host),
+        Some(containers) => Ok(Arc::new(ContainerRunner::start(host, config, containers, worker, work_dir).await?)),
+    }
+}
+
 /// Resolves `[worker] run_as`: a user name, a uid (its passwd group, or
 /// the same number) or `uid:gid`.
 pub fn resolve_user(spec: &str) -> anyhow::Result<(u32, u32)> {
@@ -247,9 +314,11 @@ mod tests {
             ("OSFamily", "linux"),
         ]))
         .unwrap();
-        assert_eq!(s, Settings { network: true, memory: Some(2 << 30), processes: Some(64) });
+        assert_eq!(s, Settings { network: true, memory: Some(2 << 30), processes: Some(64), container_image: None });
+        let image = Settings::from_platform(&pairs(&[("container-image", "docker://busybox")])).unwrap();
+        assert_eq!(image.container_image.unwrap().as_str(), "busybox:latest");
         assert_eq!(Settings::from_platform(&[]).unwrap(), Settings::default());
-        for bad in [("network", "yes"), ("memory_limit", "lots"), ("process_limit", "0")] {
+        for bad in [("network", "yes"), ("memory_limit", "lots"), ("process_limit", "0"), ("container-image", "x y")] {
             let e = Settings::from_platform(&pairs(&[bad])).unwrap_err();
             assert!(e.contains(bad.0), "{e}");
         }
@@ -258,7 +327,7 @@ mod tests {
     #[test]
     fn worker_maxima_cap_and_default() {
         let l = Limits { max_memory: Some(100), max_processes: None };
-        let asked = Settings { memory: Some(500), processes: Some(7), network: false };
+        let asked = Settings { memory: Some(500), processes: Some(7), ..Default::default() };
         assert_eq!(l.apply(&asked), (Some(100), Some(7)));
         assert_eq!(l.apply(&Settings::default()), (Some(100), None));
         assert_eq!(Limits::default().apply(&Settings { memory: Some(5), ..Default::default() }), (Some(5), None));
