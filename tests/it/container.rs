@@ -475,3 +475,49 @@ impl Drop for Registry {
         let _ = self.child.wait();
     }
 }
+
+/// Bazel 4.2.3 with `--remote_executor` and
+/// `--remote_default_exec_properties=container-image=docker://...` builds
+/// the genrule workspace inside the image: `//container:marker` reads a file
+/// only the image has, and the other genrules run with the image's tools
+/// (busybox's sh, awk, sort, tr) through `--shell_executable=/bin/sh`.
+#[tokio::test(flavor = "multi_thread")]
+async fn container_bazel_builds_in_the_image() {
+    let Some(bazel) = crate::bazel::bazel_or_skip() else { return };
+    let Some(image) = test_image() else { return };
+    let server = farm(|_| {}).await;
+    let url = server.url();
+    let work_dir = server.data_dir.join("worker");
+    let summary = tokio::task::spawn_blocking(move || {
+        let ws = crate::bazel::Workspace::new(bazel);
+        let remote = format!("--remote_executor={url}");
+        let properties = format!("--remote_default_exec_properties=container-image={image}");
+        let (ok, stderr) = ws.run(
+            "build",
+            &[
+                "--nosandbox_debug",
+                "--symlink_prefix=/",
+                "--incompatible_strict_action_env",
+                "--remote_timeout=60",
+                "--spawn_strategy=remote",
+                "--shell_executable=/bin/sh",
+                &remote,
+                &properties,
+                "//gen/...",
+                "//container:marker",
+            ],
+        );
+        assert!(ok, "bazel build failed:\n{stderr}");
+        assert_eq!(ws.output("container/marker.txt"), format!("{MARKER}\n"));
+        assert_eq!(
+            ws.output("gen/text/greeting_full.txt"),
+            "hello from the distbuild bazel fixture\nPEAR\nAPPLE\nFIG\nBANANA\nCHERRY\n"
+        );
+        crate::bazel::process_summary(&stderr)
+    })
+    .await
+    .unwrap();
+    assert_eq!(crate::bazel::external_runners(&summary), ["remote"], "{summary:?}");
+    assert_eq!(crate::bazel::count(&summary, "remote"), crate::bazel::GENRULES + 1, "{summary:?}");
+    assert_eq!(containers_of(&work_dir), Vec::<String>::new());
+}
