@@ -3,8 +3,9 @@
 //! runs in any image (one without a libc, or with another one), and the
 //! container runner mounts it read-only at `/.distbuild/init`.
 //!
-//! Arguments: N, then N `NAME=VALUE` environment entries, then the command.
-//! It exists for three reasons a container engine cannot cover:
+//! Arguments: a deadline in seconds (0: none), N, then N `NAME=VALUE`
+//! environment entries, then the command. It exists for four reasons a
+//! container engine cannot cover:
 //! - exactly the Command's environment: the engine adds `PATH`, `HOSTNAME`
 //!   and the image's `ENV` to the first process, and this clears them;
 //! - stdout and stderr straight into the files the worker mounts at
@@ -12,7 +13,10 @@
 //!   log pipeline (no copy in the daemon, no size limit of its own);
 //! - a PID 1 that reaps orphans, so a command that double-forks leaves no
 //!   zombies, and that exits with the command's status (128 + N for a
-//!   command killed by signal N, as shells report).
+//!   command killed by signal N, as shells report);
+//! - a deadline of its own: should the worker die (SIGKILL) and leave the
+//!   container, the action still ends when PID 1 exits at the deadline (the
+//!   kernel then kills every process of the container).
 //!
 //! A command that cannot be started is reported on its stderr with exit
 //! code 127, as a shell does.
@@ -44,15 +48,23 @@ fn main() {
         }
     };
     let mut args = std::env::args_os().skip(1);
+    let deadline = args.next().and_then(|n| n.to_str()?.parse::<u64>().ok());
     let count = args.next().and_then(|n| n.to_str()?.parse::<usize>().ok());
-    let Some(count) = count else {
-        let _ = writeln!(stderr, "distbuild container init: usage: init N NAME=VALUE... PROGRAM ARGS...");
+    let (Some(deadline), Some(count)) = (deadline, count) else {
+        let _ = writeln!(stderr, "distbuild container init: usage: init DEADLINE N NAME=VALUE... PROGRAM ARGS...");
         std::process::exit(125);
     };
+    if deadline > 0 {
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(deadline));
+            // PID 1 exiting ends every process of the container.
+            std::process::exit(128 + 9);
+        });
+    }
     let environment: Vec<OsString> = args.by_ref().take(count).collect();
     let argv: Vec<OsString> = args.collect();
     if environment.len() != count || argv.is_empty() {
-        let _ = writeln!(stderr, "distbuild container init: usage: init N NAME=VALUE... PROGRAM ARGS...");
+        let _ = writeln!(stderr, "distbuild container init: usage: init DEADLINE N NAME=VALUE... PROGRAM ARGS...");
         std::process::exit(125);
     }
     let mut command = Command::new(&argv[0]);

@@ -55,6 +55,10 @@ const INIT_PATH: &str = "/.distbuild/init";
 const STDOUT_PATH: &str = "/.distbuild/stdout";
 const STDERR_PATH: &str = "/.distbuild/stderr";
 
+/// Seconds past the action's timeout after which the container's init ends
+/// the action by itself (only when the worker has not: it died).
+const INIT_DEADLINE_SLACK_SECS: u64 = 60;
+
 /// The init, compiled by build.rs as a static executable.
 static INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/container-init"));
 
@@ -246,12 +250,27 @@ impl ContainerRunner {
                 "the action asks for network=on and this worker does not allow it ([worker] allow_network)",
             ));
         }
-        self.ensure_image(image).await.map_err(RunFailure::into_io)?;
+        // A pull has the action's timeout again, and stops on cancel.
+        tokio::select! {
+            ready = self.ensure_image(image) => ready.map_err(RunFailure::into_io)?,
+            () = tokio::time::sleep(spec.timeout) => return Err(RunFailure {
+                code: tonic::Code::DeadlineExceeded,
+                message: format!(
+                    "pulling the image {image} took longer than the action's timeout ({})",
+                    humantime::format_duration(spec.timeout)
+                ),
+            }.into_io()),
+            () = cancel.cancelled() => return Ok(Ending::Cancelled),
+        }
         for path in [spec.stdout, spec.stderr] {
             output_file(path, self.files.action_owner)?;
         }
         let (memory, processes) = self.limits.apply(spec.settings);
-        let mut cmd = vec![spec.environment.len().to_string()];
+        // The init's own deadline (past the timeout, with room for the
+        // worker to kill the container first) ends the action should the
+        // worker be gone.
+        let deadline = spec.timeout.as_secs().saturating_add(INIT_DEADLINE_SLACK_SECS);
+        let mut cmd = vec![deadline.to_string(), spec.environment.len().to_string()];
         cmd.extend(spec.environment.iter().map(|(k, v)| format!("{k}={v}")));
         cmd.extend(spec.arguments.iter().cloned());
         let bind = |from: &Path, to: &str, mode: &str| format!("{}:{to}:{mode}", from.display());
@@ -295,13 +314,14 @@ impl ContainerRunner {
             ..Default::default()
         };
         let name = format!("distbuild-{}", uuid::Uuid::new_v4().simple());
-        let created = self
-            .docker
-            .create_container(Some(CreateContainerOptionsBuilder::default().name(&name).build()), body)
-            .await;
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        let mut created = self.docker.create_container(Some(options.clone()), body.clone()).await;
         if let Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) = &created {
-            // The image went away since it was checked: next time, pull.
+            // The image went away since it was checked (removed by hand, or
+            // evicted for another action): make sure of it again, once.
             self.images.lock().forget(image);
+            self.ensure_image(image).await.map_err(RunFailure::into_io)?;
+            created = self.docker.create_container(Some(options), body).await;
         }
         let created = created.map_err(|e| engine_error(&format!("creating a container of {image}"), e).into_io())?;
         // Removed however this ends, even if this future is dropped.
