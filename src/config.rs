@@ -704,11 +704,18 @@ mod tests {
                 let c = FileConfig::load(&path).and_then(|f| f.resolve()).unwrap_or_else(|e| panic!("{e:#}"));
                 // A server example on a public address must say who may call
                 // it (in the client examples, [scheduler] addr is the server's).
+                if path.ends_with("container-worker.toml") {
+                    let containers = c.sandbox.container.as_ref().expect("container-worker.toml turns docker on");
+                    assert_eq!(containers.keep_images, 8);
+                }
                 if path.ends_with("tls-farm.toml") {
                     let tls = c.tls.as_ref().expect("tls-farm.toml turns TLS on");
                     assert!(tls.client_ca.is_some() && c.worker_listen.is_some(), "{}", path.display());
                 }
-                if !["worker.toml", "tls-worker.toml", "ci-runner.toml"].iter().any(|n| path.ends_with(n)) {
+                if !["worker.toml", "tls-worker.toml", "ci-runner.toml", "container-worker.toml"]
+                    .iter()
+                    .any(|n| path.ends_with(n))
+                {
                     let listen = c.auth.check_listener(c.listen, "[scheduler] addr");
                     listen.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 }
