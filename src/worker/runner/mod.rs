@@ -236,8 +236,16 @@ pub fn build(
         )
     };
     hide.extend(config.hide.iter().cloned());
-    let hide = hide.into_iter().filter_map(|p| std::fs::canonicalize(&p).ok().or(Some(p))).collect();
-    let runner = SandboxRunner::new(init, hide, config)?;
+    let hide: Vec<PathBuf> = hide.into_iter().filter_map(|p| std::fs::canonicalize(&p).ok().or(Some(p))).collect();
+    let runner = SandboxRunner::new(init, hide.clone(), config)?;
+    if let Some(owner) = runner.file_policy().action_owner {
+        // The sandbox mounts a tmpfs over /tmp, /dev/shm and each hidden
+        // directory, and re-creates the action's directory inside (root's,
+        // 0755): only the directories above the outermost of those that
+        // holds the work directory are the host's own.
+        let covers = [PathBuf::from("/tmp"), PathBuf::from("/dev/shm")].into_iter().chain(hide);
+        reachable_by(work_dir, covers, owner)?;
+    }
     runner.probe(work_dir).map_err(|e| {
         anyhow::anyhow!(
             "the action sandbox does not work on this machine: {e}. It needs Linux namespaces: run the worker \
@@ -270,6 +278,44 @@ pub async fn start(
         None => Ok(host),
         Some(containers) => Ok(Arc::new(ContainerRunner::start(host, config, containers, worker, work_dir).await?)),
     }
+}
+
+/// Fails, naming the directory and what to change, when the uid/gid
+/// `owner` (the actions' user) cannot enter a host directory on the way to
+/// `work_dir`, under which each action's directory is: every ancestor of
+/// the outermost of `covers` (directories the sandbox replaces with a fresh
+/// tmpfs) that holds `work_dir`, or of `work_dir` itself. (Without this
+/// check the probe fails with a bare "Permission denied".)
+fn reachable_by(
+    work_dir: &Path,
+    covers: impl IntoIterator<Item = PathBuf>,
+    (uid, gid): (u32, u32),
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let full = std::fs::canonicalize(work_dir).unwrap_or_else(|_| work_dir.to_path_buf());
+    let covered = covers.into_iter().filter(|c| full.starts_with(c)).min_by_key(|c| c.components().count());
+    let host_part = covered.as_deref().and_then(Path::parent).unwrap_or(&full);
+    for dir in host_part.ancestors().collect::<Vec<_>>().into_iter().rev() {
+        let Ok(m) = std::fs::metadata(dir) else { continue };
+        let mode = m.mode();
+        let enters = mode & 0o001 != 0
+            || (m.uid() == uid && mode & 0o100 != 0)
+            || (m.gid() == gid && m.uid() != uid && mode & 0o010 != 0);
+        if !enters {
+            anyhow::bail!(
+                "actions run as {uid}:{gid} ([worker] run_as), and that user cannot enter {} (mode {:04o}, owner \
+                 {}:{}) on the way to the work directory {}: allow it (chmod o+x {}), or set [worker] work_dir \
+                 (--work-dir) to a directory it can reach",
+                dir.display(),
+                mode & 0o7777,
+                m.uid(),
+                m.gid(),
+                full.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Resolves `[worker] run_as`: a user name, a uid (its passwd group, or
@@ -331,6 +377,30 @@ mod tests {
         assert_eq!(l.apply(&asked), (Some(100), Some(7)));
         assert_eq!(l.apply(&Settings::default()), (Some(100), None));
         assert_eq!(Limits::default().apply(&Settings { memory: Some(5), ..Default::default() }), (Some(5), None));
+    }
+
+    #[test]
+    fn the_work_dir_must_be_reachable_by_the_action_user() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let closed = dir.path().join("closed");
+        let work = closed.join("worker");
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o750)).unwrap();
+        // SAFETY: getuid cannot fail.
+        let me = unsafe { (libc::getuid(), libc::getgid()) };
+        let nobody = (65534, 65534);
+        assert!(reachable_by(&work, [], me).is_ok());
+        let e = reachable_by(&work, [], nobody).unwrap_err().to_string();
+        assert!(e.contains(&format!("cannot enter {}", closed.display())) && e.contains("0750"), "{e}");
+        // The sandbox replaces a hidden work directory (or /tmp) with a
+        // tmpfs and re-creates the path inside: only what is above counts.
+        assert!(reachable_by(&work, [dir.path().to_path_buf()], nobody).is_ok());
+        assert!(reachable_by(&work, [closed.clone()], nobody).is_ok());
+        assert!(reachable_by(&work, [work.clone()], nobody).is_err());
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o751)).unwrap();
+        assert!(reachable_by(&work, [], nobody).is_ok());
     }
 
     #[test]
