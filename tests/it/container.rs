@@ -72,7 +72,9 @@ pub(crate) fn test_image() -> Option<String> {
     }
     let bytes = std::fs::read(busybox).unwrap();
     let tag = &crate::common::sha(&bytes).hash_hex()[..12];
-    let name = format!("distbuild-test-busybox:{tag}");
+    // The image sets an ENV and a WORKDIR of its own, which an action must
+    // not inherit.
+    let name = format!("distbuild-test-busybox:{tag}-env");
     let exists = Command::new("docker").args(["image", "inspect", &name]).output().unwrap().status.success();
     if !exists {
         let root = tempfile::tempdir().unwrap();
@@ -93,8 +95,11 @@ pub(crate) fn test_image() -> Option<String> {
         .unwrap();
         std::fs::write(r.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
         let mut tar = Command::new("tar").arg("-C").arg(r).args(["-c", "."]).stdout(Stdio::piped()).spawn().unwrap();
-        let out =
-            Command::new("docker").args(["import", "-", &name]).stdin(tar.stdout.take().unwrap()).output().unwrap();
+        let out = Command::new("docker")
+            .args(["import", "--change", "ENV IMAGE_ENV=from-the-image", "--change", "WORKDIR /etc", "-", &name])
+            .stdin(tar.stdout.take().unwrap())
+            .output()
+            .unwrap();
         assert!(tar.wait().unwrap().success(), "tar of the image's files failed");
         assert!(out.status.success(), "docker import: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -182,7 +187,7 @@ async fn container_runs_the_action_in_its_image() {
     assert_eq!(lines[4], "done", "a host file is visible in the container: {out}");
 
     // Exactly the Command's environment: no PATH, HOSTNAME or image ENV
-    // added. `env` itself, not a shell, which adds PWD and SHLVL.
+    // (IMAGE_ENV) added. `env` itself, not a shell, which adds PWD and SHLVL.
     let mut env_act = image_act(image, "");
     env_act.env = vec![("FOO", "bar baz"), ("EMPTY", ""), ("WITH_EQUALS", "a=b")];
     let mut command = env_act.command();
