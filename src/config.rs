@@ -177,6 +177,10 @@ pub struct WorkerSection {
     /// Images this worker pulled that it keeps; past it, the least recently
     /// used one is removed from the engine (images it did not pull stay).
     pub docker_images: usize,
+    /// A Docker CLI config file (`config.json`) with registry credentials
+    /// for pulls (`auths`, `credHelpers`, `credsStore`), read at each pull;
+    /// default: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+    pub docker_config: Option<PathBuf>,
 }
 
 impl Default for WorkerSection {
@@ -199,6 +203,7 @@ impl Default for WorkerSection {
             docker: false,
             docker_host: None,
             docker_images: crate::worker::runner::ContainerConfig::default().keep_images,
+            docker_config: None,
         }
     }
 }
@@ -591,6 +596,7 @@ impl FileConfig {
                 container: self.worker.docker.then(|| crate::worker::runner::ContainerConfig {
                     host: self.worker.docker_host.clone(),
                     keep_images: self.worker.docker_images,
+                    credentials: self.worker.docker_config.clone(),
                 }),
             },
             execution: self.execution.clone(),

@@ -419,7 +419,7 @@ async fn container_remote_worker_and_leftovers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn container_image_is_pulled_on_first_use() {
     let Some(image) = test_image() else { return };
-    let Some(registry) = Registry::start() else { return };
+    let Some(registry) = Registry::start(None) else { return };
     let local = image.trim_start_matches("docker://");
     let remote = format!("127.0.0.1:{}/distbuild/busybox:pulled", registry.port);
     let docker = |args: &[&str]| {
@@ -437,6 +437,46 @@ async fn container_image_is_pulled_on_first_use() {
     let _ = Command::new("docker").args(["rmi", &remote]).output();
 }
 
+/// A private registry: the worker pulls with the credentials of its
+/// `[worker] docker_config` (a Docker CLI config.json), and without them
+/// the action fails with FAILED_PRECONDITION naming the image. The
+/// password never appears in the status.
+#[tokio::test(flavor = "multi_thread")]
+async fn container_private_images_are_pulled_with_the_workers_credentials() {
+    use base64::Engine;
+    let Some(image) = test_image() else { return };
+    let Some(registry) = Registry::start(Some(HTPASSWD)) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("ci:{REGISTRY_PASSWORD}"));
+    let host = format!("127.0.0.1:{}", registry.port);
+    std::fs::write(dir.path().join("config.json"), format!(r#"{{"auths": {{"{host}": {{"auth": "{auth}"}}}}}}"#))
+        .unwrap();
+    let remote = format!("{host}/distbuild/private:1");
+    let docker = |args: &[&str]| {
+        let out = Command::new("docker").arg("--config").arg(dir.path()).args(args).output().unwrap();
+        assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    docker(&["tag", image.trim_start_matches("docker://"), &remote]);
+    docker(&["push", &remote]);
+    docker(&["rmi", &remote]);
+    let act = image_act(leak(format!("docker://{remote}")), &format!("cat {MARKER_PATH}"));
+
+    // No credentials (an empty config directory): refused by the registry.
+    let empty = tempfile::tempdir().unwrap();
+    let config = empty.path().join("config.json");
+    let anonymous = farm(|c| c.worker.docker_config = Some(config)).await;
+    let status = execute(&anonymous, &act).await.status.unwrap_or_default();
+    assert_eq!(status.code, Code::FailedPrecondition as i32, "{status:?}");
+    assert!(status.message.contains(&remote), "{}", status.message);
+
+    let config = dir.path().join("config.json");
+    let server = farm(|c| c.worker.docker_config = Some(config)).await;
+    let r = execute(&server, &act).await;
+    let (code, out, err) = outputs(&server, &r).await;
+    assert_eq!((code, out.trim()), (0, MARKER), "{err} {:?}", r.status);
+    let _ = Command::new("docker").args(["rmi", &remote]).output();
+}
+
 /// Debian's docker-registry serving on a free loopback port, stopped on drop.
 struct Registry {
     port: u16,
@@ -444,8 +484,14 @@ struct Registry {
     _dir: tempfile::TempDir,
 }
 
+/// The htpasswd line of the authenticated registry: user `ci`, password
+/// [`REGISTRY_PASSWORD`] (bcrypt, made once with Python's bcrypt).
+const HTPASSWD: &str = "ci:$2b$05$G7DkVA3ifNb8zlnMPxZLVOmUiAsVoePJ9walk8e0G4mC.47tGkMQ.";
+const REGISTRY_PASSWORD: &str = "distbuild-test-password";
+
 impl Registry {
-    fn start() -> Option<Registry> {
+    /// `htpasswd`: a registry that wants basic-auth credentials.
+    fn start(htpasswd: Option<&str>) -> Option<Registry> {
         let binary = PathBuf::from("/usr/bin/docker-registry");
         if !binary.is_file() {
             skip("/usr/bin/docker-registry is missing (apt-get install docker-registry)");
@@ -454,15 +500,17 @@ impl Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if let Some(line) = htpasswd {
+            let file = dir.path().join("htpasswd");
+            std::fs::write(&file, format!("{line}\n")).unwrap();
+            yaml.push_str(&format!("auth:\n  htpasswd:\n    realm: distbuild-test\n    path: {}\n", file.display()));
+        }
+        std::fs::write(&config, yaml).unwrap();
         let child =
             Command::new(binary).arg("serve").arg(&config).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -268,6 +268,13 @@ pub async fn start(
     work_dir: &Path,
     worker: &str,
 ) -> anyhow::Result<Arc<dyn Runner>> {
+    let mut hide = hide;
+    // Registry passwords: an action running as the worker's uid must not
+    // read them.
+    if let Some(containers) = &config.container {
+        let credentials = container::credentials::Credentials::new(containers.credentials.clone());
+        hide.extend(credentials.path().map(Path::to_path_buf));
+    }
     let (c, dir) = (config.clone(), work_dir.to_path_buf());
     let host = tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir)?;

@@ -26,6 +26,7 @@
 //! work directory at a time (a lock), so a container with its label and no
 //! live runner holding the lock is a leftover.
 
+pub mod credentials;
 pub mod image;
 
 use std::collections::HashMap;
@@ -71,11 +72,14 @@ pub struct ContainerConfig {
     /// Images this worker pulled that it keeps; past it, the least recently
     /// used is removed from the engine.
     pub keep_images: usize,
+    /// The Docker CLI config file with registry credentials; None:
+    /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+    pub credentials: Option<PathBuf>,
 }
 
 impl Default for ContainerConfig {
     fn default() -> Self {
-        ContainerConfig { host: None, keep_images: 8 }
+        ContainerConfig { host: None, keep_images: 8, credentials: None }
     }
 }
 
@@ -98,6 +102,7 @@ pub struct ContainerRunner {
     images: parking_lot::Mutex<image::Images>,
     /// One pull at a time (two actions asking for one new image pull it once).
     pulls: tokio::sync::Mutex<()>,
+    credentials: credentials::Credentials,
 }
 
 impl ContainerRunner {
@@ -160,6 +165,7 @@ impl ContainerRunner {
             limits: sandbox.limits,
             images: parking_lot::Mutex::new(image::Images::new(config.keep_images)),
             pulls: tokio::sync::Mutex::new(()),
+            credentials: credentials::Credentials::new(config.credentials.clone()),
         };
         let left = runner.remove_leftovers().await?;
         if left > 0 {
@@ -220,8 +226,12 @@ impl ContainerRunner {
     async fn pull(&self, image: &ImageRef) -> Result<(), RunFailure> {
         let started = std::time::Instant::now();
         tracing::info!(%image, "pulling an image");
+        let credentials = self.credentials.for_image(image).await.map_err(|message| RunFailure {
+            code: tonic::Code::FailedPrecondition,
+            message: format!("the worker cannot pull the image {image}: {message}"),
+        })?;
         let options = CreateImageOptionsBuilder::default().from_image(image.as_str()).build();
-        let mut progress = self.docker.create_image(Some(options), None, None);
+        let mut progress = self.docker.create_image(Some(options), None, credentials);
         while let Some(step) = progress.next().await {
             let step = step.map_err(|e| RunFailure {
                 code: tonic::Code::FailedPrecondition,
