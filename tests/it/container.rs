@@ -72,9 +72,9 @@ pub(crate) fn test_image() -> Option<String> {
     }
     let bytes = std::fs::read(busybox).unwrap();
     let tag = &crate::common::sha(&bytes).hash_hex()[..12];
-    // The image sets an ENV and a WORKDIR of its own, which an action must
-    // not inherit.
-    let name = format!("distbuild-test-busybox:{tag}-env");
+    // The image sets an ENV, a WORKDIR, a USER and an ENTRYPOINT of its
+    // own, none of which an action may inherit.
+    let name = format!("distbuild-test-busybox:{tag}-config");
     let exists = Command::new("docker").args(["image", "inspect", &name]).output().unwrap().status.success();
     if !exists {
         let root = tempfile::tempdir().unwrap();
@@ -96,7 +96,8 @@ pub(crate) fn test_image() -> Option<String> {
         std::fs::write(r.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
         let mut tar = Command::new("tar").arg("-C").arg(r).args(["-c", "."]).stdout(Stdio::piped()).spawn().unwrap();
         let out = Command::new("docker")
-            .args(["import", "--change", "ENV IMAGE_ENV=from-the-image", "--change", "WORKDIR /etc", "-", &name])
+            .args(["import", "--change", "ENV IMAGE_ENV=from-the-image", "--change", "WORKDIR /etc"])
+            .args(["--change", "USER root", "--change", r#"ENTRYPOINT ["/bin/false"]"#, "-", &name])
             .stdin(tar.stdout.take().unwrap())
             .output()
             .unwrap();
