@@ -383,24 +383,12 @@ async fn worker(args: WorkerArgs, ctx: Session) -> anyhow::Result<ExitCode> {
     let name = args.name.unwrap_or_else(remote::default_name);
     let transport =
         remote_apis::client::connect_lazy(&scheduler, &ctx.client.options).map_err(|s| rpc_error("--scheduler", s))?;
-    let (work_dir, cache_size, exec_name) = (config.work_dir.clone(), config.worker_cache_size, name.clone());
-    let (init, limits) = (config.action_init.clone(), config.execution.tree_limits());
     // Actions see neither the worker's files nor its client key and token file.
-    let mut hide = vec![config.work_dir.clone()];
-    hide.extend(ctx.client.options.tls.as_ref().and_then(|t| t.key.clone()));
+    let mut hide: Vec<PathBuf> = ctx.client.options.tls.as_ref().and_then(|t| t.key.clone()).into_iter().collect();
     hide.extend(ctx.client.token_file.clone());
-    let sandbox = config.sandbox.clone();
-    let output_limits = config.output_limits;
-    let executor = async move {
-        let runner = crate::worker::runner::start(&sandbox, init, hide, &work_dir, &exec_name).await?;
-        tokio::task::spawn_blocking(move || -> anyhow::Result<Executor> {
-            let e = Executor::new(exec_name, Arc::new(RemoteCas::new(transport)), &work_dir, cache_size, runner)?;
-            Ok(e.with_limits(limits).with_output_limits(output_limits))
-        })
-        .await?
-    }
-    .await
-    .with_context(|| format!("preparing the worker in {}", config.work_dir.display()))?;
+    let executor = Executor::start(name.clone(), Arc::new(RemoteCas::new(transport)), &config, hide)
+        .await
+        .with_context(|| format!("preparing the worker in {}", config.work_dir.display()))?;
     let options = remote::WorkerOptions {
         scheduler,
         client: ctx.client.options.clone(),

@@ -307,26 +307,15 @@ async fn start_execution(
     crate::upkeep::every(Duration::from_secs(1), stop.clone(), move || sweeper.sweep());
     if config.worker_capacity > 0 {
         let name = format!("builtin@{}", crate::worker::remote::default_name());
-        let work_dir = config.work_dir.clone();
-        let (cas_for_worker, cache_size, worker_name) = (cas.clone(), config.worker_cache_size, name.clone());
-        let (init, limits) = (config.action_init.clone(), config.execution.tree_limits());
+        let cas_for_worker = cas.clone();
         // Actions see neither the stored blobs and results nor the worker's
         // files, nor the server's TLS key and token file.
-        let mut hide = vec![config.data_dir.clone(), config.work_dir.clone()];
+        let mut hide = vec![config.data_dir.clone()];
         hide.extend(config.tls.iter().map(|t| t.key.clone()));
         hide.extend(config.auth.tokens.clone());
-        let sandbox = config.sandbox.clone();
-        let output_limits = config.output_limits;
-        let executor = async move {
-            let runner = crate::worker::runner::start(&sandbox, init, hide, &work_dir, &worker_name).await?;
-            tokio::task::spawn_blocking(move || -> anyhow::Result<Executor> {
-                let e = Executor::new(worker_name, Arc::new(StoreCas(cas_for_worker)), &work_dir, cache_size, runner)?;
-                Ok(e.with_limits(limits).with_output_limits(output_limits))
-            })
-            .await?
-        }
-        .await
-        .with_context(|| format!("preparing the built-in worker in {}", config.work_dir.display()))?;
+        let executor = Executor::start(name.clone(), Arc::new(StoreCas(cas_for_worker)), config, hide)
+            .await
+            .with_context(|| format!("preparing the built-in worker in {}", config.work_dir.display()))?;
         let info = WorkerInfo {
             name,
             properties: Platform::new(executor.offered_properties(&config.worker_properties)),

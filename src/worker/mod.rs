@@ -107,6 +107,28 @@ impl Executor {
         .with_file_policy(files)
     }
 
+    /// The executor of the worker `name` as `config` says: its runner
+    /// ([`runner::start`]: the sandbox, and containers when asked), its work
+    /// directory, cache budget and limits. Actions see neither the work
+    /// directory nor anything in `hide`.
+    pub async fn start(
+        name: String,
+        cas: Arc<dyn ExecCas>,
+        config: &crate::config::Config,
+        mut hide: Vec<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        hide.push(config.work_dir.clone());
+        let work_dir = config.work_dir.clone();
+        let runner = runner::start(&config.sandbox, config.action_init.clone(), hide, &work_dir, &name).await?;
+        let (cache_size, limits, output_limits) =
+            (config.worker_cache_size, config.execution.tree_limits(), config.output_limits);
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Executor> {
+            let e = Executor::new(name, cas, &work_dir, cache_size, runner)?;
+            Ok(e.with_limits(limits).with_output_limits(output_limits))
+        })
+        .await?
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
