@@ -106,9 +106,11 @@ pub struct ContainerRunner {
 }
 
 impl ContainerRunner {
-    /// Connects to the engine (it must answer), removes containers an
-    /// earlier run of worker `worker` left, and writes the init under
-    /// `work_dir`. An error says why containers cannot work here.
+    /// Connects to the engine (it must answer), takes `work_dir`'s
+    /// container lock, removes the containers an earlier worker on
+    /// `work_dir` left, and writes the init there. `worker` names the
+    /// containers' worker label. An error says why containers cannot work
+    /// here.
     pub async fn start(
         host: Arc<dyn Runner>,
         sandbox: &SandboxConfig,
