@@ -50,11 +50,11 @@ fn skip(why: &str) {
 }
 
 /// `docker://distbuild-test-busybox:<tag>`, imported once per content.
-pub(crate) fn test_image() -> Option<String> {
-    static IMAGE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+pub(crate) fn test_image() -> Option<&'static str> {
+    static IMAGE: std::sync::Mutex<Option<&'static str>> = std::sync::Mutex::new(None);
     let mut made = IMAGE.lock().unwrap();
-    if let Some(i) = made.as_ref() {
-        return Some(i.clone());
+    if let Some(i) = *made {
+        return Some(i);
     }
     if !engine_or_skip() {
         return None;
@@ -104,8 +104,8 @@ pub(crate) fn test_image() -> Option<String> {
         assert!(tar.wait().unwrap().success(), "tar of the image's files failed");
         assert!(out.status.success(), "docker import: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let image = format!("docker://{name}");
-    *made = Some(image.clone());
+    let image = leak(format!("docker://{name}"));
+    *made = Some(image);
     Some(image)
 }
 
@@ -162,7 +162,6 @@ async fn outputs(server: &TestServer, r: &ExecuteResponse) -> (i32, String, Stri
 #[tokio::test(flavor = "multi_thread")]
 async fn container_runs_the_action_in_its_image() {
     let Some(image) = test_image() else { return };
-    let image = leak(image);
     let server = farm(|_| {}).await;
     let act = Act {
         files: vec![("sub/input.txt", b"from the input root\n", false)],
@@ -207,7 +206,6 @@ async fn container_runs_the_action_in_its_image() {
 #[tokio::test(flavor = "multi_thread")]
 async fn container_outputs_of_every_kind() {
     let Some(image) = test_image() else { return };
-    let image = leak(image);
     let server = farm(|_| {}).await;
     let act = Act {
         output_paths: vec!["out/file.txt", "out/tree", "out/link"],
@@ -233,7 +231,6 @@ async fn container_outputs_of_every_kind() {
 #[tokio::test(flavor = "multi_thread")]
 async fn container_timeout_and_cancel_leave_no_container() {
     let Some(image) = test_image() else { return };
-    let image = leak(image);
     let server = farm(|_| {}).await;
     let work_dir = server.data_dir.join("worker");
 
@@ -272,7 +269,7 @@ async fn container_timeout_and_cancel_leave_no_container() {
 async fn container_has_no_network_by_default() {
     let Some(image) = test_image() else { return };
     let server = farm(|_| {}).await;
-    let r = execute(&server, &image_act(leak(image), "ls /sys/class/net")).await;
+    let r = execute(&server, &image_act(image, "ls /sys/class/net")).await;
     let (code, out, err) = outputs(&server, &r).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["lo"]);
@@ -282,7 +279,6 @@ async fn container_has_no_network_by_default() {
 #[tokio::test(flavor = "multi_thread")]
 async fn container_limits_hold() {
     let Some(image) = test_image() else { return };
-    let image = leak(image);
     let server = farm(|_| {}).await;
 
     let mut forks = image_act(image, "n=0; for i in 1 2 3 4 5 6 7 8 9 10; do sleep 3 & done; wait; echo waited");
@@ -371,7 +367,6 @@ async fn container_worker_runs_other_actions_in_the_host_sandbox() {
 #[tokio::test(flavor = "multi_thread")]
 async fn container_remote_worker_and_leftovers() {
     let Some(image) = test_image() else { return };
-    let image = leak(image);
     let server = TestServer::start_with(Backend::Filesystem, |c| c.worker.capacity = Some(0)).await;
     let dir = tempfile::tempdir().unwrap();
     let work_dir = dir.path().join("work");
