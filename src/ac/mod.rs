@@ -32,6 +32,7 @@ pub struct ActionCacheService {
     results: Arc<dyn AcStore>,
     cas: Store,
     auth: Arc<Auth>,
+    metrics: Option<crate::metrics::AcMetrics>,
 }
 
 impl ActionCacheService {
@@ -40,11 +41,17 @@ impl ActionCacheService {
     /// results through [`ActionCacheService::store`], which no grant guards:
     /// the server writes them whatever the client may write.
     pub fn new(results: Arc<dyn AcStore>, cas: Store) -> Self {
-        ActionCacheService { results, cas, auth: Auth::open() }
+        ActionCacheService { results, cas, auth: Auth::open(), metrics: None }
     }
 
     pub fn with_auth(self, auth: Arc<Auth>) -> Self {
         ActionCacheService { auth, ..self }
+    }
+
+    /// Counts GetActionResult hits and misses and the incomplete entries
+    /// hidden, in `metrics`.
+    pub fn with_metrics(self, metrics: Option<crate::metrics::AcMetrics>) -> Self {
+        ActionCacheService { metrics, ..self }
     }
 
     /// The result for `key` if it is stored and complete.
@@ -59,6 +66,9 @@ impl ActionCacheService {
             Ok(r) => r,
             Err(e) if e.code == Code::NotFound => {
                 self.results.remove(key).await?;
+                if let Some(m) = &self.metrics {
+                    m.incomplete();
+                }
                 return Ok(None);
             }
             Err(e) => return Err(e),
@@ -67,6 +77,9 @@ impl ActionCacheService {
         if !missing.is_empty() {
             tracing::debug!(missing = missing.len(), "action cache entry is incomplete; removing it");
             self.results.remove(key).await?;
+            if let Some(m) = &self.metrics {
+                m.incomplete();
+            }
             return Ok(None);
         }
         Ok(Some(result))
@@ -180,7 +193,11 @@ impl ActionCache for ActionCacheService {
         let action = Digest::from_field(function, req.action_digest.as_ref(), "action_digest")
             .map_err(|e| Error::bad_field("action_digest", e.0))?;
         let key = AcKey::new(&instance, &action);
-        let Some(mut result) = self.lookup(&key, function).await? else {
+        let found = self.lookup(&key, function).await?;
+        if let Some(m) = &self.metrics {
+            if found.is_some() { m.hit() } else { m.miss() }
+        }
+        let Some(mut result) = found else {
             return Err(Error::not_found(format!("no complete action result for {action}")).into());
         };
         self.inline(&mut result, &req, function).await?;

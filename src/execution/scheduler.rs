@@ -69,6 +69,10 @@ pub struct WorkerView {
     pub info: WorkerInfo,
     pub busy: usize,
     pub done: u64,
+    /// Of `done`, the ones that did not succeed.
+    pub failed: u64,
+    /// Since the worker last showed it is alive (zero for the built-in one).
+    pub last_seen: Duration,
     pub connected_for: Duration,
 }
 
@@ -159,6 +163,7 @@ struct WorkerEntry {
     /// task id -> operation name.
     running: HashMap<String, String>,
     done: u64,
+    failed: u64,
     last_seen: Instant,
     connected_at: Instant,
 }
@@ -178,6 +183,8 @@ struct State {
     next_seq: u64,
     next_worker: u64,
     counters: Counters,
+    /// Queue waits and completions, when metrics are on.
+    metrics: Option<Arc<crate::metrics::ExecutionMetrics>>,
 }
 
 pub struct Scheduler {
@@ -189,6 +196,12 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(ac: Arc<ActionCacheService>, config: SchedulerConfig) -> Self {
         Scheduler { state: Mutex::default(), ac, config }
+    }
+
+    /// From now on, records queue waits and completions in `metrics` (the
+    /// server sets it before it serves).
+    pub fn record_metrics(&self, metrics: Arc<crate::metrics::ExecutionMetrics>) {
+        self.state.lock().metrics = Some(metrics);
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -380,6 +393,7 @@ impl Scheduler {
             tx,
             running: HashMap::new(),
             done: 0,
+            failed: 0,
             last_seen: now,
             connected_at: now,
         };
@@ -480,6 +494,9 @@ impl Scheduler {
         st.counters.executed += 1;
         if !succeeded {
             st.counters.failed += 1;
+            if let Some(w) = st.workers.get_mut(&worker) {
+                w.failed += 1;
+            }
         }
         complete(&mut st, &name, response);
         self.dispatch(&mut st);
@@ -550,6 +567,8 @@ impl Scheduler {
                 info: w.info.clone(),
                 busy: w.running.len(),
                 done: w.done,
+                failed: w.failed,
+                last_seen: if w.info.builtin { Duration::ZERO } else { w.last_seen.elapsed() },
                 connected_for: w.connected_at.elapsed(),
             })
             .collect();
@@ -619,6 +638,9 @@ impl Scheduler {
             return;
         }
         w.running.insert(task_id.clone(), name.to_string());
+        if let Some(m) = &st.metrics {
+            m.dispatched(op.queued_since.elapsed());
+        }
         op.running = Some((worker, task_id));
         op.view.worker = Some(w.info.name.clone());
         op.publish();
@@ -697,6 +719,9 @@ fn complete(st: &mut State, name: &str, response: ExecuteResponse) {
     match st.ops.get(name) {
         Some(op) if op.done_at.is_none() => st.finished.push_back((Instant::now(), name.to_string())),
         _ => return,
+    }
+    if let (Some(m), Some(op)) = (&st.metrics, st.ops.get(name)) {
+        m.completed(&response, op.attempts > 0);
     }
     let Some(op) = st.ops.get_mut(name) else { return };
     op.view.stages.push(Stage::Completed);

@@ -61,6 +61,8 @@ pub(super) struct Shared {
 struct Index {
     blobs: LruCache<Digest, Entry>,
     used: u64,
+    /// Blobs evicted since the store opened, for metrics.
+    evicted: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -91,7 +93,7 @@ impl FsStore {
         }
         let mut found = scan(&root.join("cas"))?;
         found.sort_by_key(|(_, entry)| entry.last_access);
-        let mut index = Index { blobs: LruCache::unbounded(), used: 0 };
+        let mut index = Index { blobs: LruCache::unbounded(), used: 0, evicted: 0 };
         for (digest, entry) in found {
             index.used += digest.size;
             index.blobs.put(digest, entry);
@@ -174,6 +176,7 @@ impl Shared {
         while index.used + incoming > self.max_bytes {
             let Some((digest, _)) = index.blobs.pop_lru() else { break };
             index.used -= digest.size;
+            index.evicted += 1;
             let path = self.blob_path(&digest);
             if let Err(e) = std::fs::remove_file(&path)
                 && e.kind() != std::io::ErrorKind::NotFound
@@ -310,7 +313,8 @@ impl BlobStore for FsStore {
 
     fn usage(&self) -> Usage {
         let index = self.shared.index.lock();
-        Usage { used_bytes: index.used, max_bytes: self.shared.max_bytes, blobs: index.blobs.len() as u64 }
+        let blobs = index.blobs.len() as u64;
+        Usage { used_bytes: index.used, max_bytes: self.shared.max_bytes, blobs, evictions: index.evicted }
     }
 }
 

@@ -26,11 +26,12 @@ struct Shared {
 struct Inner {
     blobs: LruCache<Digest, (Bytes, SystemTime)>,
     used: u64,
+    evicted: u64,
 }
 
 impl MemoryStore {
     pub fn new(max_bytes: u64) -> Self {
-        let inner = Mutex::new(Inner { blobs: LruCache::unbounded(), used: 0 });
+        let inner = Mutex::new(Inner { blobs: LruCache::unbounded(), used: 0, evicted: 0 });
         MemoryStore { shared: Arc::new(Shared { inner, max_bytes }) }
     }
 }
@@ -45,7 +46,10 @@ impl Shared {
         }
         while inner.used + size > self.max_bytes {
             match inner.blobs.pop_lru() {
-                Some((_, (old, _))) => inner.used -= old.len() as u64,
+                Some((_, (old, _))) => {
+                    inner.used -= old.len() as u64;
+                    inner.evicted += 1;
+                }
                 None => break,
             }
         }
@@ -121,7 +125,8 @@ impl BlobStore for MemoryStore {
 
     fn usage(&self) -> Usage {
         let inner = self.shared.inner.lock();
-        Usage { used_bytes: inner.used, max_bytes: self.shared.max_bytes, blobs: inner.blobs.len() as u64 }
+        let blobs = inner.blobs.len() as u64;
+        Usage { used_bytes: inner.used, max_bytes: self.shared.max_bytes, blobs, evictions: inner.evicted }
     }
 }
 

@@ -10,6 +10,7 @@
 mod empty;
 pub mod fs;
 pub mod memory;
+mod metered;
 mod verify;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use futures::stream::BoxStream;
 use remote_apis::Digest;
 
 pub use empty::EmptyBlob;
+pub use metered::{Metered, MeteredAc};
 pub use verify::Verify;
 
 use crate::error::{Error, Result};
@@ -48,6 +50,8 @@ pub struct Usage {
     pub used_bytes: u64,
     pub max_bytes: u64,
     pub blobs: u64,
+    /// Blobs evicted to stay within the budget since the store opened.
+    pub evictions: u64,
 }
 
 #[async_trait]

@@ -15,6 +15,7 @@ mod hardening_cas;
 mod hardening_exec;
 mod hardening_net;
 mod hardening_worker;
+mod metrics;
 mod sandbox;
 mod sandbox_files;
 mod server;
