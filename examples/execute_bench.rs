@@ -373,4 +373,50 @@ async fn main() {
     drop(server);
 
     print_report(&Report { iterations, concurrency, spawn, uncached, cached, uncached_per_s, cached_per_s });
+    metrics_comparison(binary, iterations).await;
+}
+
+/// A config file turning metrics on (with an HTTP listener on a free port,
+/// so they are recorded) or off, and the directory holding it.
+fn metrics_config(on: bool) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    let text = if on {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        format!("[server]\nhttp_listen = \"127.0.0.1:{port}\"\nmetrics = true\n")
+    } else {
+        "[server]\nhttp_listen = \"\"\nmetrics = false\n".to_string()
+    };
+    std::fs::write(&path, text).unwrap();
+    (dir, path.to_string_lossy().into_owned())
+}
+
+/// Cached Execute latency against a server recording metrics and one that
+/// does not, in alternating batches so drift hits both alike: the issue's
+/// target is a p50 within 3%.
+async fn metrics_comparison(binary: &str, iterations: usize) {
+    let (_on_dir, on_config) = metrics_config(true);
+    let (_off_dir, off_config) = metrics_config(false);
+    let mut on = start_server(binary, &["--backend", "filesystem", "--config", &on_config]);
+    let mut off = start_server(binary, &["--backend", "filesystem", "--config", &off_config]);
+    let fixtures =
+        [Fixture::new(wait_for_server(&mut on).await).await, Fixture::new(wait_for_server(&mut off).await).await];
+    let mut samples = [Vec::new(), Vec::new()];
+    for _ in 0..4 {
+        for (i, f) in fixtures.iter().enumerate() {
+            samples[i].extend(cached_latencies(f, iterations.div_ceil(2)).await);
+        }
+    }
+    let p50 = |v: &mut Vec<Duration>| {
+        v.sort();
+        ms(percentile(v, 50.0))
+    };
+    let (on_p50, off_p50) = (p50(&mut samples[0]), p50(&mut samples[1]));
+    println!();
+    println!("{:<52} {:>9} {:>9} {:>9}  target", "metrics on against off, cached Execute", "on", "off", "off/on");
+    println!(
+        "{:<52} {on_p50:>9.3} {off_p50:>9.3} {:>9.3}  >= 0.97",
+        format!("p50 ms, sequential ({}x each, 4 alternating batches)", samples[0].len()),
+        off_p50 / on_p50
+    );
 }

@@ -4,7 +4,8 @@
 //! Prints ByteStream upload and download throughput of one large blob,
 //! BatchUpdateBlobs of many small blobs, FindMissingBlobs latency, and the
 //! server's peak RSS while streaming, each beside a baseline measured in the
-//! same run on the same machine (plain file I/O on the same disk).
+//! same run on the same machine (plain file I/O on the same disk); then the
+//! same uploads with metrics recorded and not, and their ratio.
 //!
 //! Usage: storage_bench SERVER_BINARY [BLOB_MIB] [SMALL_BLOBS]
 
@@ -236,6 +237,70 @@ async fn main() {
     if !can_reset {
         println!("(could not reset the peak RSS counter; the figure is the process's lifetime peak)");
     }
+    drop(server);
+    metrics_comparison(binary, blob_mib, small_count).await;
+}
+
+/// A config file turning metrics on (with an HTTP listener on a free port,
+/// so they are recorded) or off, and the directory holding it.
+fn metrics_config(on: bool) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    let text = if on {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        format!("[server]\nhttp_listen = \"127.0.0.1:{port}\"\nmetrics = true\n")
+    } else {
+        "[server]\nhttp_listen = \"\"\nmetrics = false\n".to_string()
+    };
+    std::fs::write(&path, text).unwrap();
+    (dir, path.to_string_lossy().into_owned())
+}
+
+/// The same uploads against a server recording metrics and one that does
+/// not (filesystem store), alternating passes so drift hits both alike:
+/// the target is within 3% on upload throughput.
+async fn metrics_comparison(binary: &str, blob_mib: usize, small_count: usize) {
+    let (_on_dir, on_config) = metrics_config(true);
+    let (_off_dir, off_config) = metrics_config(false);
+    let args = |config: &str| {
+        vec!["--max-size", "8GiB", "--backend", "filesystem", "--config"]
+            .into_iter()
+            .chain([config])
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let (on_args, off_args) = (args(&on_config), args(&off_config));
+    let on = start_server(binary, &on_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let off = start_server(binary, &off_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (on_client, off_client) = (connect(&on.url).await, connect(&off.url).await);
+    let mut big = random_bytes(blob_mib << 20, 4242).to_vec();
+    let (mut up, mut batch) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    for pass in 0..2 {
+        for (i, (server, client)) in [(&on, &on_client), (&off, &off_client)].into_iter().enumerate() {
+            let streamed = stream_rounds(server, client, &mut big).await;
+            up[i].push(mb_per_s(streamed.size, streamed.upload));
+            let small: Vec<(Digest, Bytes)> = (0..small_count)
+                .map(|k| {
+                    let b = random_bytes(100 + (k * 37) % 900, ((pass * 2 + i) * small_count + k) as u64 + 1_000_000);
+                    (DigestFunction::Sha256.digest_of(&b), b)
+                })
+                .collect();
+            let t = Instant::now();
+            client.upload_blobs(small).await.unwrap();
+            batch[i].push(small_count as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    let mean = |v: &Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
+    println!();
+    println!(
+        "{:<52} {:>12} {:>12} {:>8}  target",
+        "metrics on against off (2 alternating passes)", "on", "off", "on/off"
+    );
+    let row = |what: String, unit: &str, on: f64, off: f64| {
+        println!("{what:<52} {on:>7.0} {unit:<4} {off:>7.0} {unit:<4} {:>8.3}  >= 0.97", on / off);
+    };
+    row(format!("ByteStream upload, {blob_mib} MiB, filesystem store"), "MB/s", mean(&up[0]), mean(&up[1]));
+    row(format!("BatchUpdateBlobs, {small_count} blobs of 100-1000 B"), "/s", mean(&batch[0]), mean(&batch[1]));
 }
 
 /// Blobs per second read through BatchReadBlobs (batches of at most 3 MiB

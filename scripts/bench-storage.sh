@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Storage benchmark: builds release binaries, starts a server process on
-# loopback and measures it from a client (examples/storage_bench.rs).
+# loopback and measures it from a client (examples/storage_bench.rs), then
+# the same uploads with metrics recorded and not ([server] metrics), side
+# by side with their ratio.
 #
 # Usage: scripts/bench-storage.sh [BLOB_MIB=256] [SMALL_BLOBS=10000]
 #

@@ -230,6 +230,11 @@ pub struct ExecutionSection {
     /// How long an action waits when no connected worker could run it.
     #[serde(with = "humantime_serde")]
     pub unmatched_timeout: Duration,
+    /// How long a failed run's result (non-zero exit or error) stays
+    /// reachable from its action's status page; it never enters the
+    /// ActionCache. "0s" keeps none.
+    #[serde(with = "humantime_serde")]
+    pub failed_retention: Duration,
     /// Limits on an input root (counted expanded: a directory named twice
     /// counts twice) and on an action's output directories: directory
     /// levels, directories, files and symlinks. Checked before queueing and
@@ -260,6 +265,7 @@ impl Default for ExecutionSection {
             operation_retention: Duration::from_secs(600),
             max_finished_operations: 100_000,
             unmatched_timeout: Duration::from_secs(60),
+            failed_retention: Duration::from_secs(24 * 3600),
             max_tree_depth: crate::worker::TreeLimits::default().max_depth,
             max_tree_directories: crate::worker::TreeLimits::default().max_directories,
             max_tree_files: crate::worker::TreeLimits::default().max_files,

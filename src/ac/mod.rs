@@ -54,6 +54,12 @@ impl ActionCacheService {
         ActionCacheService { metrics, ..self }
     }
 
+    /// The CAS the results refer to: the scheduler keeps failed results
+    /// there, which never enter the cache.
+    pub fn cas(&self) -> &Store {
+        &self.cas
+    }
+
     /// The result for `key` if it is stored and complete.
     pub async fn lookup(&self, key: &AcKey, function: DigestFunction) -> Result<Option<ActionResult>> {
         let Some(data) = self.results.get(key).await? else { return Ok(None) };

@@ -2,10 +2,12 @@
 //! front of it (REAPI Execution, google.longrunning Operations, and the
 //! worker gateway that remote workers connect to).
 
+pub mod failed;
 pub mod gateway;
 pub mod platform;
 pub mod scheduler;
 pub mod service;
 pub mod validate;
 
+pub use failed::FailedRun;
 pub use scheduler::{Scheduler, SchedulerConfig};

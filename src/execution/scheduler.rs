@@ -22,6 +22,7 @@ use remote_apis::reapi::{ActionResult, ExecuteResponse};
 use remote_apis::{Digest, InstanceName, rpc};
 use tokio::sync::{mpsc, watch};
 
+use super::failed::{FailedIndex, FailedRun, MAX_FAILED_RUNS};
 use super::platform::Platform;
 use super::validate::Checked;
 use crate::ac::{AcKey, ActionCacheService};
@@ -44,6 +45,8 @@ pub struct SchedulerConfig {
     pub max_finished: usize,
     /// How long an action waits when no connected worker could run it.
     pub unmatched_timeout: Duration,
+    /// How long failed runs stay findable (see [`Scheduler::failed_result`]).
+    pub failed_retention: Duration,
 }
 
 /// What the scheduler tells a worker.
@@ -191,11 +194,15 @@ pub struct Scheduler {
     state: Mutex<State>,
     ac: Arc<ActionCacheService>,
     config: SchedulerConfig,
+    /// Failed runs by action, for the status pages (a lock of its own: the
+    /// pages read it without touching the scheduling state).
+    failed: Mutex<FailedIndex>,
 }
 
 impl Scheduler {
     pub fn new(ac: Arc<ActionCacheService>, config: SchedulerConfig) -> Self {
-        Scheduler { state: Mutex::default(), ac, config }
+        let failed = Mutex::new(FailedIndex::new(config.failed_retention, MAX_FAILED_RUNS));
+        Scheduler { state: Mutex::default(), ac, config, failed }
     }
 
     /// From now on, records queue waits and completions in `metrics` (the
@@ -464,7 +471,7 @@ impl Scheduler {
     /// The worker ended the task. A successful result is written to the
     /// ActionCache before any waiter hears of it, so a client that asks the
     /// cache right after sees it.
-    pub async fn finished(&self, worker: u64, task: &str, response: ExecuteResponse) {
+    pub async fn finished(&self, worker: u64, task: &str, mut response: ExecuteResponse) {
         let current = {
             let mut st = self.state.lock();
             let Some(w) = st.workers.get_mut(&worker) else { return };
@@ -473,7 +480,8 @@ impl Scheduler {
             let cache_key = match st.ops.get_mut(&name) {
                 Some(op) if op.running.as_ref().is_some_and(|(w, t)| *w == worker && t == task) => {
                     op.running = None;
-                    Some((name, op.cache_key))
+                    let v = &op.view;
+                    Some((name, op.cache_key, v.action_digest, v.instance.clone(), v.worker.clone()))
                 }
                 _ => None, // cancelled or re-queued meanwhile
             };
@@ -482,13 +490,16 @@ impl Scheduler {
             }
             cache_key
         };
-        let Some((name, cache_key)) = current else { return };
+        let Some((name, cache_key, action, instance, ran_on)) = current else { return };
         let succeeded = response.status.as_ref().is_none_or(|s| s.code == 0)
             && response.result.as_ref().is_some_and(|r| r.exit_code == 0);
         if let (true, Some(key), Some(result)) = (succeeded, cache_key, response.result.as_ref())
             && let Err(e) = self.ac.store(&key, result).await
         {
             tracing::warn!(error = %e, "storing an action result");
+        }
+        if !succeeded {
+            self.keep_failure(&name, action, &instance, ran_on, &mut response).await;
         }
         let mut st = self.state.lock();
         st.counters.executed += 1;
@@ -500,6 +511,41 @@ impl Scheduler {
         }
         complete(&mut st, &name, response);
         self.dispatch(&mut st);
+    }
+
+    /// The latest failed run of `action` still retained: its ActionResult in
+    /// the CAS, the operation, when and where it ran.
+    pub fn failed_result(&self, action: &Digest) -> Option<FailedRun> {
+        self.failed.lock().get(action, Instant::now())
+    }
+
+    /// A run that did not succeed: its ActionResult (if any) goes to the CAS
+    /// and the failed index, and the response's message gains the link to
+    /// the action's status page, which clients print beside the failure.
+    async fn keep_failure(
+        &self,
+        operation: &str,
+        action: Digest,
+        instance: &InstanceName,
+        worker: Option<String>,
+        response: &mut ExecuteResponse,
+    ) {
+        if let Some(result) = &response.result {
+            let bytes = prost::Message::encode_to_vec(result);
+            let digest = action.function.digest_of(&bytes);
+            match self.ac.cas().put_bytes(&digest, bytes.into()).await {
+                Ok(()) => {
+                    let run = FailedRun { result: digest, operation: operation.into(), at: SystemTime::now(), worker };
+                    self.failed.lock().insert(action, run, Instant::now());
+                }
+                Err(e) => tracing::warn!(error = %e, "storing a failed action result"),
+            }
+        }
+        if let Some(base) = &self.config.status_url {
+            let link = format!("{base}{}", crate::http::pages::action_href(&action, instance));
+            let line = format!("details of the failed action: {link}");
+            response.message = if response.message.is_empty() { line } else { format!("{}\n{line}", response.message) };
+        }
     }
 
     /// Periodic upkeep: drops silent workers, expires finished operations and
@@ -522,6 +568,7 @@ impl Scheduler {
             let (_, name) = st.finished.pop_front().expect("checked");
             forget(&mut st, &name);
         }
+        self.failed.lock().expire(now);
         let numeric = self.config.numeric_properties.clone();
         let mut stranded = Vec::new();
         for (platform, queue) in &st.queues {

@@ -301,6 +301,7 @@ async fn start_execution(
             retention: e.operation_retention,
             max_finished: e.max_finished_operations,
             unmatched_timeout: e.unmatched_timeout,
+            failed_retention: e.failed_retention,
         },
     ));
     let sweeper = scheduler.clone();

@@ -298,3 +298,40 @@ async fn bazel_remote_execution() {
     assert_eq!(external_runners(&warm), ["remote cache hit"], "after clean: {warm:?}");
     assert_eq!(count(&warm, "remote cache hit"), executed, "after clean: {warm:?}, cold run: {cold:?}");
 }
+
+/// A genrule that fails on the server's worker: Bazel 4.2.3 prints the
+/// ExecuteResponse's message into the failed action's output whenever the
+/// result is not a success (status not OK or a non-zero exit code), so the
+/// link to the action's status page appears beside the failure, and that
+/// page shows the run's exit code and stderr.
+#[tokio::test(flavor = "multi_thread")]
+async fn bazel_prints_the_status_page_of_a_failed_remote_action() {
+    let Some(bazel) = bazel_or_skip() else { return };
+    let http = crate::common::free_addr();
+    let server = TestServer::start_with(cargo_distbuild::config::Backend::Filesystem, |f| {
+        f.server.http_listen = Some(http.to_string())
+    })
+    .await;
+    let url = server.url();
+    let (ok, stderr) = tokio::task::spawn_blocking(move || {
+        let ws = Workspace::new(bazel);
+        let remote = format!("--remote_executor={url}");
+        let mut args = COMMON_FLAGS.to_vec();
+        args.extend(["--spawn_strategy=remote", &remote, "//failing:fails"]);
+        ws.run("build", &args)
+    })
+    .await
+    .unwrap();
+    assert!(!ok, "the failing genrule built:\n{stderr}");
+    let prefix = format!("http://{http}/action/sha256/");
+    let at = stderr.find(&prefix).unwrap_or_else(|| panic!("no link to the action page in:\n{stderr}"));
+    let link = stderr[at..].split_whitespace().next().unwrap();
+    let from = stderr.find("ERROR:").unwrap_or(0);
+    eprintln!("Bazel printed:\n{}", &stderr[from..at + link.len()]);
+    let page = crate::common::http_get(http, &link[format!("http://{http}").len()..], &[]).await;
+    let html = page.text();
+    assert_eq!(page.status, 200, "{html}");
+    assert!(html.contains("id=\"exit-code\" class=\"failed\">1<"), "no exit code 1 in:\n{html}");
+    let stderr_block = html.split("<pre id=\"stderr\"").nth(1).unwrap_or_else(|| panic!("no stderr in:\n{html}"));
+    assert!(stderr_block.contains("distbuild-fixture: this genrule fails on purpose"), "{html}");
+}

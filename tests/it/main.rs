@@ -5,6 +5,7 @@ mod ac;
 mod auth;
 mod bazel;
 mod bazel_tls;
+mod browser;
 mod bytestream;
 mod cas;
 mod cli;

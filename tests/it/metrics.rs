@@ -21,9 +21,11 @@ const AC: &str = "build.bazel.remote.execution.v2.ActionCache";
 const EXECUTION: &str = "build.bazel.remote.execution.v2.Execution";
 const BYTESTREAM: &str = "google.bytestream.ByteStream";
 
-/// A scrape, parsed: samples by name and sorted labels.
+/// A scrape, parsed: samples by name and sorted labels, and the names of
+/// the metrics described (those without samples too).
 struct Scrape {
     samples: BTreeMap<(String, Vec<(String, String)>), f64>,
+    described: std::collections::BTreeSet<String>,
 }
 
 impl Scrape {
@@ -54,7 +56,7 @@ impl Scrape {
             };
             samples.insert((s.metric, labels), value);
         }
-        Scrape { samples }
+        Scrape { samples, described: parsed.docs.into_keys().collect() }
     }
 
     /// The sample `name{labels}`; 0 when absent (a counter never touched).
@@ -223,7 +225,32 @@ async fn a_known_sequence_gives_exact_values() {
     // Execute's own cache lookups are not GetActionResult calls.
     assert_eq!(s.value("distbuild_action_cache_requests_total", &[("result", "hit")]), 1.0);
     assert_eq!(s.value("distbuild_action_cache_requests_total", &[("result", "miss")]), 1.0);
+    documents_match(&s);
     server.stop().await.unwrap();
+}
+
+/// README's metric table lists every metric served, and the sample Grafana
+/// dashboard queries only metrics that exist.
+fn documents_match(s: &Scrape) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    assert!(s.described.len() > 30, "{:?}", s.described);
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let family = |name: &str| {
+        ["_bucket", "_sum", "_count"]
+            .iter()
+            .fold(name.to_string(), |n, suffix| n.strip_suffix(suffix).map_or(n.clone(), str::to_string))
+    };
+    for name in &s.described {
+        let name = family(name);
+        assert!(readme.contains(&format!("| `{name}` |")), "README's metric table lacks {name}");
+    }
+    let dashboard = std::fs::read_to_string(format!("{root}/deploy/grafana/dashboard.json")).unwrap();
+    let _: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    for (at, _) in dashboard.match_indices("distbuild_") {
+        let name: String = dashboard[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        let name = family(&name);
+        assert!(s.described.contains(&name), "the dashboard queries {name}, which is not served");
+    }
 }
 
 #[tokio::test]
