@@ -19,8 +19,8 @@ pub mod proto {
 use proto::admin_server::Admin;
 use proto::{
     BlobEntry, GetSchedulerStatusRequest, GetStoreStatusRequest, ListBlobsRequest, ListBlobsResponse,
-    ListWorkersRequest, ListWorkersResponse, QueueEntry, SchedulerStatus, StoreStatus, VerifyBlobsRequest,
-    VerifyBlobsResponse, WorkerEntry,
+    ListWorkersRequest, ListWorkersResponse, QueueEntry, SchedulerStatus, SetWorkerDrainingRequest, StoreStatus,
+    VerifyBlobsRequest, VerifyBlobsResponse, WorkerEntry,
 };
 
 pub struct AdminService {
@@ -121,29 +121,21 @@ impl Admin for AdminService {
         request: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
         self.check(&request)?;
-        let workers = self
-            .scheduler
-            .status()
-            .workers
-            .into_iter()
-            .map(|w| WorkerEntry {
-                name: w.info.name,
-                properties: w
-                    .info
-                    .properties
-                    .pairs()
-                    .iter()
-                    .map(|(k, v)| proto::Property { name: k.clone(), value: v.clone() })
-                    .collect(),
-                slots: w.info.slots as u32,
-                busy: w.busy as u32,
-                done: w.done,
-                builtin: w.info.builtin,
-                connected_secs: w.connected_for.as_secs(),
-                sandbox: w.info.sandbox,
-            })
-            .collect();
+        let workers = self.scheduler.status().workers.into_iter().map(worker_entry).collect();
         Ok(Response::new(ListWorkersResponse { workers }))
+    }
+
+    async fn set_worker_draining(
+        &self,
+        request: Request<SetWorkerDrainingRequest>,
+    ) -> Result<Response<WorkerEntry>, Status> {
+        self.check(&request)?;
+        let SetWorkerDrainingRequest { name, draining } = request.into_inner();
+        self.scheduler.set_draining(&name, draining)?;
+        let worker = self.scheduler.status().workers.into_iter().find(|w| w.info.name == name);
+        // Gone between the two calls: it takes no work either way.
+        let entry = worker.map(worker_entry).unwrap_or(WorkerEntry { name, draining, ..Default::default() });
+        Ok(Response::new(entry))
     }
 
     async fn get_scheduler_status(
@@ -168,5 +160,25 @@ impl Admin for AdminService {
             cancelled: c.cancelled,
             operations: s.operations as u64,
         }))
+    }
+}
+
+fn worker_entry(w: crate::execution::scheduler::WorkerView) -> WorkerEntry {
+    WorkerEntry {
+        name: w.info.name,
+        properties: w
+            .info
+            .properties
+            .pairs()
+            .iter()
+            .map(|(k, v)| proto::Property { name: k.clone(), value: v.clone() })
+            .collect(),
+        slots: w.info.slots as u32,
+        busy: w.busy as u32,
+        done: w.done,
+        builtin: w.info.builtin,
+        connected_secs: w.connected_for.as_secs(),
+        sandbox: w.info.sandbox,
+        draining: w.draining,
     }
 }

@@ -129,6 +129,11 @@ pub struct WorkerSection {
     /// How often remote workers send keepalives; three missed ones drop the
     /// worker and re-queue its actions.
     pub heartbeat_interval_secs: u64,
+    /// How long a remote worker told to stop (SIGTERM, SIGINT) lets its
+    /// running actions finish before it kills them and exits; the scheduler
+    /// re-queues what it killed.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
     /// Blob cache and action directories; default `<cas root>/worker`.
     pub work_dir: Option<PathBuf>,
     /// Budget of the worker's local blob cache.
@@ -188,6 +193,7 @@ impl Default for WorkerSection {
         WorkerSection {
             capacity: None,
             heartbeat_interval_secs: 10,
+            drain_timeout: Duration::from_secs(600),
             work_dir: None,
             cache_size: ByteSize::gib(10),
             properties: BTreeMap::new(),
@@ -502,6 +508,7 @@ pub struct Config {
     pub connections: crate::server::ConnectionLimits,
     pub worker_capacity: usize,
     pub heartbeat_interval: Duration,
+    pub drain_timeout: Duration,
     pub work_dir: PathBuf,
     pub worker_cache_size: u64,
     pub worker_properties: Vec<(String, String)>,
@@ -582,6 +589,7 @@ impl FileConfig {
                 .capacity
                 .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
             heartbeat_interval: Duration::from_secs(self.worker.heartbeat_interval_secs),
+            drain_timeout: self.worker.drain_timeout,
             work_dir: self.worker.work_dir.clone().unwrap_or_else(|| data_dir.join("worker")),
             worker_cache_size: self.worker.cache_size.as_u64(),
             worker_properties: self.worker_properties(),

@@ -206,6 +206,10 @@ impl Auth {
         let token = if policy.is_open() { None } else { bearer(request.metadata())? };
         let names = crate::server::peer::identity(request.extensions()).map(|p| p.names.as_slice()).unwrap_or(&[]);
         let (principal, grants) = policy.identify(token, names)?;
+        if principal.is_identified() {
+            // The call's log span (server/request_log.rs) names the caller.
+            tracing::Span::current().record("principal", tracing::field::display(&principal));
+        }
         Ok(Caller { principal, metadata: request_metadata(request.metadata()), grants })
     }
 

@@ -4,6 +4,8 @@
 mod cargo;
 mod cas;
 mod exec;
+mod legacy;
+mod logging;
 mod repl;
 mod status;
 mod token;
@@ -77,12 +79,15 @@ enum Command {
     /// List operations.
     #[command(subcommand)]
     Jobs(exec::JobsCommand),
-    /// List connected workers.
+    /// List connected workers; drain one for maintenance, or undrain it.
     #[command(subcommand)]
-    Workers(ListOnly),
+    Workers(status::WorkersCommand),
     /// Show queues, workers and the cache hit rate.
     #[command(subcommand)]
-    Scheduler(StatusOnly),
+    Scheduler(SchedulerCommand),
+    /// The first README's `master submit-job|job-status|list-jobs|list-workers`.
+    #[command(subcommand, hide = true)]
+    Master(legacy::MasterCommand),
     /// Make bearer tokens for the server's token file.
     #[command(subcommand)]
     Token(token::TokenCommand),
@@ -157,20 +162,33 @@ struct CargoArgs {
     args: Vec<String>,
 }
 
-#[derive(Subcommand, Debug)]
-enum ListOnly {
-    /// Name, properties, slots in use and actions done of each worker.
-    List,
+impl Command {
+    /// `server` and `worker` (and their older spellings) run until stopped.
+    fn runs_until_stopped(&self) -> bool {
+        matches!(self, Command::Server(_) | Command::Worker(_) | Command::Scheduler(SchedulerCommand::Run(_)))
+    }
 }
 
 #[derive(Subcommand, Debug)]
-enum StatusOnly {
+enum SchedulerCommand {
     /// Queue lengths, workers, cache hit rate.
     Status,
+    /// `server`, as the first README spelled it.
+    #[command(hide = true)]
+    Run(ServerArgs),
 }
 
 #[derive(clap::Args, Debug)]
 struct WorkerArgs {
+    #[command(flatten)]
+    flags: WorkerFlags,
+    /// `worker run --id NAME --port N`, as the first README spelled it.
+    #[command(subcommand)]
+    legacy: Option<legacy::LegacyWorker>,
+}
+
+#[derive(clap::Args, Debug)]
+struct WorkerFlags {
     /// The server to take actions from (default: --server, then the config's [scheduler] addr).
     #[arg(long, value_name = "grpc://HOST:PORT")]
     scheduler: Option<String>,
@@ -242,7 +260,7 @@ pub fn main() -> ExitCode {
         }
         Err(e) => e.exit(), // --help, --version
     };
-    init_logging();
+    logging::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -257,12 +275,6 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DISTBUILD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<FileConfig> {
@@ -296,7 +308,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // The server itself reads no [client] keys: a bad token file there
     // must not stop it.
     let client = match &cli.command {
-        Some(Command::Server(_)) => Client::default(),
+        Some(Command::Server(_) | Command::Scheduler(SchedulerCommand::Run(_))) => Client::default(),
         _ => cli.client.resolve(&file.client)?,
     };
     let ctx = Session { file, server, explicit_server: cli.server.clone(), instance: cli.instance.clone(), client };
@@ -322,9 +334,11 @@ async fn dispatch(command: Command, ctx: Session) -> anyhow::Result<ExitCode> {
         Command::Stop => cargo::stop().await,
         Command::Job(cmd) => exec::job(cmd, &ctx.server, &ctx.client.options, &ctx.instance).await,
         Command::Jobs(cmd) => exec::jobs(cmd, &ctx.server, &ctx.client.options).await,
-        Command::Workers(ListOnly::List) => status::workers(&ctx.server, &ctx.client.options).await,
+        Command::Workers(cmd) => status::workers_command(cmd, &ctx.server, &ctx.client.options).await,
         Command::Token(cmd) => token::run(cmd),
-        Command::Scheduler(StatusOnly::Status) => status::scheduler(&ctx.server, &ctx.client.options).await,
+        Command::Scheduler(SchedulerCommand::Status) => status::scheduler(&ctx.server, &ctx.client.options).await,
+        Command::Scheduler(SchedulerCommand::Run(args)) => server(args, ctx.file).await,
+        Command::Master(cmd) => legacy::master(cmd, ctx).await,
     }
 }
 
@@ -361,6 +375,7 @@ async fn worker(args: WorkerArgs, ctx: Session) -> anyhow::Result<ExitCode> {
     use std::sync::Arc;
 
     use crate::worker::{Executor, cas::RemoteCas, remote};
+    let args = legacy::worker_flags(args);
     let mut file = ctx.file;
     if let Some(dir) = args.work_dir {
         file.worker.work_dir = Some(dir);
@@ -396,15 +411,11 @@ async fn worker(args: WorkerArgs, ctx: Session) -> anyhow::Result<ExitCode> {
         slots: config.worker_capacity,
         properties: executor.offered_properties(&config.worker_properties),
         sandbox: executor.runner().describe(),
+        drain_timeout: config.drain_timeout,
     };
-    let stop = tokio_util::sync::CancellationToken::new();
-    let on_signal = stop.clone();
-    let signalled = crate::server::shutdown_signal().context("installing signal handlers")?;
-    tokio::spawn(async move {
-        signalled.await;
-        on_signal.cancel();
-    });
-    remote::run(options, Arc::new(executor), stop).await?;
+    // SIGTERM drains (running actions finish), a second one stops at once.
+    let shutdown = remote::Shutdown::on_signals().context("installing signal handlers")?;
+    remote::run(options, Arc::new(executor), shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 

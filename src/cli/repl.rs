@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser};
 use rustyline::error::ReadlineError;
 
-use super::{Cli, Command, Session};
+use super::{Cli, Session};
 
 const HELP: &str = "\
 Commands (as on the command line, without `cargo-distbuild`):
@@ -14,7 +14,7 @@ Commands (as on the command line, without `cargo-distbuild`):
   exec [--input P] [--output P] -- CMD ARGS...
   job submit|status|cancel ...  one operation
   jobs list                     operations the server remembers
-  workers list                  connected workers
+  workers list|drain|undrain    connected workers; drain one
   scheduler status              queues, workers, cache hit rate
   build|check|test|run ...      cargo through the rustc wrapper
   stats                         what the wrapper did, time saved
@@ -85,7 +85,7 @@ async fn execute(ctx: &Session, words: Vec<String>) {
         }
     };
     let Some(command) = cli.command else { return };
-    if matches!(command, Command::Server(_) | Command::Worker(_)) {
+    if command.runs_until_stopped() {
         eprintln!("error: `server` and `worker` run until stopped; start them outside the shell");
         return;
     }

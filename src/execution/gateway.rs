@@ -74,7 +74,7 @@ impl WorkerGateway for GatewayService {
         }
         let name = if hello.name.is_empty() { format!("worker@{peer}") } else { hello.name };
         let info = WorkerInfo {
-            name,
+            name: name.clone(),
             properties: Platform::new(hello.properties.into_iter().map(|p| (p.name, p.value)).collect()),
             slots: hello.slots as usize,
             builtin: false,
@@ -94,7 +94,7 @@ impl WorkerGateway for GatewayService {
                 match next {
                     Ok(Some(msg)) => {
                         scheduler.worker_alive(id);
-                        if let Err(e) = handle(&scheduler, id, msg).await {
+                        if let Err(e) = handle(&scheduler, id, &name, msg).await {
                             break e;
                         }
                     }
@@ -116,7 +116,7 @@ impl WorkerGateway for GatewayService {
     }
 }
 
-async fn handle(scheduler: &Scheduler, id: u64, msg: WorkerMessage) -> Result<(), String> {
+async fn handle(scheduler: &Scheduler, id: u64, name: &str, msg: WorkerMessage) -> Result<(), String> {
     match msg.message {
         Some(worker_message::Message::Keepalive(_)) => {}
         Some(worker_message::Message::Started(s)) => scheduler.started(id, &s.task_id),
@@ -124,6 +124,12 @@ async fn handle(scheduler: &Scheduler, id: u64, msg: WorkerMessage) -> Result<()
             let response = ExecuteResponse::decode(f.execute_response.as_slice())
                 .map_err(|e| format!("undecodable ExecuteResponse: {e}"))?;
             scheduler.finished(id, &f.task_id, response).await;
+        }
+        // A worker shutting down (SIGTERM) asks for nothing new. Its name is
+        // its own while this stream lives (names are unique), so this
+        // cannot touch another worker.
+        Some(worker_message::Message::Drain(d)) => {
+            scheduler.set_draining(name, d.draining).map_err(|e| e.to_string())?;
         }
         Some(worker_message::Message::Hello(_)) => return Err("a second Hello".into()),
         None => return Err("an empty message".into()),

@@ -77,6 +77,8 @@ pub struct WorkerView {
     /// Since the worker last showed it is alive (zero for the built-in one).
     pub last_seen: Duration,
     pub connected_for: Duration,
+    /// Takes no new actions; finishes what it runs (see [`Scheduler::set_draining`]).
+    pub draining: bool,
 }
 
 /// One operation as clients see it. `stages` only grows (a lost worker adds
@@ -169,6 +171,8 @@ struct WorkerEntry {
     failed: u64,
     last_seen: Instant,
     connected_at: Instant,
+    /// Dispatch skips it (see [`Scheduler::set_draining`]).
+    draining: bool,
 }
 
 #[derive(Default)]
@@ -186,6 +190,9 @@ struct State {
     next_seq: u64,
     next_worker: u64,
     counters: Counters,
+    /// When each queue last had an active (not draining) worker able to run
+    /// it, as the sweep saw: the unmatched wait counts from then.
+    matched_at: HashMap<Platform, Instant>,
     /// Queue waits and completions, when metrics are on.
     metrics: Option<Arc<crate::metrics::ExecutionMetrics>>,
 }
@@ -264,6 +271,12 @@ impl Scheduler {
         rx
     }
 
+    /// Whether some connected worker offers `platform`. Draining workers
+    /// count: draining the only worker of a platform (for maintenance) must
+    /// not turn new actions into instant failures. They wait in the queue
+    /// like actions no connected worker can run, and the sweep fails them
+    /// after `unmatched_timeout` unless an active worker comes (or the
+    /// drained one is undrained) first.
     fn check_satisfiable(&self, st: &State, platform: &Platform) -> Result<()> {
         let numeric = &self.config.numeric_properties;
         if st.workers.values().any(|w| platform.unmet_by(&w.info.properties, numeric).is_none()) {
@@ -403,10 +416,32 @@ impl Scheduler {
             failed: 0,
             last_seen: now,
             connected_at: now,
+            draining: false,
         };
         st.workers.insert(id, entry);
         self.dispatch(&mut st);
         Ok(id)
+    }
+
+    /// Drains a worker (it finishes what it runs and is given nothing new)
+    /// or puts it back to work. NOT_FOUND when no connected worker has that
+    /// name. A draining worker still counts for accepting new actions of
+    /// its platform, but not for the unmatched sweep (see
+    /// [`Scheduler::sweep`]).
+    pub fn set_draining(&self, name: &str, draining: bool) -> Result<()> {
+        let mut st = self.state.lock();
+        let Some(w) = st.workers.values_mut().find(|w| w.info.name == name) else {
+            return Err(Error::not_found(format!("no connected worker is named {}", remote_apis::quote(name))));
+        };
+        if w.draining != draining {
+            w.draining = draining;
+            let state = if draining { "draining" } else { "active" };
+            tracing::info!(worker = %w.info.name, running = w.running.len(), state, "worker state changed");
+        }
+        if !draining {
+            self.dispatch(&mut st);
+        }
+        Ok(())
     }
 
     pub fn worker_alive(&self, id: u64) {
@@ -550,6 +585,13 @@ impl Scheduler {
 
     /// Periodic upkeep: drops silent workers, expires finished operations and
     /// fails actions that no connected worker can run.
+    ///
+    /// An action is unmatched while no active worker (connected and not
+    /// draining) offers its platform; it fails once that has lasted
+    /// `unmatched_timeout`, counted from when it was queued or from when its
+    /// queue last had such a worker, whichever is later. So draining or
+    /// losing the last worker of a platform gives its queue a whole
+    /// `unmatched_timeout` for a replacement, however long it had waited.
     pub fn sweep(&self) {
         let mut st = self.state.lock();
         let now = Instant::now();
@@ -571,19 +613,24 @@ impl Scheduler {
         self.failed.lock().expire(now);
         let numeric = self.config.numeric_properties.clone();
         let mut stranded = Vec::new();
+        let mut matched = Vec::new();
         for (platform, queue) in &st.queues {
-            if st.workers.values().any(|w| platform.unmet_by(&w.info.properties, &numeric).is_none()) {
+            if st.workers.values().any(|w| !w.draining && platform.unmet_by(&w.info.properties, &numeric).is_none()) {
+                matched.push(platform.clone());
                 continue;
             }
+            let since = st.matched_at.get(platform).copied();
             for (_, name) in queue {
-                if st
-                    .ops
-                    .get(name)
-                    .is_some_and(|op| now.duration_since(op.queued_since) > self.config.unmatched_timeout)
-                {
+                if st.ops.get(name).is_some_and(|op| {
+                    let waiting_since = since.map_or(op.queued_since, |m| m.max(op.queued_since));
+                    now.duration_since(waiting_since) > self.config.unmatched_timeout
+                }) {
                     stranded.push((platform.clone(), name.clone()));
                 }
             }
+        }
+        for platform in matched {
+            st.matched_at.insert(platform, now);
         }
         for (platform, name) in stranded {
             if let Some(q) = st.queues.get_mut(&platform) {
@@ -598,6 +645,8 @@ impl Scheduler {
             complete(&mut st, &name, ExecuteResponse { status: Some(status), ..Default::default() });
         }
         st.queues.retain(|_, q| !q.is_empty());
+        let State { matched_at, queues, .. } = &mut *st;
+        matched_at.retain(|p, _| queues.contains_key(p));
         // Actions of dropped workers are queued again: hand them out now.
         self.dispatch(&mut st);
     }
@@ -617,6 +666,7 @@ impl Scheduler {
                 failed: w.failed,
                 last_seen: if w.info.builtin { Duration::ZERO } else { w.last_seen.elapsed() },
                 connected_for: w.connected_at.elapsed(),
+                draining: w.draining,
             })
             .collect();
         workers.sort_by(|a, b| a.info.name.cmp(&b.info.name));
@@ -643,7 +693,7 @@ impl Scheduler {
                 let worker = st
                     .workers
                     .iter()
-                    .filter(|(_, w)| w.running.len() < w.info.slots)
+                    .filter(|(_, w)| !w.draining && w.running.len() < w.info.slots)
                     .filter(|(_, w)| platform.unmet_by(&w.info.properties, numeric).is_none())
                     .min_by(|(ia, a), (ib, b)| {
                         let la = a.running.len() as f64 / a.info.slots as f64;

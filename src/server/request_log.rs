@@ -1,6 +1,9 @@
-//! One debug span per call: the gRPC method, and who is asking, from the
-//! REAPI RequestMetadata header (tool, invocation, action mnemonic, target),
-//! so a client's failure can be found in the server's log.
+//! One span per call: the gRPC method, who is asking (the principal, once
+//! the service has identified it) and what for, from the REAPI
+//! RequestMetadata header (tool, invocation, action, mnemonic, target), so
+//! a client's failure can be found in the server's log. Every line logged
+//! while a call is served carries these fields (in JSON logs as `span`).
+//! Tokens never appear: a principal is a token's name in the token file.
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
@@ -8,6 +11,7 @@ use prost::Message;
 use remote_apis::reapi::RequestMetadata;
 use tower_http::classify::{GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, MakeSpan, TraceLayer};
+use tracing::field::Empty;
 use tracing::{Level, Span};
 
 use crate::auth::METADATA_HEADER;
@@ -19,22 +23,40 @@ impl<B> MakeSpan<B> for CallSpan {
     fn make_span(&mut self, request: &http::Request<B>) -> Span {
         // The request context decodes RequestMetadata for the services;
         // decode it here too only when the span is going to be recorded.
-        if !tracing::enabled!(Level::DEBUG) {
+        // Info level: warnings and errors of a call say whose call it was.
+        if !tracing::enabled!(Level::INFO) {
             return Span::none();
         }
-        let method = request.uri().path();
-        match metadata(request.headers()) {
-            Some(m) => tracing::debug_span!(
-                "call",
-                method,
-                tool =
-                    m.tool_details.as_ref().map(|t| format!("{} {}", t.tool_name, t.tool_version)).unwrap_or_default(),
-                invocation = m.tool_invocation_id,
-                mnemonic = m.action_mnemonic,
-                target = m.target_id,
-            ),
-            None => tracing::debug_span!("call", method),
+        let span = tracing::info_span!(
+            "call",
+            method = request.uri().path(),
+            tool = Empty,
+            tool_version = Empty,
+            invocation = Empty,
+            correlated_invocations = Empty,
+            action_id = Empty,
+            mnemonic = Empty,
+            target = Empty,
+            // Recorded by the request context (`Auth::caller`) once known.
+            principal = Empty,
+        );
+        if let Some(m) = metadata(request.headers()) {
+            let tool = m.tool_details.unwrap_or_default();
+            for (field, value) in [
+                ("tool", tool.tool_name),
+                ("tool_version", tool.tool_version),
+                ("invocation", m.tool_invocation_id),
+                ("correlated_invocations", m.correlated_invocations_id),
+                ("action_id", m.action_id),
+                ("mnemonic", m.action_mnemonic),
+                ("target", m.target_id),
+            ] {
+                if !value.is_empty() {
+                    span.record(field, value);
+                }
+            }
         }
+        span
     }
 }
 
@@ -46,8 +68,8 @@ fn metadata(headers: &http::HeaderMap) -> Option<RequestMetadata> {
     RequestMetadata::decode(raw.as_slice()).ok()
 }
 
-/// The layer: spans at debug level; failures such as cache misses are
-/// normal traffic, so their lines stay at debug too.
+/// The layer: a span per call at info level; the per-call lines (and
+/// failures such as cache misses, which are normal traffic) at debug.
 pub fn layer() -> TraceLayer<SharedClassifier<GrpcErrorsAsFailures>, CallSpan> {
     TraceLayer::new_for_grpc()
         .make_span_with(CallSpan)

@@ -38,7 +38,7 @@ use crate::execution::{Act, request, stage};
 const GRANTS: [&str; 7] = ["cas-read", "cas-write", "ac-read", "ac-write", "execute", "worker", "admin"];
 
 /// A token's value in these tests: plain, so the file entries are readable.
-fn token_of(name: &str) -> String {
+pub fn token_of(name: &str) -> String {
     format!("dbt_test_{name}")
 }
 
@@ -48,7 +48,7 @@ fn sha256_hex(text: &str) -> String {
 
 /// A token file with one `[[token]]` per (name, grants on every instance,
 /// extra `instances` table).
-fn token_file_text(entries: &[(&str, &[&str], &str)]) -> String {
+pub fn token_file_text(entries: &[(&str, &[&str], &str)]) -> String {
     let mut text = String::new();
     for (name, grants, instances) in entries {
         let list: Vec<String> = grants.iter().map(|g| format!("{g:?}")).collect();
@@ -63,7 +63,7 @@ fn token_file_text(entries: &[(&str, &[&str], &str)]) -> String {
 
 /// A server on the memory store whose `[auth]` lists `tokens` (a file in
 /// `dir`) and gives anonymous callers `anonymous`.
-async fn start(dir: &Path, tokens: &str, anonymous: &[&str], tweak: impl FnOnce(&mut FileConfig)) -> TestServer {
+pub async fn start(dir: &Path, tokens: &str, anonymous: &[&str], tweak: impl FnOnce(&mut FileConfig)) -> TestServer {
     let path = dir.join("tokens.toml");
     std::fs::write(&path, tokens).unwrap();
     TestServer::start_with(Backend::Memory, |f| {

@@ -199,7 +199,10 @@ async fn a_stopped_worker_leaves_no_process_behind() {
     let worker = Worker::start(&server, "stopping", &[]);
     wait_for_workers(&server, 1).await;
     let (_stream, pid) = start_sleeper(&server).await;
-    // SAFETY: signalling our own child process.
+    // SAFETY: signalling our own child process. The first SIGTERM drains
+    // (the action could run on), the second stops at once.
+    unsafe { libc::kill(worker.child.id().unwrap() as i32, libc::SIGTERM) };
+    crate::drain::wait_draining(&server, "stopping").await;
     unsafe { libc::kill(worker.child.id().unwrap() as i32, libc::SIGTERM) };
     let status = tokio::time::timeout(Duration::from_secs(15), worker.child.wait_with_output()).await.unwrap().unwrap();
     assert!(status.status.success(), "{status:?}");

@@ -5,6 +5,10 @@ use crate::store::memory::MemoryStore;
 use remote_apis::DigestFunction;
 
 fn scheduler(max_attempts: u32) -> Scheduler {
+    scheduler_with(max_attempts, Duration::from_secs(60))
+}
+
+fn scheduler_with(max_attempts: u32, unmatched_timeout: Duration) -> Scheduler {
     let cas = crate::store::cas(Arc::new(MemoryStore::new(1 << 20)));
     let ac = Arc::new(ActionCacheService::new(Arc::new(MemoryAcStore::new(100)), cas));
     Scheduler::new(
@@ -15,7 +19,7 @@ fn scheduler(max_attempts: u32) -> Scheduler {
             numeric_properties: vec!["cpu-count".into()],
             retention: Duration::from_secs(60),
             max_finished: 2,
-            unmatched_timeout: Duration::from_secs(60),
+            unmatched_timeout,
             failed_retention: Duration::from_secs(60),
         },
     )
@@ -249,4 +253,64 @@ async fn without_a_status_url_a_failure_is_kept_but_carries_no_link() {
     let view = op.borrow().clone();
     assert!(view.response.as_ref().unwrap().message.is_empty());
     assert!(s.failed_result(&view.action_digest).is_some(), "an error with a result is a failure too");
+}
+
+#[tokio::test]
+async fn a_draining_worker_finishes_its_action_and_takes_nothing_new() {
+    let s = scheduler(3);
+    let (a, mut rx_a) = worker(&s, "a", 2, &[]);
+    let first = s.submit(submission(b"first", &[])).unwrap();
+    let task = assigned(&mut rx_a).unwrap();
+    s.set_draining("a", true).unwrap();
+    assert!(s.status().workers[0].draining);
+    // Accepted (the worker offers the platform), but not given to it
+    // although it has a free slot.
+    let second = s.submit(submission(b"second", &[])).unwrap();
+    assert!(assigned(&mut rx_a).is_none(), "a draining worker takes nothing new");
+    let done = ExecuteResponse { result: Some(ActionResult::default()), ..Default::default() };
+    s.finished(a, &task.id, done).await;
+    assert!(first.borrow().done(), "what it ran finishes");
+    assert!(assigned(&mut rx_a).is_none(), "idle, still draining");
+    let (_b, mut rx_b) = worker(&s, "b", 1, &[]);
+    assert!(assigned(&mut rx_b).is_some(), "the next action goes to another worker");
+    assert_eq!(second.borrow().worker.as_deref(), Some("b"));
+    // Undrained, it takes work again (b is busy).
+    s.set_draining("a", false).unwrap();
+    assert!(!s.status().workers[0].draining);
+    s.submit(submission(b"third", &[])).unwrap();
+    assert!(assigned(&mut rx_a).is_some());
+    let err = s.set_draining("nobody", true).unwrap_err();
+    assert_eq!(err.code, tonic::Code::NotFound);
+    assert!(err.message.contains("nobody"), "{}", err.message);
+}
+
+#[test]
+fn draining_the_last_worker_of_a_platform_gives_its_queue_the_unmatched_wait() {
+    let timeout = Duration::from_millis(500);
+    let s = scheduler_with(3, timeout);
+    let (_gpu, mut rx) = worker(&s, "gpu", 1, &[("gpu", "1")]);
+    let (_other, _rx_other) = worker(&s, "other", 1, &[]);
+    s.submit(submission(b"running", &[("gpu", "1")])).unwrap();
+    assert!(assigned(&mut rx).is_some());
+    // Waits behind the busy worker for longer than unmatched_timeout:
+    // matched all along, so it does not fail.
+    let waiting = s.submit(submission(b"waiting", &[("gpu", "1")])).unwrap();
+    std::thread::sleep(timeout + Duration::from_millis(100));
+    s.sweep();
+    assert!(!waiting.borrow().done());
+    // Its only worker drains: new actions are still accepted, and the
+    // queue gets a whole unmatched_timeout from now.
+    s.set_draining("gpu", true).unwrap();
+    let late = s.submit(submission(b"late", &[("gpu", "1")])).unwrap();
+    s.sweep();
+    assert!(!waiting.borrow().done(), "not failed at once");
+    std::thread::sleep(timeout + Duration::from_millis(100));
+    s.sweep();
+    for op in [&waiting, &late] {
+        let status = op.borrow().response.as_ref().expect("failed as unmatched").status.clone().unwrap();
+        assert_eq!(status.code, tonic::Code::FailedPrecondition as i32, "{}", status.message);
+    }
+    // With no worker offering the platform at all, as before: refused.
+    let err = s.submit(submission(b"tpu", &[("tpu", "1")])).map(|_| ()).unwrap_err();
+    assert_eq!(err.code, tonic::Code::FailedPrecondition);
 }
