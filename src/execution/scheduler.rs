@@ -128,6 +128,15 @@ pub struct Status {
     pub counters: Counters,
 }
 
+/// One platform's queue, as the status page shows it.
+#[derive(Debug, Clone)]
+pub struct QueueView {
+    pub platform: Platform,
+    pub len: usize,
+    /// When the oldest queued action was submitted.
+    pub oldest: SystemTime,
+}
+
 /// An action to queue.
 pub struct Submission {
     pub instance: InstanceName,
@@ -677,6 +686,24 @@ impl Scheduler {
             workers,
             counters: st.counters,
         }
+    }
+
+    /// The non-empty queues, each with its length and when its oldest entry
+    /// was submitted (the front one: queues are in submission order), for
+    /// the status page.
+    pub fn queues(&self) -> Vec<QueueView> {
+        let st = self.state.lock();
+        let mut out: Vec<QueueView> = st
+            .queues
+            .iter()
+            .filter_map(|(p, q)| {
+                let (_, front) = q.front()?;
+                let oldest = st.ops.get(front).map_or_else(SystemTime::now, |op| op.view.queued_at);
+                Some(QueueView { platform: p.clone(), len: q.len(), oldest })
+            })
+            .collect();
+        out.sort_by(|a, b| a.platform.cmp(&b.platform));
+        out
     }
 
     /// Hands queued actions to free slots: the oldest action any free worker

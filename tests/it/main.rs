@@ -20,6 +20,7 @@ mod hardening_worker;
 mod legacy;
 mod logs;
 mod metrics;
+mod pages;
 mod sandbox;
 mod sandbox_files;
 mod server;
