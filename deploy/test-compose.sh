@@ -124,7 +124,7 @@ if pid=$(pidof dockerd 2>/dev/null) && lim=$(awk '/^Max open files/ { print $5 }
     *) [ "$lim" -lt "$nofile" ] && nofile=$lim ;;
   esac
 fi
-export DISTBUILD_IMAGE=$image DISTBUILD_TOKENS=$tokens DISTBUILD_PUBLISH=127.0.0.1: \
+export DISTBUILD_IMAGE=$image DISTBUILD_TOKENS=$tokens DISTBUILD_PUBLISH=127.0.0.1: DISTBUILD_HTTP_PUBLISH=127.0.0.1: \
   DISTBUILD_NOFILE=$nofile DISTBUILD_LOG=info
 DISTBUILD_WORKER_TOKEN=$(cat "$tmp/workers.token")
 export DISTBUILD_WORKER_TOKEN
@@ -153,6 +153,21 @@ as admin workers list
 [ "$n" = 2 ] || fail "both workers should be connected"
 as admin workers list | awk 'NR > 1 && $1 ~ /^worker-/ && $0 !~ /namespaces\(/ { bad = 1 } END { exit bad }' ||
   fail "a worker runs actions outside the namespace sandbox"
+
+step "the HTTP port: health without a token, pages and /metrics with one"
+hport=$(compose port server 8981 | awk -F: '{ print $NF }')
+[ -n "$hport" ] || fail "no published port for the status pages"
+http=http://127.0.0.1:$hport
+curl -fsS "$http/readyz" || fail "/readyz does not answer 200"
+code=$(curl -s -o /dev/null -w '%{http_code}' "$http/")
+[ "$code" = 401 ] || fail "the overview answered $code without a token"
+# The token goes in a curl config file, not on the command line.
+(umask 077 && printf 'user = "admin:%s"\n' "$(cat "$tmp/admin.token")" >"$tmp/admin.curl")
+curl -fsS -K "$tmp/admin.curl" "$http/" >"$tmp/overview.html" || fail "the overview refused the admin token"
+grep -q 'worker-1' "$tmp/overview.html" || fail "the overview does not list worker-1"
+curl -fsS -K "$tmp/admin.curl" "$http/metrics" >"$tmp/metrics.txt" || fail "/metrics refused the admin token"
+grep -q '^distbuild_' "$tmp/metrics.txt" || fail "/metrics has no distbuild_ metrics"
+echo "pages and metrics: $(wc -c <"$tmp/overview.html") bytes of overview, $(grep -c '^distbuild_' "$tmp/metrics.txt") samples"
 
 step "callers without the execute grant cannot run actions"
 if "$cli" exec --no-cache -- true 2>"$tmp/anon.err"; then fail "an anonymous caller ran an action"; fi

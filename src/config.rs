@@ -319,6 +319,20 @@ pub struct ServerSection {
     /// Serve the worker protocol only on this IP:PORT, not on the public
     /// listener, so the port that hands out commands is not the clients'.
     pub worker_listen: Option<String>,
+    /// The HTTP listener (status pages, `/metrics`, `/healthz`, `/readyz`):
+    /// IP:PORT, or "" for none. Unset: 127.0.0.1:8981, skipped with a
+    /// warning when that port is taken (a second server on one machine).
+    pub http_listen: Option<String>,
+    /// The address people reach the HTTP listener at, for the links the
+    /// server hands out (ExecuteResponse.message), e.g.
+    /// "https://distbuild.example.com". Default: from `http_listen`.
+    pub http_url: Option<String>,
+    /// Also serve `/metrics` alone, without authentication, on this
+    /// IP:PORT (a Prometheus scraper that holds no token).
+    pub metrics_listen: Option<String>,
+    /// Record metrics (default true); false turns every counter into a
+    /// no-op (the benchmarks compare both).
+    pub metrics: bool,
 }
 
 impl Default for ServerSection {
@@ -332,6 +346,10 @@ impl Default for ServerSection {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
             worker_listen: None,
+            http_listen: None,
+            http_url: None,
+            metrics_listen: None,
+            metrics: true,
         }
     }
 }
@@ -520,6 +538,49 @@ pub struct Config {
     pub tls: Option<crate::server::tls::TlsSettings>,
     pub auth: crate::auth::AuthConfig,
     pub worker_listen: Option<SocketAddr>,
+    pub http: HttpConfig,
+}
+
+/// The HTTP listener's settings, validated.
+#[derive(Debug, Clone, Default)]
+pub struct HttpConfig {
+    /// `None`: no HTTP listener.
+    pub listen: Option<SocketAddr>,
+    /// Whether the operator chose `listen` (then failing to bind it is an
+    /// error); the built-in default is skipped with a warning instead.
+    pub explicit: bool,
+    /// The base of the links the server hands out, without a trailing `/`.
+    pub url: Option<String>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub metrics: bool,
+}
+
+/// The HTTP listener's address when `[server] http_listen` is unset.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8981";
+
+impl ServerSection {
+    fn http(&self) -> anyhow::Result<HttpConfig> {
+        let parse = |key: &str, a: &str| -> anyhow::Result<SocketAddr> {
+            a.parse().with_context(|| format!("[server] {key} {a:?} is not an IP:PORT address"))
+        };
+        let (listen, explicit) = match self.http_listen.as_deref() {
+            None => (Some(DEFAULT_HTTP_ADDR.parse()?), false),
+            Some("") => (None, true),
+            Some(a) => (Some(parse("http_listen", a)?), true),
+        };
+        let url = match self.http_url.as_deref() {
+            None | Some("") => None,
+            Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
+                Some(u.trim_end_matches('/').to_string())
+            }
+            Some(u) => bail!("[server] http_url {u:?} must start with http:// or https://"),
+        };
+        let metrics_listen = match self.metrics_listen.as_deref() {
+            None | Some("") => None,
+            Some(a) => Some(parse("metrics_listen", a)?),
+        };
+        Ok(HttpConfig { listen, explicit, url, metrics_listen, metrics: self.metrics })
+    }
 }
 
 impl FileConfig {
@@ -622,6 +683,7 @@ impl FileConfig {
                 }
                 None => None,
             },
+            http: self.server.http()?,
             data_dir,
         })
     }
@@ -706,6 +768,9 @@ mod tests {
             ("[server]\nmax_connections = 0", "max_connections"),
             ("[server]\nhandshake_timeout = \"0s\"", "handshake_timeout"),
             ("[server]\nidle_timeout = \"40s\"", "idle_timeout"),
+            ("[server]\nhttp_listen = \"localhost\"", "http_listen"),
+            ("[server]\nhttp_url = \"example.com\"", "http_url"),
+            ("[server]\nmetrics_listen = \"9090\"", "metrics_listen"),
         ];
         for (text, needle) in cases {
             let err = FileConfig::parse(text).and_then(|f| f.resolve()).unwrap_err();

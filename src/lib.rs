@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod execution;
 pub mod fsutil;
+pub mod http;
 pub mod metrics;
 pub mod server;
 pub mod store;

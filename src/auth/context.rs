@@ -202,15 +202,25 @@ impl Auth {
     /// the verified client certificate, else anonymous. UNAUTHENTICATED for
     /// a malformed header or an unknown token.
     pub fn caller<T>(&self, request: &tonic::Request<T>) -> Result<Caller, Error> {
+        self.caller_from(request.metadata(), crate::server::peer::identity(request.extensions()))
+    }
+
+    /// [`Auth::caller`] from a call's headers and its connection's verified
+    /// certificate: for the HTTP listener, which is not gRPC.
+    pub fn caller_from(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        peer: Option<&crate::server::peer::PeerIdentity>,
+    ) -> Result<Caller, Error> {
         let policy = self.policy.read().clone();
-        let token = if policy.is_open() { None } else { bearer(request.metadata())? };
-        let names = crate::server::peer::identity(request.extensions()).map(|p| p.names.as_slice()).unwrap_or(&[]);
+        let token = if policy.is_open() { None } else { bearer(metadata)? };
+        let names = peer.map(|p| p.names.as_slice()).unwrap_or(&[]);
         let (principal, grants) = policy.identify(token, names)?;
         if principal.is_identified() {
             // The call's log span (server/request_log.rs) names the caller.
             tracing::Span::current().record("principal", tracing::field::display(&principal));
         }
-        Ok(Caller { principal, metadata: request_metadata(request.metadata()), grants })
+        Ok(Caller { principal, metadata: request_metadata(metadata), grants })
     }
 
     /// The one check every service makes where it has parsed the body: the

@@ -40,13 +40,25 @@ pub enum Grant {
     /// Connecting as a remote worker (the worker gateway); implies
     /// `cas-read` and `cas-write` (see [`GrantSet::contains`]).
     Worker,
-    /// The admin API and every operation, whoever created it.
+    /// The admin API and every operation, whoever created it; implies
+    /// `status`.
     Admin,
+    /// Reading the HTTP status pages and `/metrics` (read-only: no drain
+    /// buttons, no admin RPCs), for dashboards and the people who read them.
+    Status,
 }
 
 impl Grant {
-    pub const ALL: [Grant; 7] =
-        [Grant::CasRead, Grant::CasWrite, Grant::AcRead, Grant::AcWrite, Grant::Execute, Grant::Worker, Grant::Admin];
+    pub const ALL: [Grant; 8] = [
+        Grant::CasRead,
+        Grant::CasWrite,
+        Grant::AcRead,
+        Grant::AcWrite,
+        Grant::Execute,
+        Grant::Worker,
+        Grant::Admin,
+        Grant::Status,
+    ];
 
     /// The name used in config files, token files and error messages.
     pub fn name(self) -> &'static str {
@@ -58,6 +70,7 @@ impl Grant {
             Grant::Execute => "execute",
             Grant::Worker => "worker",
             Grant::Admin => "admin",
+            Grant::Status => "status",
         }
     }
 
@@ -89,14 +102,16 @@ pub struct GrantSet(u8);
 
 impl GrantSet {
     pub const NONE: GrantSet = GrantSet(0);
-    pub const ALL: GrantSet = GrantSet(0x7f);
+    pub const ALL: GrantSet = GrantSet(0xff);
 
     /// Whether the set allows `grant`. `worker` implies `cas-read` and
     /// `cas-write`: a worker fetches its actions' inputs and uploads their
-    /// outputs, and can do nothing useful without both.
+    /// outputs, and can do nothing useful without both. `admin` implies
+    /// `status`: whoever may drain a worker may see it.
     pub fn contains(self, grant: Grant) -> bool {
         self.0 & grant.bit() != 0
             || (matches!(grant, Grant::CasRead | Grant::CasWrite) && self.0 & Grant::Worker.bit() != 0)
+            || (grant == Grant::Status && self.0 & Grant::Admin.bit() != 0)
     }
 
     pub fn insert(&mut self, grant: Grant) {

@@ -45,6 +45,9 @@ pub struct SchedulerConfig {
     pub max_finished: usize,
     /// How long an action waits when no connected worker could run it.
     pub unmatched_timeout: Duration,
+    /// The HTTP listener's base URL, when there is one: failed results
+    /// point at their page there.
+    pub status_url: Option<String>,
     /// How long failed runs stay findable (see [`Scheduler::failed_result`]).
     pub failed_retention: Duration,
 }

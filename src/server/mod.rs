@@ -10,7 +10,7 @@ pub mod peer;
 mod request_log;
 pub mod tls;
 
-pub use listener::{ConnectionLimits, incoming};
+pub use listener::{Conn, ConnectionLimits, incoming};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -121,11 +121,41 @@ pub async fn serve(
         max_connections: listener::effective_max_connections(config.connections.max_connections, fd_limit),
         ..config.connections.clone()
     };
-    let Stores { cas, ac, scrub } = stores;
-    let ac = Arc::new(ActionCacheService::new(ac, cas.clone()).with_auth(auth.clone()));
+    let http_listener = match &config.http.listen {
+        Some(addr) => {
+            config.auth.check_listener(*addr, "[server] http_listen")?;
+            crate::http::bind(&config.http).await?
+        }
+        None => None,
+    };
+    // Open by design (a Prometheus scrape carries no token): no listener check.
+    let metrics_listener = match config.http.metrics_listen {
+        Some(addr) => {
+            Some(TcpListener::bind(addr).await.with_context(|| format!("[server] metrics_listen: binding {addr}"))?)
+        }
+        None => None,
+    };
+    // Recorded only when some listener can serve them.
+    let readable = http_listener.is_some() || metrics_listener.is_some();
+    let metrics = (config.http.metrics && readable).then(crate::metrics::Metrics::new);
+    let http_url = match &http_listener {
+        Some(l) => Some(crate::http::base_url(config.http.url.as_deref(), l.local_addr()?, config.tls.is_some())),
+        None => None,
+    };
+    let Stores { cas, ac: ac_store, scrub } = stores;
+    let (cas, ac_store) = metered(metrics.as_deref(), cas, ac_store);
+    let ac = Arc::new(
+        ActionCacheService::new(ac_store.clone(), cas.clone())
+            .with_auth(auth.clone())
+            .with_metrics(metrics.as_ref().map(|m| m.ac.clone())),
+    );
     let stop_workers = CancellationToken::new();
     let closing = CancellationToken::new();
-    let (execution, builtin_worker) = start_execution(config, &cas, &ac, &stop_workers).await?;
+    let (execution, builtin_worker) = start_execution(config, &cas, &ac, &stop_workers, http_url.clone()).await?;
+    if let Some(m) = &metrics {
+        execution.record_metrics(m.execution.clone());
+        m.watch_scheduler(&execution);
+    }
     let tls = match &config.tls {
         Some(settings) => {
             let tls = tls::ServerTls::new(settings.clone())?;
@@ -174,6 +204,7 @@ pub async fn serve(
         () => {
             tonic::transport::Server::builder()
                 .layer(request_log::layer())
+                .layer(crate::metrics::grpc::layer(metrics.clone()))
                 .tcp_nodelay(true)
                 .max_concurrent_streams(conns.max_concurrent_streams)
                 .http2_keepalive_interval(conns.keepalive_interval)
@@ -212,7 +243,7 @@ pub async fn serve(
         )))
         .add_service(limits!(OperationsServer::new(OperationsService::new(execution.clone()).with_auth(auth.clone()))))
         .add_service(limits!(AdminServer::new(
-            AdminService::new(cas, scrub, config.backend, data_dir, execution).with_auth(auth.clone())
+            AdminService::new(cas.clone(), scrub, config.backend, data_dir, execution.clone()).with_auth(auth.clone())
         )));
     // With [server] worker_listen, the worker protocol is served there only.
     let worker_server = match worker_listener {
@@ -229,6 +260,35 @@ pub async fn serve(
                 .serve_with_incoming_shutdown(incoming, closing.clone().cancelled_owned());
             Some(tokio::spawn(serving))
         }
+    };
+
+    let http_server = match http_listener {
+        Some(http_listener) => {
+            let addr = http_listener.local_addr()?;
+            let state = Arc::new(crate::http::HttpState {
+                scheduler: execution.clone(),
+                cas: cas.clone(),
+                ac: ac_store,
+                auth: auth.clone(),
+                base_url: http_url.clone().unwrap_or_default(),
+                started: std::time::Instant::now(),
+                closing: closing.clone(),
+                metrics: metrics.clone(),
+            });
+            tracing::info!(%addr, url = %state.base_url, "serving the status pages and /metrics");
+            let router = crate::http::router(state);
+            Some(tokio::spawn(crate::http::serve(http_listener, &conns, tls.clone(), router, closing.clone())?))
+        }
+        None => None,
+    };
+
+    let metrics_server = match metrics_listener {
+        Some(l) => {
+            tracing::info!(addr = %l.local_addr()?, "serving /metrics without authentication");
+            let router = crate::metrics::http::router(metrics.clone());
+            Some(tokio::spawn(crate::http::serve(l, &conns, tls.clone(), router, closing.clone())?))
+        }
+        None => None,
     };
 
     let addr = listener.local_addr()?;
@@ -270,6 +330,16 @@ pub async fn serve(
             Err(_) => tracing::warn!("the worker listener did not stop within the grace period"),
         }
     }
+    if let Some(http_server) = http_server {
+        match tokio::time::timeout(config.shutdown_grace, http_server).await {
+            Ok(Ok(result)) => result.context("the HTTP listener")?,
+            Ok(Err(e)) => tracing::warn!(error = %e, "the HTTP listener's task failed"),
+            Err(_) => tracing::warn!("the HTTP listener did not stop within the grace period"),
+        }
+    }
+    if let Some(metrics_server) = metrics_server {
+        let _ = tokio::time::timeout(config.shutdown_grace, metrics_server).await;
+    }
     // Workers go after the listener: no new action can arrive, running ones
     // are killed and their directories cleaned.
     stop_workers.cancel();
@@ -278,6 +348,15 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The stores behind their metrics decorators ("cas", "ac"), when metrics
+/// are on.
+fn metered(metrics: Option<&crate::metrics::Metrics>, cas: Store, ac: Arc<dyn AcStore>) -> (Store, Arc<dyn AcStore>) {
+    let Some(m) = metrics else { return (cas, ac) };
+    let cas_metrics = m.store("cas", Some(&cas));
+    let ac_metrics = m.store("ac", None);
+    (Arc::new(store::Metered::new(cas, cas_metrics)), Arc::new(store::MeteredAc::new(ac, ac_metrics)))
 }
 
 /// How often an unchanged operation is re-sent on Execute/WaitExecution streams.
@@ -290,6 +369,7 @@ async fn start_execution(
     cas: &Store,
     ac: &Arc<ActionCacheService>,
     stop: &CancellationToken,
+    status_url: Option<String>,
 ) -> anyhow::Result<(Arc<Scheduler>, Option<tokio::task::JoinHandle<()>>)> {
     let e = &config.execution;
     let scheduler = Arc::new(Scheduler::new(
@@ -301,6 +381,7 @@ async fn start_execution(
             retention: e.operation_retention,
             max_finished: e.max_finished_operations,
             unmatched_timeout: e.unmatched_timeout,
+            status_url,
             failed_retention: e.failed_retention,
         },
     ));

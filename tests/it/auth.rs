@@ -35,7 +35,7 @@ use tonic::{Code, Request, Status};
 use crate::common::{TestServer, assert_code, sha};
 use crate::execution::{Act, request, stage};
 
-const GRANTS: [&str; 7] = ["cas-read", "cas-write", "ac-read", "ac-write", "execute", "worker", "admin"];
+const GRANTS: [&str; 8] = ["cas-read", "cas-write", "ac-read", "ac-write", "execute", "worker", "admin", "status"];
 
 /// A token's value in these tests: plain, so the file entries are readable.
 pub fn token_of(name: &str) -> String {

@@ -17,6 +17,7 @@ mod hardening_cas;
 mod hardening_exec;
 mod hardening_net;
 mod hardening_worker;
+mod http;
 mod legacy;
 mod logs;
 mod metrics;

@@ -20,6 +20,7 @@ fn scheduler_with(max_attempts: u32, unmatched_timeout: Duration) -> Scheduler {
             retention: Duration::from_secs(60),
             max_finished: 2,
             unmatched_timeout,
+            status_url: None,
             failed_retention: Duration::from_secs(60),
         },
     )
@@ -206,56 +207,6 @@ async fn merged_principals_own_the_operation_and_cancel_only_detaches() {
 }
 
 #[tokio::test]
-async fn a_failed_run_is_kept_in_the_cas_and_its_message_links_the_action_page() {
-    let mut s = scheduler(3);
-    s.config.status_url = Some("http://status.test:8981".into());
-    let (w, mut rx) = worker(&s, "a", 1, &[]);
-    let failing = s.submit(submission(b"fails", &[])).unwrap();
-    let task = assigned(&mut rx).unwrap();
-    let result = ActionResult { exit_code: 3, stderr_raw: b"boom\n".to_vec(), ..Default::default() };
-    let response =
-        ExecuteResponse { result: Some(result.clone()), message: "from the worker".into(), ..Default::default() };
-    s.finished(w, &task.id, response).await;
-    let view = failing.borrow().clone();
-    let action = view.action_digest;
-    let url = format!("http://status.test:8981/action/sha256/{}/{}", action.hash_hex(), action.size);
-    let message = &view.response.as_ref().unwrap().message;
-    assert_eq!(message, &format!("from the worker\ndetails of the failed action: {url}"));
-
-    // Kept by action digest, with the run's operation and worker; the
-    // stored blob is the ActionResult, and the ActionCache never sees it.
-    let run = s.failed_result(&action).expect("the failed run is kept");
-    assert_eq!((run.operation.as_str(), run.worker.as_deref()), (view.name.as_str(), Some("a")));
-    let stored = s.ac.cas().get_bytes(&run.result).await.unwrap();
-    assert_eq!(<ActionResult as prost::Message>::decode(stored).unwrap(), result);
-    let key = AcKey::new(&InstanceName::default(), &action);
-    assert!(s.ac.lookup(&key, DigestFunction::Sha256).await.unwrap().is_none());
-
-    // A success keeps nothing and says nothing.
-    let ok = s.submit(submission(b"works", &[])).unwrap();
-    let task = assigned(&mut rx).unwrap();
-    s.finished(w, &task.id, ExecuteResponse { result: Some(ActionResult::default()), ..Default::default() }).await;
-    let view = ok.borrow().clone();
-    assert!(view.response.as_ref().unwrap().message.is_empty());
-    assert!(s.failed_result(&view.action_digest).is_none());
-}
-
-#[tokio::test]
-async fn without_a_status_url_a_failure_is_kept_but_carries_no_link() {
-    let s = scheduler(3);
-    let (w, mut rx) = worker(&s, "a", 1, &[]);
-    let op = s.submit(submission(b"times out", &[])).unwrap();
-    let task = assigned(&mut rx).unwrap();
-    let status = remote_apis::rpc::Status { code: tonic::Code::DeadlineExceeded as i32, ..Default::default() };
-    let response =
-        ExecuteResponse { result: Some(ActionResult::default()), status: Some(status), ..Default::default() };
-    s.finished(w, &task.id, response).await;
-    let view = op.borrow().clone();
-    assert!(view.response.as_ref().unwrap().message.is_empty());
-    assert!(s.failed_result(&view.action_digest).is_some(), "an error with a result is a failure too");
-}
-
-#[tokio::test]
 async fn a_draining_worker_finishes_its_action_and_takes_nothing_new() {
     let s = scheduler(3);
     let (a, mut rx_a) = worker(&s, "a", 2, &[]);
@@ -313,4 +264,54 @@ fn draining_the_last_worker_of_a_platform_gives_its_queue_the_unmatched_wait() {
     // With no worker offering the platform at all, as before: refused.
     let err = s.submit(submission(b"tpu", &[("tpu", "1")])).map(|_| ()).unwrap_err();
     assert_eq!(err.code, tonic::Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn a_failed_run_is_kept_in_the_cas_and_its_message_links_the_action_page() {
+    let mut s = scheduler(3);
+    s.config.status_url = Some("http://status.test:8981".into());
+    let (w, mut rx) = worker(&s, "a", 1, &[]);
+    let failing = s.submit(submission(b"fails", &[])).unwrap();
+    let task = assigned(&mut rx).unwrap();
+    let result = ActionResult { exit_code: 3, stderr_raw: b"boom\n".to_vec(), ..Default::default() };
+    let response =
+        ExecuteResponse { result: Some(result.clone()), message: "from the worker".into(), ..Default::default() };
+    s.finished(w, &task.id, response).await;
+    let view = failing.borrow().clone();
+    let action = view.action_digest;
+    let url = format!("http://status.test:8981/action/sha256/{}/{}", action.hash_hex(), action.size);
+    let message = &view.response.as_ref().unwrap().message;
+    assert_eq!(message, &format!("from the worker\ndetails of the failed action: {url}"));
+
+    // Kept by action digest, with the run's operation and worker; the
+    // stored blob is the ActionResult, and the ActionCache never sees it.
+    let run = s.failed_result(&action).expect("the failed run is kept");
+    assert_eq!((run.operation.as_str(), run.worker.as_deref()), (view.name.as_str(), Some("a")));
+    let stored = s.ac.cas().get_bytes(&run.result).await.unwrap();
+    assert_eq!(<ActionResult as prost::Message>::decode(stored).unwrap(), result);
+    let key = AcKey::new(&InstanceName::default(), &action);
+    assert!(s.ac.lookup(&key, DigestFunction::Sha256).await.unwrap().is_none());
+
+    // A success keeps nothing and says nothing.
+    let ok = s.submit(submission(b"works", &[])).unwrap();
+    let task = assigned(&mut rx).unwrap();
+    s.finished(w, &task.id, ExecuteResponse { result: Some(ActionResult::default()), ..Default::default() }).await;
+    let view = ok.borrow().clone();
+    assert!(view.response.as_ref().unwrap().message.is_empty());
+    assert!(s.failed_result(&view.action_digest).is_none());
+}
+
+#[tokio::test]
+async fn without_a_status_url_a_failure_is_kept_but_carries_no_link() {
+    let s = scheduler(3);
+    let (w, mut rx) = worker(&s, "a", 1, &[]);
+    let op = s.submit(submission(b"times out", &[])).unwrap();
+    let task = assigned(&mut rx).unwrap();
+    let status = remote_apis::rpc::Status { code: tonic::Code::DeadlineExceeded as i32, ..Default::default() };
+    let response =
+        ExecuteResponse { result: Some(ActionResult::default()), status: Some(status), ..Default::default() };
+    s.finished(w, &task.id, response).await;
+    let view = op.borrow().clone();
+    assert!(view.response.as_ref().unwrap().message.is_empty());
+    assert!(s.failed_result(&view.action_digest).is_some(), "an error with a result is a failure too");
 }
