@@ -264,17 +264,24 @@ pub fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: starting the runtime: {e}");
+            report(format_args!("error: starting the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            report(format_args!("error: {e:#}"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The last word on stderr. Not `eprintln!`, which panics (exit 101) when
+/// stderr is a pipe whose reader has gone, hiding the real exit status.
+fn report(message: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{message}");
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<FileConfig> {

@@ -129,11 +129,25 @@ pub fn assert_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: t
     }
 }
 
-/// A loopback address that was free a moment ago (for listeners the server
-/// binds itself, such as `[server] http_listen`).
+/// A loopback address that was free a moment ago, for listeners the server
+/// binds itself (such as `[server] http_listen`). Taken below the kernel's
+/// ephemeral range, from which every port-0 listener of the other tests
+/// (running at the same time) gets its port: a port handed out here cannot
+/// be taken by one of them before the server binds it. Each call in this
+/// process gets another port.
 pub fn free_addr() -> std::net::SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000; // up to 32,000: below 32,768 (ip_local_port_range)
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let port = LOW + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            return l.local_addr().unwrap();
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 /// One HTTP response, as read off the wire.
@@ -185,7 +199,11 @@ pub async fn http_request(
     stream.write_all(request.as_bytes()).await.unwrap();
     stream.write_all(body).await.unwrap();
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.unwrap();
+    // A server that never answers fails the test instead of hanging it.
+    tokio::time::timeout(std::time::Duration::from_secs(60), stream.read_to_end(&mut raw))
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path}: no complete answer from {addr} within 60 s"))
+        .unwrap();
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("no end of headers");
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.split("\r\n");
