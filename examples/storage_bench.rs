@@ -256,6 +256,9 @@ fn metrics_config(on: bool) -> (tempfile::TempDir, String) {
     (dir, path.to_string_lossy().into_owned())
 }
 
+/// Alternating passes of the metrics comparison.
+const PASSES: usize = 4;
+
 /// The same uploads against a server recording metrics and one that does
 /// not (filesystem store), alternating passes so drift hits both alike:
 /// the target is within 3% on upload throughput.
@@ -275,32 +278,60 @@ async fn metrics_comparison(binary: &str, blob_mib: usize, small_count: usize) {
     let (on_client, off_client) = (connect(&on.url).await, connect(&off.url).await);
     let mut big = random_bytes(blob_mib << 20, 4242).to_vec();
     let (mut up, mut batch) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
-    for pass in 0..2 {
-        for (i, (server, client)) in [(&on, &on_client), (&off, &off_client)].into_iter().enumerate() {
+    // Server CPU seconds: steadier than wall-clock time on a shared machine.
+    let (mut up_cpu, mut batch_cpu) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    let servers = [(&on, &on_client), (&off, &off_client)];
+    // Each pass runs both, the first one alternating, so neither always
+    // follows the other's disk writeback.
+    let order = |pass: usize| if pass % 2 == 0 { [0, 1] } else { [1, 0] };
+    for pass in 0..PASSES {
+        // Fresh blobs each pass: a blob the server holds is not uploaded again.
+        big[8..16].copy_from_slice(&(pass as u64 + 1).to_le_bytes());
+        for i in order(pass) {
+            let (server, client) = servers[i];
             let streamed = stream_rounds(server, client, &mut big).await;
             up[i].push(mb_per_s(streamed.size, streamed.upload));
+            up_cpu[i].push(streamed.upload_cpu_per_gb);
+        }
+    }
+    let _ = Command::new("sync").status();
+    for pass in 0..PASSES {
+        for i in order(pass) {
             let small: Vec<(Digest, Bytes)> = (0..small_count)
                 .map(|k| {
                     let b = random_bytes(100 + (k * 37) % 900, ((pass * 2 + i) * small_count + k) as u64 + 1_000_000);
                     (DigestFunction::Sha256.digest_of(&b), b)
                 })
                 .collect();
-            let t = Instant::now();
-            client.upload_blobs(small).await.unwrap();
+            let pid = servers[i].0.child.id();
+            let (cpu, t) = (cpu_seconds(pid), Instant::now());
+            servers[i].1.upload_blobs(small).await.unwrap();
             batch[i].push(small_count as f64 / t.elapsed().as_secs_f64());
+            batch_cpu[i].push(cpu_seconds(pid) - cpu);
         }
     }
-    let mean = |v: &Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
+    let mid = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     println!();
     println!(
         "{:<52} {:>12} {:>12} {:>8}  target",
-        "metrics on against off (2 alternating passes)", "on", "off", "on/off"
+        format!("metrics on against off (median of {PASSES} alternating passes)"),
+        "on",
+        "off",
+        "on/off"
     );
     let row = |what: String, unit: &str, on: f64, off: f64| {
         println!("{what:<52} {on:>7.0} {unit:<4} {off:>7.0} {unit:<4} {:>8.3}  >= 0.97", on / off);
     };
-    row(format!("ByteStream upload, {blob_mib} MiB, filesystem store"), "MB/s", mean(&up[0]), mean(&up[1]));
-    row(format!("BatchUpdateBlobs, {small_count} blobs of 100-1000 B"), "/s", mean(&batch[0]), mean(&batch[1]));
+    row(format!("ByteStream upload, {blob_mib} MiB, filesystem store"), "MB/s", mid(&mut up[0]), mid(&mut up[1]));
+    row(format!("BatchUpdateBlobs, {small_count} blobs of 100-1000 B"), "/s", mid(&mut batch[0]), mid(&mut batch[1]));
+    let cpu_row = |what: &str, on: f64, off: f64| {
+        println!("{what:<52} {on:>7.2} s    {off:>7.2} s    {:>8.3}", off / on);
+    };
+    cpu_row("server CPU per GB uploaded (off/on)", mid(&mut up_cpu[0]), mid(&mut up_cpu[1]));
+    cpu_row("server CPU per BatchUpdateBlobs round (off/on)", mid(&mut batch_cpu[0]), mid(&mut batch_cpu[1]));
 }
 
 /// Blobs per second read through BatchReadBlobs (batches of at most 3 MiB
