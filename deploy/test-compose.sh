@@ -135,6 +135,8 @@ port=$(compose port server 8980 | awk -F: '{ print $NF }')
 export DISTBUILD_SERVER=grpc://127.0.0.1:$port
 unset DISTBUILD_TOKEN DISTBUILD_TOKEN_FILE DISTBUILD_CONFIG
 as() { local who=$1; shift; DISTBUILD_TOKEN_FILE=$tmp/$who.token "$cli" "$@"; }
+# awk program: the column named `col` in the header, of the row of worker `w`.
+column='NR == 1 { for (i = 1; i <= NF; i++) if ($i == col) c = i } NR > 1 && $1 == w { print $c }'
 echo "server: $DISTBUILD_SERVER"
 
 step "wait for the server and both workers"
@@ -221,7 +223,7 @@ echo "$summary" | grep -qE '[0-9]+ (remote|local)[,.]' && fail "actions ran agai
 step "both workers ran actions; health checks"
 as admin workers list
 for w in worker-1 worker-2; do
-  done_n=$(as admin workers list | awk -v w="$w" 'NR > 1 && $1 == w { print $4 }')
+  done_n=$(as admin workers list | awk -v w="$w" -v col=DONE "$column" )
   [ "${done_n:-0}" -gt 0 ] || fail "$w ran no action (DONE ${done_n:-?})"
 done
 # Docker's first health probe runs one interval (30 s) after the start.
@@ -239,7 +241,8 @@ as client exec --no-cache -- sh -c 'sleep 20; echo survived' >"$tmp/kill.out" 2>
 exec_pid=$!
 busy=""
 for _ in $(seq 100); do
-  busy=$(as admin workers list 2>/dev/null | awk 'NR > 1 && $1 ~ /^worker-/ && $3 > 0 { print $1; exit }')
+  busy=$(as admin workers list 2>/dev/null |
+    awk 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "BUSY") c = i } NR > 1 && $1 ~ /^worker-/ && $c > 0 { print $1; exit }')
   [ -n "$busy" ] && break
   sleep 0.2
 done
@@ -256,5 +259,37 @@ as admin job status "$op" | tee "$tmp/kill.status"
 ran_on=$(awk '$1 == "worker:" { print $2 }' "$tmp/kill.status")
 [ -n "$ran_on" ] && [ "$ran_on" != "$busy" ] || fail "expected $op to finish on the other worker, not '${ran_on}'"
 echo "re-queued from $busy to $ran_on; done $((SECONDS - t))s after submission"
+
+step "docker stop (SIGTERM) on a busy worker: it drains, the action finishes there"
+as client exec --no-cache -- sh -c 'sleep 6; echo drained' >"$tmp/drain.out" 2>"$tmp/drain.err" &
+exec_pid=$!
+busy=""
+for _ in $(seq 100); do
+  busy=$(as admin workers list 2>/dev/null |
+    awk 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "BUSY") c = i } NR > 1 && $1 ~ /^worker-/ && $c > 0 { print $1; exit }')
+  [ -n "$busy" ] && break
+  sleep 0.2
+done
+[ -n "$busy" ] || fail "no worker picked up the action to drain"
+op=$(as admin jobs list | awk '$2 == "EXECUTING" { print $1; exit }')
+victim=$(compose ps -q "$busy")
+echo "$busy runs $op; docker stop ${victim:0:12}"
+docker stop -t 60 "$victim" >/dev/null &
+stop_pid=$!
+state=""
+for _ in $(seq 50); do
+  state=$(as admin workers list 2>/dev/null | awk -v w="$busy" -v col=STATE "$column")
+  [ "$state" = draining ] && break
+  sleep 0.2
+done
+[ "$state" = draining ] || fail "$busy is not draining after SIGTERM (state '${state}')"
+wait "$exec_pid" || fail "the action failed while its worker drained: $(cat "$tmp/drain.err")"
+[ "$(cat "$tmp/drain.out")" = drained ] || fail "unexpected output: $(cat "$tmp/drain.out")"
+wait "$stop_pid"
+ran_on=$(as admin job status "$op" | awk '$1 == "worker:" { print $2 }')
+[ "$ran_on" = "$busy" ] || fail "expected $op to finish on the draining $busy, not '${ran_on}'"
+code=$(docker inspect -f '{{.State.ExitCode}}' "$victim")
+[ "$code" = 0 ] || fail "the drained worker exited with $code"
+echo "$busy drained: $op finished there, then the worker exited 0"
 
 step "passed (image build ${build_secs}s)"
