@@ -394,29 +394,47 @@ fn metrics_config(on: bool) -> (tempfile::TempDir, String) {
 /// Cached Execute latency against a server recording metrics and one that
 /// does not, in alternating batches so drift hits both alike: the issue's
 /// target is a p50 within 3%.
+///
+/// A second server with metrics off runs beside them as a control: the
+/// off/off ratio is the noise floor of two identical servers on this
+/// machine, against which the on/off ratio is read. The order of the three
+/// rotates every round, so no server always runs first.
 async fn metrics_comparison(binary: &str, iterations: usize) {
+    const ROUNDS: usize = 8;
     let (_on_dir, on_config) = metrics_config(true);
     let (_off_dir, off_config) = metrics_config(false);
-    let mut on = start_server(binary, &["--backend", "filesystem", "--config", &on_config]);
-    let mut off = start_server(binary, &["--backend", "filesystem", "--config", &off_config]);
-    let fixtures =
-        [Fixture::new(wait_for_server(&mut on).await).await, Fixture::new(wait_for_server(&mut off).await).await];
-    let mut samples = [Vec::new(), Vec::new()];
-    for _ in 0..4 {
-        for (i, f) in fixtures.iter().enumerate() {
-            samples[i].extend(cached_latencies(f, iterations.div_ceil(2)).await);
+    let mut servers = [
+        start_server(binary, &["--backend", "filesystem", "--config", &on_config]),
+        start_server(binary, &["--backend", "filesystem", "--config", &off_config]),
+        start_server(binary, &["--backend", "filesystem", "--config", &off_config]),
+    ];
+    let mut fixtures = Vec::new();
+    for server in &mut servers {
+        fixtures.push(Fixture::new(wait_for_server(server).await).await);
+    }
+    let mut samples = [Vec::new(), Vec::new(), Vec::new()];
+    for round in 0..ROUNDS {
+        for k in 0..fixtures.len() {
+            let i = (round + k) % fixtures.len();
+            samples[i].extend(cached_latencies(&fixtures[i], iterations.div_ceil(ROUNDS / 2)).await);
         }
     }
     let p50 = |v: &mut Vec<Duration>| {
         v.sort();
         ms(percentile(v, 50.0))
     };
-    let (on_p50, off_p50) = (p50(&mut samples[0]), p50(&mut samples[1]));
+    let [on, off, control] = &mut samples;
+    let (on_p50, off_p50, control_p50) = (p50(on), p50(off), p50(control));
     println!();
     println!("{:<52} {:>9} {:>9} {:>9}  target", "metrics on against off, cached Execute", "on", "off", "off/on");
     println!(
         "{:<52} {on_p50:>9.3} {off_p50:>9.3} {:>9.3}  >= 0.97",
-        format!("p50 ms, sequential ({}x each, 4 alternating batches)", samples[0].len()),
+        format!("p50 ms, sequential ({}x each, {ROUNDS} rotating rounds)", on.len()),
         off_p50 / on_p50
+    );
+    println!(
+        "{:<52} {control_p50:>9.3} {off_p50:>9.3} {:>9.3}  (noise floor)",
+        "control: metrics off against off",
+        off_p50 / control_p50
     );
 }

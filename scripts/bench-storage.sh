@@ -2,7 +2,8 @@
 # Storage benchmark: builds release binaries, starts a server process on
 # loopback and measures it from a client (examples/storage_bench.rs), then
 # the same uploads with metrics recorded and not ([server] metrics), side
-# by side with their ratio.
+# by side with their ratio and a control (a second server without metrics:
+# the noise floor).
 #
 # Usage: scripts/bench-storage.sh [BLOB_MIB=256] [SMALL_BLOBS=10000]
 #
