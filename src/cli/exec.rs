@@ -149,6 +149,11 @@ pub async fn run(args: RunArgs, server: &str, options: &ClientOptions, instance:
     if let Some(status) = response.status.as_ref().filter(|s| s.code != 0) {
         eprintln!("error: {:?}: {}", tonic::Code::from_i32(status.code), status.message);
     }
+    // The server's word on a failure (the link to its status page), as
+    // Bazel shows it: after the command's own output.
+    if result.exit_code != 0 && !response.message.is_empty() {
+        eprintln!("{}", response.message);
+    }
     Ok(exit_code(result.exit_code))
 }
 
@@ -367,6 +372,9 @@ fn print_response(name: &str, stage: Stage, response: Option<&ExecuteResponse>) 
     let Some(r) = response else { return };
     if let Some(s) = r.status.as_ref().filter(|s| s.code != 0) {
         println!("status:    {:?}: {}", tonic::Code::from_i32(s.code), s.message);
+    }
+    if !r.message.is_empty() {
+        println!("message:   {}", r.message);
     }
     if let Some(result) = &r.result {
         println!("exit code: {}", result.exit_code);

@@ -231,3 +231,29 @@ async fn run_job_jobs_workers_and_scheduler_status() {
     assert!(text(&out.stderr).contains("not-a-command"), "{}", text(&out.stderr));
     assert!(d.join("state/cargo-distbuild/history").exists());
 }
+
+/// A failed command's page: `exec` prints the link the server put in
+/// `ExecuteResponse.message` after the command's own stderr, and the link
+/// opens the page with that stderr.
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_prints_the_page_of_a_failure() {
+    let http = crate::common::free_addr();
+    let server = TestServer::start_with(cargo_distbuild::config::Backend::Memory, |f| {
+        f.server.http_listen = Some(http.to_string())
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = "echo exec-page-test-oops >&2; exit 5";
+    let out = cli_in(dir.path(), s(&["exec", "--server", &server.url(), "--", "sh", "-c", script]), "").await;
+    assert_eq!(out.status.code(), Some(5));
+    let stderr = text(&out.stderr);
+    let prefix = format!("http://{http}");
+    let link = stderr.split_whitespace().find(|w| w.starts_with(&prefix)).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(stderr.find("exec-page-test-oops").unwrap() < stderr.find(link).unwrap(), "{stderr}");
+    let page = crate::common::http_get(http, &link[prefix.len()..], &[]).await;
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("exec-page-test-oops"), "{}", page.text());
+    // A success prints nothing of the kind.
+    let out = cli_in(dir.path(), s(&["exec", "--server", &server.url(), "--", "true"]), "").await;
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", text(&out.stderr));
+}
