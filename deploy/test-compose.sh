@@ -135,6 +135,16 @@ port=$(compose port server 8980 | awk -F: '{ print $NF }')
 export DISTBUILD_SERVER=grpc://127.0.0.1:$port
 unset DISTBUILD_TOKEN DISTBUILD_TOKEN_FILE DISTBUILD_CONFIG
 as() { local who=$1; shift; DISTBUILD_TOKEN_FILE=$tmp/$who.token "$cli" "$@"; }
+# The first worker with a busy slot (waits up to 20 s for one), or nothing.
+busy_worker() {
+  local w
+  for _ in $(seq 100); do
+    w=$(as admin workers list 2>/dev/null |
+      awk 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "BUSY") c = i } NR > 1 && $1 ~ /^worker-/ && $c > 0 { print $1; exit }')
+    [ -n "$w" ] && { echo "$w"; return; }
+    sleep 0.2
+  done
+}
 # awk program: the column named `col` in the header, of the row of worker `w`.
 column='NR == 1 { for (i = 1; i <= NF; i++) if ($i == col) c = i } NR > 1 && $1 == w { print $c }'
 echo "server: $DISTBUILD_SERVER"
@@ -239,13 +249,7 @@ step "kill the worker running an action: the action still completes"
 t=$SECONDS
 as client exec --no-cache -- sh -c 'sleep 20; echo survived' >"$tmp/kill.out" 2>"$tmp/kill.err" &
 exec_pid=$!
-busy=""
-for _ in $(seq 100); do
-  busy=$(as admin workers list 2>/dev/null |
-    awk 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "BUSY") c = i } NR > 1 && $1 ~ /^worker-/ && $c > 0 { print $1; exit }')
-  [ -n "$busy" ] && break
-  sleep 0.2
-done
+busy=$(busy_worker)
 [ -n "$busy" ] || fail "no worker picked up the action"
 op=$(as admin jobs list | awk '$2 == "EXECUTING" { print $1; exit }')
 [ -n "$op" ] || fail "no operation is executing"
@@ -263,13 +267,7 @@ echo "re-queued from $busy to $ran_on; done $((SECONDS - t))s after submission"
 step "docker stop (SIGTERM) on a busy worker: it drains, the action finishes there"
 as client exec --no-cache -- sh -c 'sleep 6; echo drained' >"$tmp/drain.out" 2>"$tmp/drain.err" &
 exec_pid=$!
-busy=""
-for _ in $(seq 100); do
-  busy=$(as admin workers list 2>/dev/null |
-    awk 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "BUSY") c = i } NR > 1 && $1 ~ /^worker-/ && $c > 0 { print $1; exit }')
-  [ -n "$busy" ] && break
-  sleep 0.2
-done
+busy=$(busy_worker)
 [ -n "$busy" ] || fail "no worker picked up the action to drain"
 op=$(as admin jobs list | awk '$2 == "EXECUTING" { print $1; exit }')
 victim=$(compose ps -q "$busy")

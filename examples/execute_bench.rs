@@ -376,21 +376,6 @@ async fn main() {
     metrics_comparison(binary, iterations).await;
 }
 
-/// A config file turning metrics on (with an HTTP listener on a free port,
-/// so they are recorded) or off, and the directory holding it.
-fn metrics_config(on: bool) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("config.toml");
-    let text = if on {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        format!("[server]\nhttp_listen = \"127.0.0.1:{port}\"\nmetrics = true\n")
-    } else {
-        "[server]\nhttp_listen = \"\"\nmetrics = false\n".to_string()
-    };
-    std::fs::write(&path, text).unwrap();
-    (dir, path.to_string_lossy().into_owned())
-}
-
 /// Cached Execute latency against a server recording metrics and one that
 /// does not, in alternating batches so drift hits both alike: the issue's
 /// target is a p50 within 3%.
@@ -401,8 +386,8 @@ fn metrics_config(on: bool) -> (tempfile::TempDir, String) {
 /// rotates every round, so no server always runs first.
 async fn metrics_comparison(binary: &str, iterations: usize) {
     const ROUNDS: usize = 8;
-    let (_on_dir, on_config) = metrics_config(true);
-    let (_off_dir, off_config) = metrics_config(false);
+    let (_on_dir, on_config) = support::metrics_config(true);
+    let (_off_dir, off_config) = support::metrics_config(false);
     let mut servers = [
         start_server(binary, &["--backend", "filesystem", "--config", &on_config]),
         start_server(binary, &["--backend", "filesystem", "--config", &off_config]),

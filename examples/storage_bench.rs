@@ -241,21 +241,6 @@ async fn main() {
     metrics_comparison(binary, blob_mib, small_count).await;
 }
 
-/// A config file turning metrics on (with an HTTP listener on a free port,
-/// so they are recorded) or off, and the directory holding it.
-fn metrics_config(on: bool) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("config.toml");
-    let text = if on {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        format!("[server]\nhttp_listen = \"127.0.0.1:{port}\"\nmetrics = true\n")
-    } else {
-        "[server]\nhttp_listen = \"\"\nmetrics = false\n".to_string()
-    };
-    std::fs::write(&path, text).unwrap();
-    (dir, path.to_string_lossy().into_owned())
-}
-
 /// Alternating passes of the metrics comparison.
 const PASSES: usize = 4;
 
@@ -269,8 +254,8 @@ const PASSES: usize = 4;
 /// follows another's disk writeback.
 async fn metrics_comparison(binary: &str, blob_mib: usize, small_count: usize) {
     const SERVERS: usize = 3; // on, off, control (off)
-    let (_on_dir, on_config) = metrics_config(true);
-    let (_off_dir, off_config) = metrics_config(false);
+    let (_on_dir, on_config) = support::metrics_config(true);
+    let (_off_dir, off_config) = support::metrics_config(false);
     let args = |config: &str| {
         vec!["--max-size", "2GiB", "--backend", "memory", "--config"]
             .into_iter()

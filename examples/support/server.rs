@@ -32,3 +32,18 @@ pub fn start_server(binary: &str, extra: &[&str]) -> Server {
         .expect("starting the server binary");
     Server { child, _dir: dir, url: format!("grpc://127.0.0.1:{port}") }
 }
+
+/// A config file turning metrics on (with an HTTP listener on a free port,
+/// so they are recorded) or off, and the directory holding it.
+pub fn metrics_config(on: bool) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    let text = if on {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        format!("[server]\nhttp_listen = \"127.0.0.1:{port}\"\nmetrics = true\n")
+    } else {
+        "[server]\nhttp_listen = \"\"\nmetrics = false\n".to_string()
+    };
+    std::fs::write(&path, text).unwrap();
+    (dir, path.to_string_lossy().into_owned())
+}
