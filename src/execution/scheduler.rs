@@ -30,126 +30,9 @@ use crate::auth::Principal;
 use crate::error::{Error, Result};
 use crate::worker::Task;
 
-#[derive(Debug, Clone)]
-pub struct SchedulerConfig {
-    /// Attempts per action when workers are lost while running it.
-    pub max_attempts: u32,
-    /// A remote worker silent for this long is dropped.
-    pub keepalive_timeout: Duration,
-    /// Properties compared as "at least" numbers.
-    pub numeric_properties: Vec<String>,
-    /// How long finished operations stay visible (WaitExecution, GetOperation).
-    pub retention: Duration,
-    /// At most this many finished operations are kept (oldest go first), so
-    /// a flood of cache hits cannot grow memory without bound.
-    pub max_finished: usize,
-    /// How long an action waits when no connected worker could run it.
-    pub unmatched_timeout: Duration,
-    /// The HTTP listener's base URL, when there is one: failed results
-    /// point at their page there.
-    pub status_url: Option<String>,
-    /// How long failed runs stay findable (see [`Scheduler::failed_result`]).
-    pub failed_retention: Duration,
-}
-
-/// What the scheduler tells a worker.
-#[derive(Debug)]
-pub enum WorkerCommand {
-    Assign(Arc<Task>),
-    Cancel(String),
-}
-
-#[derive(Debug, Clone)]
-pub struct WorkerInfo {
-    pub name: String,
-    pub properties: Platform,
-    pub slots: usize,
-    pub builtin: bool,
-    /// How the worker isolates actions (its runner's description).
-    pub sandbox: String,
-}
-
-/// A worker as `workers list` shows it.
-#[derive(Debug, Clone)]
-pub struct WorkerView {
-    pub info: WorkerInfo,
-    pub busy: usize,
-    pub done: u64,
-    /// Of `done`, the ones that did not succeed.
-    pub failed: u64,
-    /// Since the worker last showed it is alive (zero for the built-in one).
-    pub last_seen: Duration,
-    pub connected_for: Duration,
-    /// Takes no new actions; finishes what it runs (see [`Scheduler::set_draining`]).
-    pub draining: bool,
-}
-
-/// One operation as clients see it. `stages` only grows (a lost worker adds
-/// QUEUED again), so a stream can send every step it has not sent yet.
-#[derive(Debug, Clone)]
-pub struct OpView {
-    pub name: String,
-    pub instance: InstanceName,
-    pub action_digest: Digest,
-    pub stages: Vec<Stage>,
-    pub response: Option<Arc<ExecuteResponse>>,
-    pub worker: Option<String>,
-    pub queued_at: SystemTime,
-    /// Who asked for it: the creator, and callers from other principals
-    /// whose identical action merged into it. Only they (and admins) see it.
-    pub owners: Vec<Principal>,
-}
-
-impl OpView {
-    pub fn stage(&self) -> Stage {
-        self.stages.last().copied().unwrap_or(Stage::Unknown)
-    }
-
-    pub fn done(&self) -> bool {
-        self.response.is_some()
-    }
-}
-
-/// Counters for `scheduler status`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Counters {
-    pub cache_hits: u64,
-    pub cache_misses: u64,
-    pub merged: u64,
-    pub executed: u64,
-    pub failed: u64,
-    pub requeued: u64,
-    pub cancelled: u64,
-}
-
-#[derive(Debug, Clone)]
-pub struct Status {
-    pub queues: Vec<(Platform, usize)>,
-    pub running: usize,
-    pub operations: usize,
-    pub workers: Vec<WorkerView>,
-    pub counters: Counters,
-}
-
-/// One platform's queue, as the status page shows it.
-#[derive(Debug, Clone)]
-pub struct QueueView {
-    pub platform: Platform,
-    pub len: usize,
-    /// When the oldest queued action was submitted.
-    pub oldest: SystemTime,
-}
-
-/// An action to queue.
-pub struct Submission {
-    pub instance: InstanceName,
-    pub action_digest: Digest,
-    pub checked: Checked,
-    /// `None` for `do_not_cache`: never merged, never cached.
-    pub cache_key: Option<AcKey>,
-    /// The caller: the operation belongs to it.
-    pub owner: Principal,
-}
+pub use types::{
+    Counters, OpView, QueueView, SchedulerConfig, Status, Submission, WorkerCommand, WorkerInfo, WorkerView,
+};
 
 pub type OpWatch = watch::Receiver<Arc<OpView>>;
 
@@ -392,117 +275,6 @@ impl Scheduler {
         }
     }
 
-    /// Adds a worker. Names are unique among connected workers: a name in
-    /// use is refused (ALREADY_EXISTS), so no client can evict a worker (the
-    /// built-in one included) by taking its name. The one exception is the
-    /// same worker process reconnecting, recognized by its `incarnation` (a
-    /// random value it never shows; empty means none): its previous stream
-    /// is dead as far as it knows, so that entry is replaced at once and its
-    /// actions re-queued instead of waiting for the keepalive sweep.
-    pub fn register_worker(
-        &self,
-        info: WorkerInfo,
-        incarnation: &str,
-        tx: mpsc::UnboundedSender<WorkerCommand>,
-    ) -> Result<u64> {
-        let mut st = self.state.lock();
-        if let Some((&old, entry)) = st.workers.iter().find(|(_, w)| w.info.name == info.name) {
-            if incarnation.is_empty() || entry.incarnation != incarnation {
-                return Err(Error::new(
-                    tonic::Code::AlreadyExists,
-                    format!("a connected worker is named {:?}; give each worker its own --name", info.name),
-                ));
-            }
-            self.drop_worker(&mut st, old, "reconnected");
-        }
-        st.next_worker += 1;
-        let id = st.next_worker;
-        tracing::info!(worker = %info.name, slots = info.slots, properties = %info.properties, "worker connected");
-        let now = Instant::now();
-        let entry = WorkerEntry {
-            info,
-            incarnation: incarnation.to_string(),
-            tx,
-            running: HashMap::new(),
-            done: 0,
-            failed: 0,
-            last_seen: now,
-            connected_at: now,
-            draining: false,
-        };
-        st.workers.insert(id, entry);
-        self.dispatch(&mut st);
-        Ok(id)
-    }
-
-    /// Drains a worker (it finishes what it runs and is given nothing new)
-    /// or puts it back to work. NOT_FOUND when no connected worker has that
-    /// name. A draining worker still counts for accepting new actions of
-    /// its platform, but not for the unmatched sweep (see
-    /// [`Scheduler::sweep`]).
-    pub fn set_draining(&self, name: &str, draining: bool) -> Result<()> {
-        let mut st = self.state.lock();
-        let Some(w) = st.workers.values_mut().find(|w| w.info.name == name) else {
-            return Err(Error::not_found(format!("no connected worker is named {}", remote_apis::quote(name))));
-        };
-        if w.draining != draining {
-            w.draining = draining;
-            let state = if draining { "draining" } else { "active" };
-            tracing::info!(worker = %w.info.name, running = w.running.len(), state, "worker state changed");
-        }
-        if !draining {
-            self.dispatch(&mut st);
-        }
-        Ok(())
-    }
-
-    pub fn worker_alive(&self, id: u64) {
-        if let Some(w) = self.state.lock().workers.get_mut(&id) {
-            w.last_seen = Instant::now();
-        }
-    }
-
-    /// A worker went away: its running actions are queued again (up to the
-    /// attempt limit, then they fail with a status saying why).
-    pub fn worker_lost(&self, id: u64, reason: &str) {
-        let mut st = self.state.lock();
-        self.drop_worker(&mut st, id, reason);
-        self.dispatch(&mut st);
-    }
-
-    fn drop_worker(&self, st: &mut State, id: u64, reason: &str) {
-        let Some(worker) = st.workers.remove(&id) else { return };
-        if worker.running.is_empty() {
-            tracing::info!(worker = %worker.info.name, reason, "worker gone");
-        } else {
-            tracing::warn!(worker = %worker.info.name, reason, running = worker.running.len(), "worker lost mid-action");
-        }
-        for (task, name) in worker.running {
-            let Some(op) = st.ops.get_mut(&name) else { continue };
-            if op.running.as_ref() != Some(&(id, task)) {
-                continue;
-            }
-            op.running = None;
-            op.view.worker = None;
-            if op.attempts >= self.config.max_attempts {
-                let message = format!(
-                    "worker {} was lost ({reason}) while running this action; gave up after {} attempts",
-                    worker.info.name, op.attempts
-                );
-                let status = rpc::Status { code: tonic::Code::Unavailable as i32, message, details: Vec::new() };
-                st.counters.failed += 1;
-                complete(st, &name, ExecuteResponse { status: Some(status), ..Default::default() });
-            } else {
-                op.view.stages.push(Stage::Queued);
-                op.queued_since = Instant::now();
-                op.publish();
-                let (seq, platform) = (op.seq, op.checked.platform.clone());
-                st.counters.requeued += 1;
-                enqueue(st, platform, seq, name);
-            }
-        }
-    }
-
     /// The worker began the task: the operation is EXECUTING.
     pub fn started(&self, worker: u64, task: &str) {
         let mut st = self.state.lock();
@@ -663,52 +435,6 @@ impl Scheduler {
         self.dispatch(&mut st);
     }
 
-    pub fn status(&self) -> Status {
-        let st = self.state.lock();
-        let mut queues: Vec<(Platform, usize)> =
-            st.queues.iter().filter(|(_, q)| !q.is_empty()).map(|(p, q)| (p.clone(), q.len())).collect();
-        queues.sort();
-        let mut workers: Vec<WorkerView> = st
-            .workers
-            .values()
-            .map(|w| WorkerView {
-                info: w.info.clone(),
-                busy: w.running.len(),
-                done: w.done,
-                failed: w.failed,
-                last_seen: if w.info.builtin { Duration::ZERO } else { w.last_seen.elapsed() },
-                connected_for: w.connected_at.elapsed(),
-                draining: w.draining,
-            })
-            .collect();
-        workers.sort_by(|a, b| a.info.name.cmp(&b.info.name));
-        Status {
-            queues,
-            running: st.ops.values().filter(|op| op.running.is_some()).count(),
-            operations: st.ops.len(),
-            workers,
-            counters: st.counters,
-        }
-    }
-
-    /// The non-empty queues, each with its length and when its oldest entry
-    /// was submitted (the front one: queues are in submission order), for
-    /// the status page.
-    pub fn queues(&self) -> Vec<QueueView> {
-        let st = self.state.lock();
-        let mut out: Vec<QueueView> = st
-            .queues
-            .iter()
-            .filter_map(|(p, q)| {
-                let (_, front) = q.front()?;
-                let oldest = st.ops.get(front).map_or_else(SystemTime::now, |op| op.view.queued_at);
-                Some(QueueView { platform: p.clone(), len: q.len(), oldest })
-            })
-            .collect();
-        out.sort_by(|a, b| a.platform.cmp(&b.platform));
-        out
-    }
-
     /// Hands queued actions to free slots: the oldest action any free worker
     /// can run goes first, to the matching worker with the lowest load.
     fn dispatch(&self, st: &mut State) {
@@ -865,6 +591,10 @@ fn complete(st: &mut State, name: &str, response: ExecuteResponse) {
         st.inflight.remove(&key);
     }
 }
+
+mod types;
+mod views;
+mod workers;
 
 #[cfg(test)]
 mod tests;
