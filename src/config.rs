@@ -12,6 +12,9 @@ use anyhow::{Context, bail};
 use bytesize::ByteSize;
 use serde::Deserialize;
 
+mod server;
+pub use server::{DEFAULT_HTTP_ADDR, HttpConfig, ServerSection};
+
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8980";
 
 /// 4 MiB less 64 KiB: a full batch response (blob bytes plus per-blob
@@ -279,105 +282,6 @@ impl Default for ExecutionSection {
     }
 }
 
-/// `[server]`: process lifecycle and connection limits.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerSection {
-    /// How long in-flight calls may run after SIGINT/SIGTERM.
-    #[serde(with = "humantime_serde")]
-    pub shutdown_grace: Duration,
-    /// Open connections at most (default 4096: a build farm's clients and
-    /// workers use a few each; 2,000 at once were tested). Over it, new ones
-    /// wait in the kernel's listen backlog until one closes. Lowered to half
-    /// the open-file limit when that is smaller.
-    pub max_connections: usize,
-    /// A connection that has not sent the HTTP/2 preface by then is closed
-    /// (default 10s: a client sends it at once; this only frees the sockets
-    /// of scanners and clients that hang).
-    #[serde(with = "humantime_serde")]
-    pub handshake_timeout: Duration,
-    /// A connection from which nothing was read for this long is closed
-    /// (default 5m). Live peers answer keepalive pings, so with keepalive on
-    /// only peers that stopped responding reach it; with keepalive off, a
-    /// long silent Execute stream does too. Must exceed keepalive_interval +
-    /// keepalive_timeout.
-    #[serde(with = "humantime_serde")]
-    pub idle_timeout: Duration,
-    /// HTTP/2 streams (calls) open at once on one connection (default 1000:
-    /// above Bazel's and the wrapper's parallelism on one channel, including
-    /// long Execute streams; bounds one connection's share of the server).
-    /// Clients queue further calls themselves.
-    pub max_concurrent_streams: u32,
-    /// Silence after which the server pings a connection (default 30s, the
-    /// common gRPC choice); "0s" turns pings off.
-    #[serde(with = "humantime_serde")]
-    pub keepalive_interval: Duration,
-    /// A ping unanswered for this long closes the connection: its peer is
-    /// gone (default 20s, as hyper's).
-    #[serde(with = "humantime_serde")]
-    pub keepalive_timeout: Duration,
-    /// Serve the worker protocol only on this IP:PORT, not on the public
-    /// listener, so the port that hands out commands is not the clients'.
-    pub worker_listen: Option<String>,
-    /// The HTTP listener (status pages, `/metrics`, `/healthz`, `/readyz`):
-    /// IP:PORT, or "" for none. Unset: 127.0.0.1:8981, skipped with a
-    /// warning when that port is taken (a second server on one machine).
-    pub http_listen: Option<String>,
-    /// The address people reach the HTTP listener at, for the links the
-    /// server hands out (ExecuteResponse.message), e.g.
-    /// "https://distbuild.example.com". Default: from `http_listen`.
-    pub http_url: Option<String>,
-    /// Also serve `/metrics` alone, without authentication, on this
-    /// IP:PORT (a Prometheus scraper that holds no token).
-    pub metrics_listen: Option<String>,
-    /// Record metrics (default true); false turns every counter into a
-    /// no-op (the benchmarks compare both).
-    pub metrics: bool,
-}
-
-impl Default for ServerSection {
-    fn default() -> Self {
-        ServerSection {
-            shutdown_grace: Duration::from_secs(30),
-            max_connections: 4096,
-            handshake_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(300),
-            max_concurrent_streams: 1000,
-            keepalive_interval: Duration::from_secs(30),
-            keepalive_timeout: Duration::from_secs(20),
-            worker_listen: None,
-            http_listen: None,
-            http_url: None,
-            metrics_listen: None,
-            metrics: true,
-        }
-    }
-}
-
-impl ServerSection {
-    /// The connection keys, validated.
-    fn connection_limits(&self) -> anyhow::Result<crate::server::ConnectionLimits> {
-        if self.max_connections == 0 || self.max_concurrent_streams == 0 {
-            bail!("[server] max_connections and max_concurrent_streams must be at least 1");
-        }
-        if self.handshake_timeout.is_zero() || self.keepalive_timeout.is_zero() {
-            bail!("[server] handshake_timeout and keepalive_timeout must be above zero");
-        }
-        let keepalive = (!self.keepalive_interval.is_zero()).then_some(self.keepalive_interval);
-        if self.idle_timeout <= keepalive.map_or(Duration::ZERO, |i| i + self.keepalive_timeout) {
-            bail!("[server] idle_timeout must exceed keepalive_interval + keepalive_timeout");
-        }
-        Ok(crate::server::ConnectionLimits {
-            max_connections: self.max_connections,
-            handshake_timeout: self.handshake_timeout,
-            idle_timeout: self.idle_timeout,
-            max_concurrent_streams: self.max_concurrent_streams,
-            keepalive_interval: keepalive,
-            keepalive_timeout: self.keepalive_timeout,
-        })
-    }
-}
-
 /// `[wrapper]`: what `cargo distbuild build` gives the rustc wrapper.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -541,48 +445,6 @@ pub struct Config {
     pub http: HttpConfig,
 }
 
-/// The HTTP listener's settings, validated.
-#[derive(Debug, Clone, Default)]
-pub struct HttpConfig {
-    /// `None`: no HTTP listener.
-    pub listen: Option<SocketAddr>,
-    /// Whether the operator chose `listen` (then failing to bind it is an
-    /// error); the built-in default is skipped with a warning instead.
-    pub explicit: bool,
-    /// The base of the links the server hands out, without a trailing `/`.
-    pub url: Option<String>,
-    pub metrics_listen: Option<SocketAddr>,
-    pub metrics: bool,
-}
-
-/// The HTTP listener's address when `[server] http_listen` is unset.
-pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8981";
-
-impl ServerSection {
-    fn http(&self) -> anyhow::Result<HttpConfig> {
-        let parse = |key: &str, a: &str| -> anyhow::Result<SocketAddr> {
-            a.parse().with_context(|| format!("[server] {key} {a:?} is not an IP:PORT address"))
-        };
-        let (listen, explicit) = match self.http_listen.as_deref() {
-            None => (Some(DEFAULT_HTTP_ADDR.parse()?), false),
-            Some("") => (None, true),
-            Some(a) => (Some(parse("http_listen", a)?), true),
-        };
-        let url = match self.http_url.as_deref() {
-            None | Some("") => None,
-            Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
-                Some(u.trim_end_matches('/').to_string())
-            }
-            Some(u) => bail!("[server] http_url {u:?} must start with http:// or https://"),
-        };
-        let metrics_listen = match self.metrics_listen.as_deref() {
-            None | Some("") => None,
-            Some(a) => Some(parse("metrics_listen", a)?),
-        };
-        Ok(HttpConfig { listen, explicit, url, metrics_listen, metrics: self.metrics })
-    }
-}
-
 impl FileConfig {
     /// Reads a config file. A missing file is an error: the user named it.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
@@ -677,12 +539,7 @@ impl FileConfig {
             execution: self.execution.clone(),
             tls: self.tls.resolve()?,
             auth: self.auth.as_ref().map(AuthSection::resolve).transpose()?.unwrap_or_default(),
-            worker_listen: match &self.server.worker_listen {
-                Some(a) => {
-                    Some(a.parse().with_context(|| format!("[server] worker_listen {a:?} is not an IP:PORT address"))?)
-                }
-                None => None,
-            },
+            worker_listen: self.server.worker_listen()?,
             http: self.server.http()?,
             data_dir,
         })
@@ -703,113 +560,4 @@ fn default_data_dir() -> PathBuf {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn empty_file_is_all_defaults() {
-        let c = FileConfig::parse("").unwrap().resolve().unwrap();
-        assert_eq!(c.listen.to_string(), DEFAULT_ADDR);
-        assert_eq!(c.max_size, 10 << 30);
-        assert_eq!(c.max_batch_size, DEFAULT_MAX_BATCH);
-        assert_eq!(c.backend, Backend::Filesystem);
-        assert!(c.worker_capacity >= 1);
-    }
-
-    #[test]
-    fn sizes_durations_and_seed_keys() {
-        let c = FileConfig::parse(
-            r#"
-            [scheduler]
-            addr = "0.0.0.0:9000"
-            [cas]
-            root = "/srv/distbuild"
-            max_size = "512MiB"
-            max_batch_size = "8MiB"
-            upload_resume_window = "2m"
-            backend = "memory"
-            [worker]
-            capacity = 3
-            heartbeat_interval_secs = 5
-            [server]
-            shutdown_grace = "5s"
-            "#,
-        )
-        .unwrap()
-        .resolve()
-        .unwrap();
-        assert_eq!(c.listen.port(), 9000);
-        assert_eq!(c.data_dir, PathBuf::from("/srv/distbuild"));
-        assert_eq!(c.max_size, 512 << 20);
-        assert_eq!(c.max_batch_size, 8 << 20);
-        assert_eq!(c.upload_resume_window, Duration::from_secs(120));
-        assert_eq!(c.backend, Backend::Memory);
-        assert_eq!(c.worker_capacity, 3);
-        assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
-        assert_eq!(c.shutdown_grace, Duration::from_secs(5));
-    }
-
-    #[test]
-    fn bad_input_is_refused_with_the_key() {
-        let cases = [
-            ("[cas]\nmax_sise = \"1GiB\"", "unknown field"),
-            ("[nope]\n", "unknown field"),
-            ("[cas]\nmax_size = \"lots\"", "max_size"),
-            ("[cas]\nbackend = \"tape\"", "backend"),
-            ("[scheduler]\naddr = \"localhost\"", "addr"),
-            ("[cas]\nmax_batch_size = \"1KiB\"", "max_batch_size"),
-            ("[cas]\nmax_parked_uploads = 4\nmax_parked_uploads_per_client = 8", "max_parked_uploads_per_client"),
-            ("[cas]\nverify_reads_below = \"lots\"", "verify_reads_below"),
-            ("[execution]\nmax_attempts = 0", "max_attempts"),
-            ("[execution]\nmax_tree_directories = 0", "max_tree_directories"),
-            ("[execution]\nmax_tree_depth = -1", "max_tree_depth"),
-            ("[execution]\ndefault_timeout = \"2h\"\nmax_timeout = \"1h\"", "default_timeout"),
-            ("[server]\nshutdown_grace = \"soon\"", "shutdown_grace"),
-            ("[server]\nmax_connections = 0", "max_connections"),
-            ("[server]\nhandshake_timeout = \"0s\"", "handshake_timeout"),
-            ("[server]\nidle_timeout = \"40s\"", "idle_timeout"),
-            ("[server]\nhttp_listen = \"localhost\"", "http_listen"),
-            ("[server]\nhttp_url = \"example.com\"", "http_url"),
-            ("[server]\nmetrics_listen = \"9090\"", "metrics_listen"),
-        ];
-        for (text, needle) in cases {
-            let err = FileConfig::parse(text).and_then(|f| f.resolve()).unwrap_err();
-            let msg = format!("{err:#}");
-            assert!(msg.contains(needle), "{text:?}: {msg}");
-        }
-    }
-
-    #[test]
-    fn deploy_examples_parse() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/config");
-        let mut seen = 0;
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "toml") {
-                let c = FileConfig::load(&path).and_then(|f| f.resolve()).unwrap_or_else(|e| panic!("{e:#}"));
-                // A server example on a public address must say who may call
-                // it (in the client examples, [scheduler] addr is the server's).
-                if path.ends_with("container-worker.toml") {
-                    let containers = c.sandbox.container.as_ref().expect("container-worker.toml turns docker on");
-                    assert_eq!(containers.keep_images, 8);
-                }
-                if path.ends_with("tls-farm.toml") {
-                    let tls = c.tls.as_ref().expect("tls-farm.toml turns TLS on");
-                    assert!(tls.client_ca.is_some() && c.worker_listen.is_some(), "{}", path.display());
-                }
-                if !["worker.toml", "tls-worker.toml", "ci-runner.toml", "container-worker.toml"]
-                    .iter()
-                    .any(|n| path.ends_with(n))
-                {
-                    let listen = c.auth.check_listener(c.listen, "[scheduler] addr");
-                    listen.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                }
-                seen += 1;
-            }
-        }
-        // The token file the server examples and the image use.
-        let tokens = dir.join("../tokens.toml");
-        crate::auth::tokens::Policy::load(&tokens, crate::auth::GrantSet::NONE).unwrap_or_else(|e| panic!("{e:#}"));
-        assert!(seen >= 2, "expected example configs in {}", dir.display());
-    }
-}
+mod tests;

@@ -1,0 +1,111 @@
+//! Config parsing: defaults, sizes and durations, refusals naming the key,
+//! and every example under deploy/config/.
+
+use super::*;
+
+#[test]
+fn empty_file_is_all_defaults() {
+    let c = FileConfig::parse("").unwrap().resolve().unwrap();
+    assert_eq!(c.listen.to_string(), DEFAULT_ADDR);
+    assert_eq!(c.max_size, 10 << 30);
+    assert_eq!(c.max_batch_size, DEFAULT_MAX_BATCH);
+    assert_eq!(c.backend, Backend::Filesystem);
+    assert!(c.worker_capacity >= 1);
+}
+
+#[test]
+fn sizes_durations_and_seed_keys() {
+    let c = FileConfig::parse(
+        r#"
+        [scheduler]
+        addr = "0.0.0.0:9000"
+        [cas]
+        root = "/srv/distbuild"
+        max_size = "512MiB"
+        max_batch_size = "8MiB"
+        upload_resume_window = "2m"
+        backend = "memory"
+        [worker]
+        capacity = 3
+        heartbeat_interval_secs = 5
+        [server]
+        shutdown_grace = "5s"
+        "#,
+    )
+    .unwrap()
+    .resolve()
+    .unwrap();
+    assert_eq!(c.listen.port(), 9000);
+    assert_eq!(c.data_dir, PathBuf::from("/srv/distbuild"));
+    assert_eq!(c.max_size, 512 << 20);
+    assert_eq!(c.max_batch_size, 8 << 20);
+    assert_eq!(c.upload_resume_window, Duration::from_secs(120));
+    assert_eq!(c.backend, Backend::Memory);
+    assert_eq!(c.worker_capacity, 3);
+    assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
+    assert_eq!(c.shutdown_grace, Duration::from_secs(5));
+}
+
+#[test]
+fn bad_input_is_refused_with_the_key() {
+    let cases = [
+        ("[cas]\nmax_sise = \"1GiB\"", "unknown field"),
+        ("[nope]\n", "unknown field"),
+        ("[cas]\nmax_size = \"lots\"", "max_size"),
+        ("[cas]\nbackend = \"tape\"", "backend"),
+        ("[scheduler]\naddr = \"localhost\"", "addr"),
+        ("[cas]\nmax_batch_size = \"1KiB\"", "max_batch_size"),
+        ("[cas]\nmax_parked_uploads = 4\nmax_parked_uploads_per_client = 8", "max_parked_uploads_per_client"),
+        ("[cas]\nverify_reads_below = \"lots\"", "verify_reads_below"),
+        ("[execution]\nmax_attempts = 0", "max_attempts"),
+        ("[execution]\nmax_tree_directories = 0", "max_tree_directories"),
+        ("[execution]\nmax_tree_depth = -1", "max_tree_depth"),
+        ("[execution]\ndefault_timeout = \"2h\"\nmax_timeout = \"1h\"", "default_timeout"),
+        ("[server]\nshutdown_grace = \"soon\"", "shutdown_grace"),
+        ("[server]\nmax_connections = 0", "max_connections"),
+        ("[server]\nhandshake_timeout = \"0s\"", "handshake_timeout"),
+        ("[server]\nidle_timeout = \"40s\"", "idle_timeout"),
+        ("[server]\nhttp_listen = \"localhost\"", "http_listen"),
+        ("[server]\nhttp_url = \"example.com\"", "http_url"),
+        ("[server]\nmetrics_listen = \"9090\"", "metrics_listen"),
+    ];
+    for (text, needle) in cases {
+        let err = FileConfig::parse(text).and_then(|f| f.resolve()).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains(needle), "{text:?}: {msg}");
+    }
+}
+
+#[test]
+fn deploy_examples_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let c = FileConfig::load(&path).and_then(|f| f.resolve()).unwrap_or_else(|e| panic!("{e:#}"));
+            // A server example on a public address must say who may call
+            // it (in the client examples, [scheduler] addr is the server's).
+            if path.ends_with("container-worker.toml") {
+                let containers = c.sandbox.container.as_ref().expect("container-worker.toml turns docker on");
+                assert_eq!(containers.keep_images, 8);
+            }
+            if path.ends_with("tls-farm.toml") {
+                let tls = c.tls.as_ref().expect("tls-farm.toml turns TLS on");
+                assert!(tls.client_ca.is_some() && c.worker_listen.is_some(), "{}", path.display());
+            }
+            if !["worker.toml", "tls-worker.toml", "ci-runner.toml", "container-worker.toml"]
+                .iter()
+                .any(|n| path.ends_with(n))
+            {
+                let listen = c.auth.check_listener(c.listen, "[scheduler] addr");
+                listen.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            }
+            seen += 1;
+        }
+    }
+    // The token file the server examples and the image use.
+    let tokens = dir.join("../tokens.toml");
+    crate::auth::tokens::Policy::load(&tokens, crate::auth::GrantSet::NONE).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(seen >= 2, "expected example configs in {}", dir.display());
+}
