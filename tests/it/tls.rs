@@ -370,9 +370,11 @@ async fn cli_cas_put_and_get_over_mtls() {
     let err = text(&out.stderr);
     // TLS 1.3: the server refuses the client after the client's side of
     // the handshake, so the first call reports it: as the server's alert,
-    // or as the closed connection when the client writes first.
+    // or as the closed connection when the client writes first, or (seen
+    // once under CI load) as hyper's "connection was not ready" when the
+    // close arrives before the first request is sent.
     assert!(err.starts_with("error: ") && err.lines().count() == 1, "{err}");
-    let causes = ["CertificateRequired", "broken pipe", "reset", "connection closed"];
+    let causes = ["CertificateRequired", "broken pipe", "reset", "connection closed", "connection was not ready"];
     assert!(causes.iter().any(|c| err.contains(c)), "{err}");
     server.stop().await.unwrap();
 }
