@@ -39,6 +39,11 @@
 //! included. The line protocol is the same in both modes (the helper writes
 //! `ok` or `err`).
 //!
+//! With `--chroot` (an action asking `chroot=input-root`) the helper mounts
+//! nothing of the above: it makes the action's directory the root instead
+//! (see [`chroot`]), and the command, its working directory and its PATH
+//! lookup are all inside it.
+//!
 //! The line replaces `PR_SET_PDEATHSIG`, which fires when the *thread* that
 //! forked dies (a tokio blocking thread retiring would kill a healthy
 //! action) and needs a `getppid` check against a race; a closed socket is
@@ -117,7 +122,7 @@ pub struct Sandbox {
 /// by the worker as mount points.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Chroot {
-    /// A fresh tmpfs at `/tmp` (the input root has no `tmp` of its own).
+    /// A fresh tmpfs at `/tmp` (the input root's is absent or empty).
     pub tmp: bool,
 }
 

@@ -139,6 +139,63 @@ async fn the_input_root_is_slash_remote() {
     the_input_root_is_slash(Kind::Remote).await
 }
 
+/// What BuildStream sends (see REAPI-NOTES 17a): empty `dev`, `proc`,
+/// `tmp` and `buildstream-install` in the root, a deep working directory,
+/// `sh` found by PATH, outputs `.` and `../../../buildstream-install`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_buildstream_shaped_action() {
+    let Some(busybox) = busybox() else { return };
+    let farm = Farm::start_with(Kind::Builtin, false, true).await;
+    let act = Act {
+        files: vec![("bin/busybox", busybox, true), ("buildstream/p/hello.bst/greeting.txt", b"hello\n", false)],
+        directories: vec!["dev", "proc", "tmp", "buildstream-install"],
+        working_directory: "buildstream/p/hello.bst",
+        output_paths: vec![".", "../../../buildstream-install"],
+        ..chrooted(busybox, "")
+    };
+    let script = "cat greeting.txt > /tmp/g; mkdir -p /buildstream-install/share; \
+                  cat /tmp/g > /buildstream-install/share/greeting; echo x > /dev/null";
+    let mut bst = command(&["sh", "-c", "-e", script], "/usr/bin:/bin:/usr/sbin:/sbin");
+    bst.output_paths = act.output_paths.iter().map(|p| p.to_string()).collect();
+    bst.working_directory = act.working_directory.into();
+    let r = finished(&farm, act.upload_with(&farm.server, &bst).await).await;
+    let result = r.result.as_ref().unwrap_or_else(|| panic!("{:?}", r.status));
+    let err = farm.blob(result.stderr_digest.as_ref()).await;
+    assert_eq!(result.exit_code, 0, "{err}");
+    let dirs: Vec<&str> = result.output_directories.iter().map(|d| d.path.as_str()).collect();
+    assert_eq!(dirs, [".", "../../../buildstream-install"]);
+    // `.` is the working directory (the build tree).
+    let build = tree(&farm, &result.output_directories[0].tree_digest).await.root.unwrap();
+    assert_eq!(build.files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["greeting.txt"]);
+    let installed = tree(&farm, &result.output_directories[1].tree_digest).await;
+    let share = &installed.root.as_ref().unwrap().directories;
+    assert_eq!(share.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["share"]);
+    let greeting = &installed.children[0].files[0];
+    assert_eq!(greeting.name, "greeting");
+    assert_eq!(farm.blob(greeting.digest.as_ref()).await, "hello\n");
+
+    // A script element: working directory "" and `.`, the whole root. The
+    // mount points come back as they came (empty); the file written to
+    // /tmp was on the sandbox's tmpfs.
+    let act = Act { working_directory: "", output_paths: vec!["."], ..act };
+    let mut script = command(&["sh", "-c", "-e", "echo x > /tmp/g; echo made > /made"], "/bin");
+    script.output_paths = vec![".".into()];
+    let r = finished(&farm, act.upload_with(&farm.server, &script).await).await;
+    let result = r.result.as_ref().unwrap_or_else(|| panic!("{:?}", r.status));
+    assert_eq!(result.exit_code, 0, "{}", farm.blob(result.stderr_digest.as_ref()).await);
+    let whole = tree(&farm, &result.output_directories[0].tree_digest).await;
+    let root = whole.root.as_ref().unwrap();
+    let names: Vec<&str> = root.directories.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["bin", "buildstream", "buildstream-install", "dev", "proc", "tmp"]);
+    assert_eq!(root.files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["made"]);
+    let empty = |name: &str| {
+        let d = root.directories.iter().find(|d| d.name == name).unwrap().digest.clone().unwrap();
+        let (empty, _) = remote_apis::merkle::encode(DigestFunction::Sha256, &remote_apis::reapi::Directory::default());
+        d == empty.to_proto()
+    };
+    assert!(empty("tmp") && empty("dev") && empty("proc"), "{root:?}");
+}
+
 /// No network but the sandbox's own loopback, as in the host sandbox.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_network_is_loopback_only() {

@@ -7,7 +7,7 @@
 //! sandbox's PID namespace (read-only), a read-only `/dev` tmpfs holding the
 //! host's `null`, `zero`, `full`, `random`, `urandom` and `tty` (bound in),
 //! the `fd`, `stdin`, `stdout` and `stderr` links and a writable `shm`, and
-//! a fresh `/tmp` when the input root has none. `pivot_root` then makes it
+//! a fresh `/tmp` unless the input root has one with something in it. `pivot_root` then makes it
 //! the root and the host's tree is detached: no path of the host resolves
 //! any more, absolute symlinks in the input root included.
 //!

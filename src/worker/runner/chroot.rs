@@ -15,22 +15,25 @@ use super::RunFailure;
 #[derive(Debug)]
 pub(super) struct MountPoints {
     made: Vec<PathBuf>,
-    /// The input root had no `tmp`: the sandbox mounts a fresh tmpfs there.
+    /// The input root's `tmp` is absent or an empty directory (a mount
+    /// point, as BuildStream stages it): the sandbox mounts a fresh tmpfs
+    /// there.
     pub tmp: bool,
 }
 
 impl MountPoints {
     /// Makes `dev`, `proc` and `tmp` in `root` where they are absent. An
-    /// input root's own `tmp` stays as it is (the action writes into it, as
-    /// into the rest of its root); its own `dev` or `proc` must be a
-    /// directory (a symlink would send the mount elsewhere):
-    /// FAILED_PRECONDITION otherwise.
+    /// input root's own `tmp` with something in it (or that is not a
+    /// directory) stays as it is: the action writes into it, as into the rest
+    /// of its root. Its own `dev` or `proc` must be a directory (a symlink
+    /// would send the mount elsewhere): FAILED_PRECONDITION otherwise.
     pub fn make(root: &Path) -> io::Result<MountPoints> {
         let mut points = MountPoints { made: Vec::new(), tmp: false };
         for name in ["dev", "proc", "tmp"] {
             let path = root.join(name);
             match std::fs::symlink_metadata(&path) {
-                Ok(m) if m.is_dir() || name == "tmp" => {}
+                Ok(m) if name == "tmp" => points.tmp = m.is_dir() && std::fs::read_dir(&path)?.next().is_none(),
+                Ok(m) if m.is_dir() => {}
                 Ok(_) => {
                     return Err(RunFailure {
                         code: tonic::Code::FailedPrecondition,
@@ -83,7 +86,15 @@ mod tests {
         assert_eq!(left, ["proc"], "only the input root's own directory stays");
         assert!(r.join("proc/keep").exists());
 
-        // The input root's own tmp, even a link, is kept: no fresh tmpfs.
+        // The input root's empty tmp (a mount point) gets a fresh tmpfs; one
+        // with something in it, or a link, is the root's own.
+        std::fs::create_dir(r.join("tmp")).unwrap();
+        assert!(MountPoints::make(r).unwrap().tmp);
+        assert!(r.join("tmp").is_dir(), "the input root's own is kept");
+        std::fs::write(r.join("tmp/file"), "").unwrap();
+        assert!(!MountPoints::make(r).unwrap().tmp);
+        std::fs::remove_file(r.join("tmp/file")).unwrap();
+        std::fs::remove_dir(r.join("tmp")).unwrap();
         std::os::unix::fs::symlink("/var/tmp", r.join("tmp")).unwrap();
         let points = MountPoints::make(r).unwrap();
         assert!(!points.tmp);
