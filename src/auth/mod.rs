@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
-pub use context::{Auth, Caller, METADATA_HEADER, RequestContext};
+pub use context::{Auth, Caller, FunctionField, METADATA_HEADER, RequestContext};
 
 /// One capability a call needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -114,7 +114,7 @@ pub async fn serve(
         }
         None => None,
     };
-    let auth = crate::auth::Auth::new(&config.auth)?;
+    let auth = crate::auth::Auth::new(&config.auth, config.instances.clone())?;
     let limit = grpc_message_limit(config.max_batch_size);
     let fd_limit = listener::raise_fd_limit();
     let conns = ConnectionLimits {
@@ -220,7 +220,7 @@ pub async fn serve(
     let mut router = builder!()
         .add_service(health_service)
         .add_service(limits!(CapabilitiesServer::new(
-            CapabilitiesService::new(config.max_batch_size).with_auth(auth.clone())
+            CapabilitiesService::new(config.max_batch_size, config.max_size).with_auth(auth.clone())
         )))
         .add_service(limits!(ContentAddressableStorageServer::new(
             CasService::new(cas.clone(), config.max_batch_size).with_auth(auth.clone())

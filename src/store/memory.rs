@@ -62,11 +62,13 @@ impl Shared {
 /// What a sink reserves up front, whatever size the blob claims.
 const INITIAL_CAPACITY: u64 = 1 << 20;
 
-/// A blob larger than the whole budget can never be stored.
+/// A blob larger than the whole budget can never be stored. The budget is
+/// advertised as `max_cas_blob_size_bytes`, and REAPI 2.12 asks for
+/// INVALID_ARGUMENT above it (no retrying helps).
 pub(crate) fn check_fits(digest: &Digest, max_bytes: u64) -> Result<()> {
     if digest.size > max_bytes {
-        return Err(Error::resource_exhausted(format!(
-            "blob {digest} is larger than the store's whole budget of {max_bytes} bytes"
+        return Err(Error::invalid(format!(
+            "blob {digest} is larger than the store's whole budget of {max_bytes} bytes (max_cas_blob_size_bytes)"
         )));
     }
     Ok(())

@@ -109,7 +109,7 @@ async fn least_recently_used_blobs_are_evicted_first() {
         assert!(store.usage().used_bytes <= 3000, "{name}");
         // A blob larger than the whole budget is refused.
         let (big, dbig) = blob(14, 4000);
-        assert_eq!(store.put_bytes(&big, dbig).await.unwrap_err().code, Code::ResourceExhausted, "{name}");
+        assert_eq!(store.put_bytes(&big, dbig).await.unwrap_err().code, Code::InvalidArgument, "{name}");
     }
     let files = walk(&dir.path().join("cas"));
     assert_eq!(files.len(), 3, "evicted files are deleted: {files:?}");

@@ -18,6 +18,7 @@ mod hardening_exec;
 mod hardening_net;
 mod hardening_worker;
 mod http;
+mod instances;
 mod legacy;
 mod logs;
 mod metrics;
