@@ -59,7 +59,7 @@ pub struct Stores {
 pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
     match config.backend {
         Backend::Memory => {
-            let memory = Arc::new(MemoryStore::new(config.max_size));
+            let memory = Arc::new(MemoryStore::new(config.max_size).with_min_retention(config.min_retention));
             Ok(Stores {
                 cas: store::cas(memory.clone()),
                 ac: Arc::new(MemoryAcStore::new(MEMORY_AC_ENTRIES)),
@@ -69,8 +69,10 @@ pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
         Backend::Filesystem => {
             let dir = config.data_dir.clone();
             let (max, fsync, verify_below) = (config.max_size, config.fsync, config.verify_reads_below);
+            let retention = config.min_retention;
             let (cas, ac) = tokio::task::spawn_blocking(move || {
-                anyhow::Ok((FsStore::open(&dir, max, fsync, verify_below)?, FsAcStore::open(&dir)?))
+                let cas = FsStore::open(&dir, max, fsync, verify_below)?.with_min_retention(retention);
+                anyhow::Ok((cas, FsAcStore::open(&dir)?))
             })
             .await?
             .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
