@@ -8,6 +8,7 @@ mod bazel_tls;
 mod browser;
 mod bytestream;
 mod cas;
+mod chroot;
 mod cli;
 mod common;
 mod container;
