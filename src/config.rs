@@ -12,7 +12,9 @@ use anyhow::{Context, bail};
 use bytesize::ByteSize;
 use serde::Deserialize;
 
+mod asset;
 mod server;
+pub use asset::{AssetConfig, AssetSection};
 pub use server::{DEFAULT_HTTP_ADDR, HttpConfig, ServerSection};
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8980";
@@ -35,6 +37,8 @@ pub struct FileConfig {
     pub client: ClientSection,
     /// `[auth]`; absent: everything is allowed, on loopback listeners only.
     pub auth: Option<AuthSection>,
+    /// `[asset]`: the Remote Asset API's downloads.
+    pub asset: AssetSection,
 }
 
 /// `[scheduler]`: where the server listens and where clients and workers
@@ -443,6 +447,7 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     pub worker_listen: Option<SocketAddr>,
     pub http: HttpConfig,
+    pub asset: AssetConfig,
 }
 
 impl FileConfig {
@@ -541,6 +546,7 @@ impl FileConfig {
             auth: self.auth.as_ref().map(AuthSection::resolve).transpose()?.unwrap_or_default(),
             worker_listen: self.server.worker_listen()?,
             http: self.server.http()?,
+            asset: self.asset.resolve()?,
             data_dir,
         })
     }
