@@ -15,6 +15,8 @@ use serde::Deserialize;
 mod instances;
 mod server;
 pub use instances::{InstanceSection, InstanceSettings, Instances};
+mod asset;
+pub use asset::{AssetConfig, AssetSection};
 pub use server::{DEFAULT_HTTP_ADDR, HttpConfig, ServerSection};
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8980";
@@ -40,6 +42,8 @@ pub struct FileConfig {
     /// `[instances."NAME"]`: settings per instance name (see
     /// `config/instances.rs`).
     pub instances: BTreeMap<String, InstanceSection>,
+    /// `[asset]`: the Remote Asset API's downloads.
+    pub asset: AssetSection,
 }
 
 /// `[scheduler]`: where the server listens and where clients and workers
@@ -468,6 +472,7 @@ pub struct Config {
     pub http: HttpConfig,
     /// `[instances]`, resolved: settings per instance name.
     pub instances: std::sync::Arc<Instances>,
+    pub asset: AssetConfig,
 }
 
 impl FileConfig {
@@ -576,6 +581,7 @@ impl FileConfig {
             worker_listen: self.server.worker_listen()?,
             http: self.server.http()?,
             instances: std::sync::Arc::new(Instances::resolve(&self.instances)?),
+            asset: self.asset.resolve()?,
             data_dir,
         })
     }

@@ -2,6 +2,7 @@
 //! driven by generated gRPC clients, the command line and real clients.
 
 mod ac;
+mod asset;
 mod auth;
 mod bazel;
 mod bazel_tls;
