@@ -269,11 +269,14 @@ if [[ $pushed == 3 ]]; then
 else
   fail "bst pushed $pushed of 3 artifacts: $(element_lines build1 push '' | head -n 5)"
 fi
-source_pushes=$(($(calls '/build.bazel.remote.asset.v1.Push/PushDirectory') + $(grep -c 'INFO +Pushed source' "$TMP/build1.txt" || true)))
-if grep -Eq 'INFO +Pushed source' "$TMP/build1.txt"; then
-  pass "bst pushed sources ($(grep -Ec 'INFO +Pushed source' "$TMP/build1.txt") lines, $source_pushes pushes)"
+# The elements with sources (base, greeting) push them: the per-source
+# directory (PushDirectory) and the element's Source proto (PushBlob).
+source_pushed="$(element_lines build1 src-push 'INFO +Pushed source' | grep -Eo 'src-push:[a-z]+' | sort -u | wc -l)"
+push_dirs="$(calls '/build.bazel.remote.asset.v1.Push/PushDirectory')"
+if [[ $source_pushed == 2 && $push_dirs -ge 2 ]]; then
+  pass "bst pushed the sources of base.bst and greeting.bst ($push_dirs PushDirectory calls)"
 else
-  fail "bst pushed no source: $(grep -iE 'source' "$TMP/build1.txt" | grep -iE 'push' | head -n 3)"
+  fail "bst pushed the sources of $source_pushed of 2 elements, $push_dirs PushDirectory calls: $(element_lines build1 src-push '' | tail -n 3)"
 fi
 
 # -------------------------------------------- 2. what the commands produced
