@@ -261,7 +261,8 @@ fn blob_failure(function: DigestFunction, uri: String, e: &Error) -> FetchBlobRe
 impl Fetch for AssetService {
     async fn fetch_blob(&self, request: Request<FetchBlobRequest>) -> Result<Response<FetchBlobResponse>, Status> {
         let (instance, function) = parse_header(&request.get_ref().instance_name, request.get_ref().digest_function)?;
-        let ctx = self.auth.context(&request, &instance, Some(function), Grant::AssetRead)?;
+        let ctx = self.auth.context(&request, &instance, function, Grant::AssetRead)?;
+        let function = ctx.function();
         let req = request.into_inner();
         check_uris(&req.uris)?;
         let qualifiers = Qualifiers::parse(&req.qualifiers)?;
@@ -296,7 +297,7 @@ impl Fetch for AssetService {
         request: Request<FetchDirectoryRequest>,
     ) -> Result<Response<FetchDirectoryResponse>, Status> {
         let (instance, function) = parse_header(&request.get_ref().instance_name, request.get_ref().digest_function)?;
-        self.auth.context(&request, &instance, Some(function), Grant::AssetRead)?;
+        let function = self.auth.context(&request, &instance, function, Grant::AssetRead)?.function();
         let req = request.into_inner();
         check_uris(&req.uris)?;
         let qualifiers = Qualifiers::parse(&req.qualifiers)?;
@@ -332,7 +333,7 @@ impl Fetch for AssetService {
 impl Push for AssetService {
     async fn push_blob(&self, request: Request<PushBlobRequest>) -> Result<Response<PushBlobResponse>, Status> {
         let (instance, function) = parse_header(&request.get_ref().instance_name, request.get_ref().digest_function)?;
-        self.auth.context(&request, &instance, Some(function), Grant::AssetPush)?;
+        let function = self.auth.context(&request, &instance, function, Grant::AssetPush)?.function();
         let req = request.into_inner();
         let qualifiers = Qualifiers::parse(&req.qualifiers)?;
         let digest = Digest::from_field(function, req.blob_digest.as_ref(), "blob_digest")
@@ -351,7 +352,7 @@ impl Push for AssetService {
         request: Request<PushDirectoryRequest>,
     ) -> Result<Response<PushDirectoryResponse>, Status> {
         let (instance, function) = parse_header(&request.get_ref().instance_name, request.get_ref().digest_function)?;
-        self.auth.context(&request, &instance, Some(function), Grant::AssetPush)?;
+        let function = self.auth.context(&request, &instance, function, Grant::AssetPush)?.function();
         let req = request.into_inner();
         let qualifiers = Qualifiers::parse(&req.qualifiers)?;
         let digest = Digest::from_field(function, req.root_directory_digest.as_ref(), "root_directory_digest")

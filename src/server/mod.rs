@@ -371,8 +371,8 @@ fn metered(metrics: Option<&crate::metrics::Metrics>, cas: Store, ac: Arc<dyn Ac
 
 /// The Remote Asset service: records in the ActionCache store, downloads
 /// spooled beside the stored blobs (or in the system's temporary directory
-/// for the memory backend), each instance allowed to download as `[asset]
-/// fetch` says.
+/// for the memory backend), each instance allowed to download as its
+/// `[instances] asset_fetch` says, else `[asset] fetch`.
 fn asset_service(config: &Config, cas: &Store, ac: &Arc<dyn AcStore>) -> anyhow::Result<AssetService> {
     let spool = match config.backend {
         Backend::Filesystem => config.data_dir.join("tmp"),
@@ -380,7 +380,9 @@ fn asset_service(config: &Config, cas: &Store, ac: &Arc<dyn AcStore>) -> anyhow:
     };
     let downloader = crate::asset::Downloader::new(&config.asset, spool).context("the asset downloader")?;
     let fetch = config.asset.fetch;
-    let may_fetch: crate::asset::MayFetch = Arc::new(move |_instance| fetch);
+    let instances = config.instances.clone();
+    let may_fetch: crate::asset::MayFetch =
+        Arc::new(move |instance| instances.get(instance).asset_fetch.unwrap_or(fetch));
     Ok(AssetService::new(crate::asset::Records::new(ac.clone(), cas.clone()), Arc::new(downloader), may_fetch))
 }
 
