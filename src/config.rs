@@ -12,7 +12,11 @@ use anyhow::{Context, bail};
 use bytesize::ByteSize;
 use serde::Deserialize;
 
+mod instances;
 mod server;
+pub use instances::{InstanceSection, InstanceSettings, Instances};
+mod asset;
+pub use asset::{AssetConfig, AssetSection};
 pub use server::{DEFAULT_HTTP_ADDR, HttpConfig, ServerSection};
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8980";
@@ -35,6 +39,11 @@ pub struct FileConfig {
     pub client: ClientSection,
     /// `[auth]`; absent: everything is allowed, on loopback listeners only.
     pub auth: Option<AuthSection>,
+    /// `[instances."NAME"]`: settings per instance name (see
+    /// `config/instances.rs`).
+    pub instances: BTreeMap<String, InstanceSection>,
+    /// `[asset]`: the Remote Asset API's downloads.
+    pub asset: AssetSection,
 }
 
 /// `[scheduler]`: where the server listens and where clients and workers
@@ -77,6 +86,11 @@ pub const DEFAULT_MAX_PARKED_PER_CLIENT: usize = 64;
 /// read, so larger blobs are hashed only when their file changed.
 pub const DEFAULT_VERIFY_READS_BELOW: u64 = 64 << 10;
 
+/// An hour: above bb_clientd's 5 minutes and enough for a build to go from
+/// FindMissingBlobs to Execute; Buck2 assumes 3 h, so a Buck2 farm may want
+/// more (README, "Buck2").
+pub const DEFAULT_MIN_RETENTION: Duration = Duration::from_secs(3600);
+
 /// `[cas]`: blob and action-cache storage.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -103,6 +117,12 @@ pub struct CasSection {
     /// Blobs smaller than this are hashed on every read (filesystem store);
     /// larger ones when their file changed since it was written.
     pub verify_reads_below: ByteSize,
+    /// A blob reported present (FindMissingBlobs), written or read is not
+    /// evicted for this long: clients rely on what they were told (Buck2
+    /// assumes hours, bb_clientd 5 minutes). When only such blobs remain,
+    /// a write that needs room fails with RESOURCE_EXHAUSTED instead.
+    #[serde(with = "humantime_serde")]
+    pub min_retention: Duration,
 }
 
 impl Default for CasSection {
@@ -117,6 +137,7 @@ impl Default for CasSection {
             max_parked_uploads: DEFAULT_MAX_PARKED,
             max_parked_uploads_per_client: DEFAULT_MAX_PARKED_PER_CLIENT,
             verify_reads_below: ByteSize::b(DEFAULT_VERIFY_READS_BELOW),
+            min_retention: DEFAULT_MIN_RETENTION,
         }
     }
 }
@@ -431,6 +452,7 @@ pub struct Config {
     pub max_parked_uploads: usize,
     pub max_parked_uploads_per_client: usize,
     pub verify_reads_below: u64,
+    pub min_retention: Duration,
     pub shutdown_grace: Duration,
     pub connections: crate::server::ConnectionLimits,
     pub worker_capacity: usize,
@@ -448,6 +470,9 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     pub worker_listen: Option<SocketAddr>,
     pub http: HttpConfig,
+    /// `[instances]`, resolved: settings per instance name.
+    pub instances: std::sync::Arc<Instances>,
+    pub asset: AssetConfig,
 }
 
 impl FileConfig {
@@ -517,6 +542,7 @@ impl FileConfig {
             max_parked_uploads: self.cas.max_parked_uploads,
             max_parked_uploads_per_client: self.cas.max_parked_uploads_per_client,
             verify_reads_below: self.cas.verify_reads_below.as_u64(),
+            min_retention: self.cas.min_retention,
             shutdown_grace: self.server.shutdown_grace,
             connections: self.server.connection_limits()?,
             worker_capacity: self
@@ -554,6 +580,8 @@ impl FileConfig {
             auth: self.auth.as_ref().map(AuthSection::resolve).transpose()?.unwrap_or_default(),
             worker_listen: self.server.worker_listen()?,
             http: self.server.http()?,
+            instances: std::sync::Arc::new(Instances::resolve(&self.instances)?),
+            asset: self.asset.resolve()?,
             data_dir,
         })
     }

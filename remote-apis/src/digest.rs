@@ -17,8 +17,9 @@ impl ParseError {
 }
 
 /// A digest function this project serves. Both produce 32-byte hashes, so the
-/// function cannot be inferred from the hash length alone: SHA-256 is assumed
-/// when a request leaves it unset, as the REAPI spec asks.
+/// function cannot be inferred from the hash length alone: a request that
+/// leaves it unset gets its instance's default (SHA-256 unless configured, as
+/// the REAPI spec infers for 64 hex digits; Buck2 never sends the field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DigestFunction {
     Sha256,
@@ -47,9 +48,16 @@ impl DigestFunction {
     /// "inferred from the hash length", which for 64 hex digits is SHA-256.
     /// Any other function is refused rather than silently treated as SHA-256.
     pub fn from_proto(value: i32) -> Result<Self, ParseError> {
+        Self::from_proto_or(value, DigestFunction::Sha256)
+    }
+
+    /// Like [`DigestFunction::from_proto`], with `UNKNOWN` (0) meaning
+    /// `default`: the function the server was told the instance uses.
+    pub fn from_proto_or(value: i32, default: DigestFunction) -> Result<Self, ParseError> {
         use reapi::digest_function::Value;
         match Value::try_from(value) {
-            Ok(Value::Unknown) | Ok(Value::Sha256) => Ok(DigestFunction::Sha256),
+            Ok(Value::Unknown) => Ok(default),
+            Ok(Value::Sha256) => Ok(DigestFunction::Sha256),
             Ok(Value::Blake3) => Ok(DigestFunction::Blake3),
             Ok(other) => Err(ParseError::new(format!(
                 "digest function {} is not supported (supported: SHA256, BLAKE3)",

@@ -123,13 +123,20 @@ pub struct WriteResource {
 }
 
 impl ReadResource {
+    /// Parses a name; one without a function segment is SHA-256.
     pub fn parse(name: &str) -> Result<Self, ParseError> {
+        Self::parse_with(name, |_| DigestFunction::Sha256)
+    }
+
+    /// Parses a name; one without a function segment uses `default` of its
+    /// instance (Buck2 sends `{instance}/blobs/{hash}/{size}` for BLAKE3).
+    pub fn parse_with(name: &str, default: impl FnOnce(&InstanceName) -> DigestFunction) -> Result<Self, ParseError> {
         let segments: Vec<&str> = name.split('/').collect();
         let at = segments.iter().position(|s| *s == "blobs" || *s == "compressed-blobs").ok_or_else(|| {
             ParseError::new(format!("resource name {} has no \"blobs\" or \"compressed-blobs\" segment", quote(name)))
         })?;
         let instance = instance_of(name, &segments[..at])?;
-        let (compressor, digest, rest) = parse_blob_part(name, &segments[at..])?;
+        let (compressor, digest, rest) = parse_blob_part(name, &segments[at..], default(&instance))?;
         if !rest.is_empty() {
             return Err(ParseError::new(format!(
                 "resource name {} has unexpected segments after the size",
@@ -146,7 +153,14 @@ impl ReadResource {
 }
 
 impl WriteResource {
+    /// Parses a name; one without a function segment is SHA-256.
     pub fn parse(name: &str) -> Result<Self, ParseError> {
+        Self::parse_with(name, |_| DigestFunction::Sha256)
+    }
+
+    /// Parses a name; one without a function segment uses `default` of its
+    /// instance.
+    pub fn parse_with(name: &str, default: impl FnOnce(&InstanceName) -> DigestFunction) -> Result<Self, ParseError> {
         let segments: Vec<&str> = name.split('/').collect();
         let at = segments
             .iter()
@@ -162,7 +176,7 @@ impl WriteResource {
                 )));
             }
         };
-        let (compressor, digest, _metadata) = parse_blob_part(name, &segments[at + 2..])?;
+        let (compressor, digest, _metadata) = parse_blob_part(name, &segments[at + 2..], default(&instance))?;
         Ok(WriteResource { instance, uuid, compressor, digest })
     }
 
@@ -203,7 +217,12 @@ fn instance_of(name: &str, segments: &[&str]) -> Result<InstanceName, ParseError
 
 /// Parses `blobs/{fn/}{hash}/{size}` or
 /// `compressed-blobs/{compressor}/{fn/}{hash}/{size}` and returns what follows.
-fn parse_blob_part<'a>(name: &str, segments: &'a [&'a str]) -> Result<(Compressor, Digest, &'a [&'a str]), ParseError> {
+/// Without a function segment the digest is `default`'s.
+fn parse_blob_part<'a>(
+    name: &str,
+    segments: &'a [&'a str],
+    default: DigestFunction,
+) -> Result<(Compressor, Digest, &'a [&'a str]), ParseError> {
     let short = || ParseError::new(format!("resource name {} ends before the digest size", quote(name)));
     let (compressor, mut rest) = match segments.first() {
         Some(&"blobs") => (Compressor::Identity, &segments[1..]),
@@ -222,7 +241,7 @@ fn parse_blob_part<'a>(name: &str, segments: &'a [&'a str]) -> Result<(Compresso
     };
     // A function segment is present when the segment is not a hash: hashes
     // are hex, every function name has a non-hex letter.
-    let mut function = DigestFunction::Sha256;
+    let mut function = default;
     if let Some(first) = rest.first()
         && rest.len() >= 3
         && !first.chars().all(|c| c.is_ascii_hexdigit())
@@ -357,6 +376,32 @@ mod tests {
         }
         let err = InstanceName::new(&format!("{long}/..")).unwrap_err();
         assert!(err.0.len() < 400 && err.0.contains("\"..\""), "{err}");
+    }
+
+    /// A name without a function segment takes the instance's default; a
+    /// named function still wins (Buck2 names none for BLAKE3).
+    #[test]
+    fn names_without_a_function_take_the_instances_default() {
+        use DigestFunction::*;
+        let default = |i: &InstanceName| if i.as_str() == "b3" { Blake3 } else { Sha256 };
+        let cases = [
+            ("b3/", "", Blake3),
+            ("b3/", "compressed-", Blake3),
+            ("b3/", "sha256/", Sha256),
+            ("other/", "", Sha256),
+            ("", "blake3/", Blake3),
+        ];
+        for (instance, part, function) in cases {
+            let (read, write) = match part {
+                "compressed-" => (
+                    format!("{instance}compressed-blobs/zstd/{H}/1"),
+                    format!("{instance}uploads/u/compressed-blobs/zstd/{H}/1"),
+                ),
+                _ => (format!("{instance}blobs/{part}{H}/1"), format!("{instance}uploads/u/blobs/{part}{H}/1")),
+            };
+            assert_eq!(ReadResource::parse_with(&read, default).unwrap().digest.function, function, "{read}");
+            assert_eq!(WriteResource::parse_with(&write, default).unwrap().digest.function, function, "{write}");
+        }
     }
 
     #[test]

@@ -194,7 +194,7 @@ impl ActionCache for ActionCacheService {
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
         let (instance, function) = parse_header(&request.get_ref().instance_name, request.get_ref().digest_function)?;
-        self.auth.context(&request, &instance, Some(function), Grant::AcRead)?;
+        let function = self.auth.context(&request, &instance, function, Grant::AcRead)?.function();
         let req = request.into_inner();
         let action = Digest::from_field(function, req.action_digest.as_ref(), "action_digest")
             .map_err(|e| Error::bad_field("action_digest", e.0))?;
@@ -214,8 +214,10 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        // PERMISSION_DENIED on an `ac_write = false` instance (the context
+        // checks it): Buck2 reads exactly that code as "read-only cache".
         let (instance, function) = parse_header(&request.get_ref().instance_name, request.get_ref().digest_function)?;
-        self.auth.context(&request, &instance, Some(function), Grant::AcWrite)?;
+        let function = self.auth.context(&request, &instance, function, Grant::AcWrite)?.function();
         let req = request.into_inner();
         let action = Digest::from_field(function, req.action_digest.as_ref(), "action_digest")
             .map_err(|e| Error::bad_field("action_digest", e.0))?;

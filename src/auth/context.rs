@@ -1,7 +1,8 @@
 //! The request context: every call parsed once into who is asking, for which
-//! instance, with which digest function and RequestMetadata, and checked
-//! against the grant it needs. Authorization, per-instance settings, metrics
-//! labels and logs all read this one value.
+//! instance (and that instance's settings, `[instances]`), with which digest
+//! function and RequestMetadata, and checked against the grant it needs.
+//! Authorization, per-instance settings, metrics labels and logs all read
+//! this one value.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tonic::Code;
 
 use super::tokens::{self, Policy};
 use super::{AuthConfig, Grant, Grants, Mode, Principal};
+use crate::config::{InstanceSettings, Instances};
 use crate::error::Error;
 
 /// The REAPI header that says which tool, invocation and action a call
@@ -25,24 +27,61 @@ pub const METADATA_HEADER: &str = "build.bazel.remote.execution.v2.requestmetada
 /// How often the token file is checked for changes.
 const RELOAD_POLL: Duration = Duration::from_secs(2);
 
+/// The digest function a call names, before its instance's default applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FunctionField {
+    /// The call has none (GetCapabilities, the Operations calls, the admin API).
+    Absent,
+    /// A request's `digest_function` value: UNKNOWN (0) is the instance's
+    /// default, an unsupported one INVALID_ARGUMENT naming the field.
+    Proto(i32),
+    /// Already resolved: a resource name parsed with the instance's default
+    /// ([`Auth::instance`]), or a function the server chose.
+    Known(DigestFunction),
+}
+
+impl From<Option<DigestFunction>> for FunctionField {
+    fn from(f: Option<DigestFunction>) -> Self {
+        f.map_or(FunctionField::Absent, FunctionField::Known)
+    }
+}
+
 /// One parsed, authorized call.
 #[derive(Debug, Clone)]
 pub struct RequestContext {
     pub principal: Principal,
     pub instance: InstanceName,
-    /// The call's digest function; `None` for calls that have none
-    /// (GetCapabilities, the Operations calls, the admin API).
+    /// The call's digest function, the instance's default when the request
+    /// left it unset; `None` for calls that have none (GetCapabilities, the
+    /// Operations calls, the admin API).
     pub digest_function: Option<DigestFunction>,
     /// The client's RequestMetadata header, when it sent a well-formed one.
     pub metadata: Option<Arc<RequestMetadata>>,
+    /// The instance's `[instances]` settings (the defaults when no key
+    /// covers it).
+    pub settings: Arc<InstanceSettings>,
     grants: Arc<Grants>,
 }
 
 impl RequestContext {
     /// Whether the caller also holds `grant` on this call's instance (e.g.
-    /// GetCapabilities reports `update_enabled` from `ac-write`).
+    /// GetCapabilities reports `update_enabled` from `ac-write`). `ac-write`
+    /// never holds on an instance whose cache is read-only for clients.
     pub fn allows(&self, grant: Grant) -> bool {
-        self.grants.allows(self.instance.as_str(), grant)
+        (grant != Grant::AcWrite || self.settings.ac_write) && self.grants.allows(self.instance.as_str(), grant)
+    }
+
+    /// The call's digest function: the one it named, else the instance's
+    /// default (also for calls that name none, e.g. GetCapabilities).
+    pub fn function(&self) -> DigestFunction {
+        self.digest_function.unwrap_or(self.settings.digest_function)
+    }
+
+    /// Requires a second grant on this call's instance, for a call whose
+    /// later step needs more than its first check (a FetchBlob that has to
+    /// download needs `asset-fetch`): the same error as the first check.
+    pub fn require(&self, grant: Grant) -> Result<(), Error> {
+        tokens::check(&self.principal, &self.grants, self.instance.as_str(), grant)
     }
 
     /// Whether the caller holds `grant` on another instance (operations
@@ -60,6 +99,7 @@ pub struct Caller {
     pub principal: Principal,
     pub metadata: Option<Arc<RequestMetadata>>,
     grants: Arc<Grants>,
+    instances: Arc<Instances>,
 }
 
 impl Caller {
@@ -67,19 +107,43 @@ impl Caller {
         self.grants.allows(instance.as_str(), grant)
     }
 
-    /// The context for `instance`, if the caller holds `grant` there.
+    /// The context for `instance`, if the caller holds `grant` there: the
+    /// digest function resolved against the instance's default (an
+    /// unsupported one is INVALID_ARGUMENT), then the grant checked, then
+    /// the instance's own rules (`ac_write = false` refuses `ac-write` with
+    /// PERMISSION_DENIED, which Buck2 reads as a read-only cache).
     pub fn authorize(
         &self,
         instance: &InstanceName,
-        digest_function: Option<DigestFunction>,
+        digest_function: impl Into<FunctionField>,
         grant: Grant,
     ) -> Result<RequestContext, Error> {
+        let settings = self.instances.get(instance).clone();
+        let digest_function = match digest_function.into() {
+            FunctionField::Absent => None,
+            FunctionField::Known(f) => Some(f),
+            FunctionField::Proto(value) => Some(
+                DigestFunction::from_proto_or(value, settings.digest_function)
+                    .map_err(|e| Error::bad_field("digest_function", e.0))?,
+            ),
+        };
         tokens::check(&self.principal, &self.grants, instance.as_str(), grant)?;
+        if grant == Grant::AcWrite && !settings.ac_write {
+            return Err(Error::new(
+                Code::PermissionDenied,
+                format!(
+                    "the ActionCache of instance {} is read-only for clients ([instances] ac_write = false); \
+                     results of remote executions are still cached",
+                    remote_apis::quote(instance.as_str())
+                ),
+            ));
+        }
         Ok(RequestContext {
             principal: self.principal.clone(),
             instance: instance.clone(),
             digest_function,
             metadata: self.metadata.clone(),
+            settings,
             grants: self.grants.clone(),
         })
     }
@@ -98,6 +162,8 @@ impl Caller {
 /// file plus anonymous grants) is swapped whole when the file changes.
 pub struct Auth {
     config: AuthConfig,
+    /// `[instances]`: every context carries its instance's settings.
+    instances: Arc<Instances>,
     policy: RwLock<Arc<Policy>>,
     /// The token file's stamp when last read.
     seen: Mutex<Option<FileStamp>>,
@@ -119,20 +185,23 @@ impl Auth {
     pub fn open() -> Arc<Auth> {
         Arc::new(Auth {
             config: AuthConfig::default(),
+            instances: Arc::default(),
             policy: RwLock::new(Arc::new(Policy::open())),
             seen: Mutex::default(),
         })
     }
 
-    /// The policy `config` describes; the token file must be readable and
-    /// valid now (later, a broken file keeps the previous policy).
-    pub fn new(config: &AuthConfig) -> anyhow::Result<Arc<Auth>> {
+    /// The policy `config` describes, for instances configured as
+    /// `instances` says; the token file must be readable and valid now
+    /// (later, a broken file keeps the previous policy).
+    pub fn new(config: &AuthConfig, instances: Arc<Instances>) -> anyhow::Result<Arc<Auth>> {
         let policy = match (config.mode, &config.tokens) {
             (Mode::Unset | Mode::None, _) => Policy::open(),
             (Mode::Tokens, None) => Policy::anonymous_only(config.anonymous),
             (Mode::Tokens, Some(path)) => Policy::load(path, config.anonymous)?,
         };
-        let auth = Auth { config: config.clone(), policy: RwLock::new(Arc::new(policy)), seen: Mutex::default() };
+        let auth =
+            Auth { config: config.clone(), instances, policy: RwLock::new(Arc::new(policy)), seen: Mutex::default() };
         if let Some(path) = &config.tokens {
             *auth.seen.lock() = stamp(path);
         }
@@ -141,6 +210,12 @@ impl Auth {
 
     pub fn config(&self) -> &AuthConfig {
         &self.config
+    }
+
+    /// The settings of `instance`, for what must be parsed before the
+    /// context exists (a resource name's digest function).
+    pub fn instance(&self, instance: &InstanceName) -> Arc<InstanceSettings> {
+        self.instances.get(instance).clone()
     }
 
     /// Whether every caller may do everything.
@@ -220,7 +295,7 @@ impl Auth {
             // The call's log span (server/request_log.rs) names the caller.
             tracing::Span::current().record("principal", tracing::field::display(&principal));
         }
-        Ok(Caller { principal, metadata: request_metadata(metadata), grants })
+        Ok(Caller { principal, metadata: request_metadata(metadata), grants, instances: self.instances.clone() })
     }
 
     /// The one check every service makes where it has parsed the body: the
@@ -229,7 +304,7 @@ impl Auth {
         &self,
         request: &tonic::Request<T>,
         instance: &InstanceName,
-        digest_function: Option<DigestFunction>,
+        digest_function: impl Into<FunctionField>,
         grant: Grant,
     ) -> Result<RequestContext, Error> {
         self.caller(request)?.authorize(instance, digest_function, grant)

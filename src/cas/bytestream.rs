@@ -214,6 +214,12 @@ impl Drop for ActiveGuard {
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 impl ByteStreamService {
+    /// The digest function of a resource name without a function segment:
+    /// its instance's default (Buck2 names none for BLAKE3).
+    fn default_function(&self, instance: &remote_apis::InstanceName) -> remote_apis::DigestFunction {
+        self.auth.instance(instance).digest_function
+    }
+
     /// The status for `e`, with a RetryInfo when the store ran short of
     /// something that frees up (descriptors, disk space): RESOURCE_EXHAUSTED
     /// for a blob within the store's budget. A blob larger than the whole
@@ -259,7 +265,7 @@ impl ByteStream for ByteStreamService {
     type ReadStream = ReadStream;
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
-        let resource = ReadResource::parse(&request.get_ref().resource_name)
+        let resource = ReadResource::parse_with(&request.get_ref().resource_name, |i| self.default_function(i))
             .map_err(|e| Error::bad_field("resource_name", e.0))?;
         self.auth.context(&request, &resource.instance, Some(resource.digest.function), Grant::CasRead)?;
         let req = request.into_inner();
@@ -295,8 +301,8 @@ impl ByteStream for ByteStreamService {
         let caller = self.auth.caller(&request)?;
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| Error::invalid("the write stream sent no message"))?;
-        let resource =
-            WriteResource::parse(&first.resource_name).map_err(|e| Error::bad_field("resource_name", e.0))?;
+        let resource = WriteResource::parse_with(&first.resource_name, |i| self.default_function(i))
+            .map_err(|e| Error::bad_field("resource_name", e.0))?;
         caller.authorize(&resource.instance, Some(resource.digest.function), Grant::CasWrite)?;
         let key = resource.to_name();
         if self.exists(&resource).await? {
@@ -328,7 +334,7 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
-        let resource = WriteResource::parse(&request.get_ref().resource_name)
+        let resource = WriteResource::parse_with(&request.get_ref().resource_name, |i| self.default_function(i))
             .map_err(|e| Error::bad_field("resource_name", e.0))?;
         self.auth.context(&request, &resource.instance, Some(resource.digest.function), Grant::CasWrite)?;
         let key = resource.to_name();

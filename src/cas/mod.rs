@@ -26,7 +26,7 @@ use remote_apis::reapi::{
 use remote_apis::{Compressor, Digest, DigestFunction, InstanceName};
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Auth, Grant};
+use crate::auth::{Auth, FunctionField, Grant};
 use crate::error::{Error, Result};
 use crate::store::Store;
 use decode::BoundedDecoder;
@@ -71,7 +71,8 @@ impl CasService {
         CasService { auth, ..self }
     }
 
-    /// Parses the common header and checks `grant` on its instance.
+    /// Parses the common header and checks `grant` on its instance; the
+    /// digest function is the request's, else the instance's default.
     fn authorize<T>(
         &self,
         request: &Request<T>,
@@ -80,16 +81,16 @@ impl CasService {
         grant: Grant,
     ) -> Result<DigestFunction> {
         let (instance, function) = parse_header(instance, function)?;
-        self.auth.context(request, &instance, Some(function), grant)?;
-        Ok(function)
+        Ok(self.auth.context(request, &instance, function, grant)?.function())
     }
 }
 
-/// Parses the common request header: instance name and digest function.
-pub(crate) fn parse_header(instance: &str, function: i32) -> Result<(InstanceName, DigestFunction)> {
+/// Parses the common request header: the instance name, and the digest
+/// function field, which the request context resolves against the
+/// instance's default ([`Auth::context`]).
+pub(crate) fn parse_header(instance: &str, function: i32) -> Result<(InstanceName, FunctionField)> {
     let instance = InstanceName::new(instance).map_err(|e| Error::bad_field("instance_name", e.0))?;
-    let function = DigestFunction::from_proto(function).map_err(|e| Error::bad_field("digest_function", e.0))?;
-    Ok((instance, function))
+    Ok((instance, FunctionField::Proto(function)))
 }
 
 fn parse_digests(function: DigestFunction, digests: &[remote_apis::reapi::Digest], field: &str) -> Result<Vec<Digest>> {
@@ -321,7 +322,7 @@ impl ContentAddressableStorage for CasService {
             return Err(Error::invalid("RegisterChunkMapping needs at least one request").into());
         };
         let (instance, function) = parse_header(&first.instance_name, first.digest_function)?;
-        caller.authorize(&instance, Some(function), Grant::CasWrite)?;
+        let function = caller.authorize(&instance, function, Grant::CasWrite)?.function();
         let mut chunk_digests = first.chunk_digests.clone();
         while let Some(more) = stream.message().await? {
             chunk_digests.extend(more.chunk_digests);

@@ -47,6 +47,28 @@ impl Platform {
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
+
+    /// This platform plus each of `defaults` whose name it lacks (an
+    /// instance's `[instances] platform`); `None` when nothing is added.
+    pub fn with_defaults(&self, defaults: &[(String, String)]) -> Option<Platform> {
+        let missing: Vec<(String, String)> =
+            defaults.iter().filter(|(name, _)| self.get(name).is_none()).cloned().collect();
+        if missing.is_empty() {
+            return None;
+        }
+        Some(Platform::new(self.0.iter().cloned().chain(missing).collect()))
+    }
+
+    /// The REAPI form (sorted by name, then value, as the spec asks).
+    pub fn to_proto(&self) -> reapi::Platform {
+        reapi::Platform {
+            properties: self
+                .0
+                .iter()
+                .map(|(name, value)| reapi::platform::Property { name: name.clone(), value: value.clone() })
+                .collect(),
+        }
+    }
 }
 
 /// Properties that configure the action's sandbox on whichever worker runs

@@ -17,13 +17,13 @@ use remote_apis::protobuf::{Any, Empty};
 use remote_apis::reapi::execution_server::Execution;
 use remote_apis::reapi::execution_stage::Value as Stage;
 use remote_apis::reapi::{ExecuteOperationMetadata, ExecuteRequest, WaitExecutionRequest};
-use remote_apis::{Digest, DigestFunction, InstanceName};
+use remote_apis::{Digest, InstanceName};
 use tonic::{Request, Response, Status};
 
 use super::scheduler::{OpView, OpWatch, Scheduler, Submission, unknown_operation};
 use super::validate::{self, Timeouts};
 use crate::ac::{AcKey, ActionCacheService};
-use crate::auth::{Auth, Caller, Grant, Principal, RequestContext};
+use crate::auth::{Auth, Caller, FunctionField, Grant, Principal, RequestContext};
 use crate::error::Error;
 use crate::store::Store;
 
@@ -60,22 +60,20 @@ impl ExecutionService {
         ExecutionService { auth, ..self }
     }
 
-    /// Parses the header and checks the `execute` grant.
+    /// Parses the header and checks the `execute` grant; the digest
+    /// function is the request's, else the instance's default.
     fn authorize(&self, request: &Request<ExecuteRequest>) -> Result<RequestContext, Error> {
         let req = request.get_ref();
         let instance = InstanceName::new(&req.instance_name).map_err(|e| Error::bad_field("instance_name", e.0))?;
-        let function =
-            DigestFunction::from_proto(req.digest_function).map_err(|e| Error::bad_field("digest_function", e.0))?;
-        self.auth.context(request, &instance, Some(function), Grant::Execute)
+        self.auth.context(request, &instance, FunctionField::Proto(req.digest_function), Grant::Execute)
     }
 
     /// Everything up to the first Operation: errors here are gRPC statuses.
     /// The server stores the result in the ActionCache itself, whatever the
     /// caller's grants (`ac-write` guards only clients' own writes).
     async fn start(&self, ctx: RequestContext, req: ExecuteRequest) -> Result<OpWatch, Error> {
-        let RequestContext { instance, principal, digest_function, .. } = ctx;
-        // Always set: `authorize` parsed it.
-        let function = digest_function.unwrap_or(DigestFunction::Sha256);
+        let function = ctx.function();
+        let RequestContext { instance, principal, settings, .. } = ctx;
         let digest = Digest::from_field(function, req.action_digest.as_ref(), "action_digest")
             .map_err(|e| Error::bad_field("action_digest", e.0))?;
         let action = validate::read_action(&self.cas, &digest).await?;
@@ -87,7 +85,8 @@ impl ExecutionService {
         {
             return Ok(self.scheduler.record_hit(instance, digest, result, principal));
         }
-        let checked = validate::check(&self.cas, &self.directories, digest, action, self.timeouts).await?;
+        let checked =
+            validate::check(&self.cas, &self.directories, digest, action, self.timeouts, &settings.platform).await?;
         self.scheduler.submit(Submission {
             instance,
             action_digest: digest,

@@ -43,13 +43,16 @@ pub async fn read_action(cas: &Store, action_digest: &Digest) -> Result<Action> 
 /// Checks the rest of an action read by [`read_action`].
 /// `dirs` remembers decoded Directory messages across calls (they are
 /// content-addressed, so a cached one is always right); the blobs they name
-/// are still checked for presence every time.
+/// are still checked for presence every time. `defaults` are the instance's
+/// platform properties (`[instances] platform`), added where the action's
+/// platform lacks the name.
 pub async fn check(
     cas: &Store,
     dirs: &DirectoryCache,
     action_digest: Digest,
-    action: Action,
+    mut action: Action,
     timeouts: Timeouts,
+    defaults: &[(String, String)],
 ) -> Result<Checked> {
     let function = action_digest.function;
     let command_digest = Digest::from_field(function, action.command_digest.as_ref(), "action.command_digest")
@@ -85,10 +88,17 @@ pub async fn check(
     };
     // Older clients put the platform in the Command.
     #[allow(deprecated)]
-    let platform = match action.platform.as_ref() {
+    let mut platform = match action.platform.as_ref() {
         Some(p) if !p.properties.is_empty() => Platform::from_proto(Some(p)),
         _ => Platform::from_proto(command.platform.as_ref()),
     };
+    if let Some(merged) = platform.with_defaults(defaults) {
+        // The worker reads the Action's platform (else the Command's): the
+        // queued copy carries the merged one. The action digest, and so the
+        // cache key, stays the client's.
+        action.platform = Some(merged.to_proto());
+        platform = merged;
+    }
     // Sandbox settings (`network`, `memory_limit`, `process_limit`,
     // `output_*_limit`) that no worker could read are refused here, before
     // the action waits in a queue, with the same message a worker gives.

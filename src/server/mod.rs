@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use remote_apis::asset::fetch_server::FetchServer;
+use remote_apis::asset::push_server::PushServer;
 use remote_apis::bytestream::byte_stream_server::ByteStreamServer;
 use remote_apis::longrunning::operations_server::OperationsServer;
 use remote_apis::reapi::action_cache_server::ActionCacheServer;
@@ -30,6 +32,7 @@ use tonic::codec::CompressionEncoding;
 use crate::ac::{AcStore, ActionCacheService, FsAcStore, MemoryAcStore};
 use crate::admin::AdminService;
 use crate::admin::proto::admin_server::AdminServer;
+use crate::asset::AssetService;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::{ByteStreamService, CasService};
 use crate::config::{Backend, Config};
@@ -59,7 +62,7 @@ pub struct Stores {
 pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
     match config.backend {
         Backend::Memory => {
-            let memory = Arc::new(MemoryStore::new(config.max_size));
+            let memory = Arc::new(MemoryStore::new(config.max_size).with_min_retention(config.min_retention));
             Ok(Stores {
                 cas: store::cas(memory.clone()),
                 ac: Arc::new(MemoryAcStore::new(MEMORY_AC_ENTRIES)),
@@ -69,8 +72,10 @@ pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
         Backend::Filesystem => {
             let dir = config.data_dir.clone();
             let (max, fsync, verify_below) = (config.max_size, config.fsync, config.verify_reads_below);
+            let retention = config.min_retention;
             let (cas, ac) = tokio::task::spawn_blocking(move || {
-                anyhow::Ok((FsStore::open(&dir, max, fsync, verify_below)?, FsAcStore::open(&dir)?))
+                let cas = FsStore::open(&dir, max, fsync, verify_below)?.with_min_retention(retention);
+                anyhow::Ok((cas, FsAcStore::open(&dir)?))
             })
             .await?
             .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
@@ -114,7 +119,7 @@ pub async fn serve(
         }
         None => None,
     };
-    let auth = crate::auth::Auth::new(&config.auth)?;
+    let auth = crate::auth::Auth::new(&config.auth, config.instances.clone())?;
     let limit = grpc_message_limit(config.max_batch_size);
     let fd_limit = listener::raise_fd_limit();
     let conns = ConnectionLimits {
@@ -144,6 +149,7 @@ pub async fn serve(
     };
     let Stores { cas, ac: ac_store, scrub } = stores;
     let (cas, ac_store) = metered(metrics.as_deref(), cas, ac_store);
+    let asset = Arc::new(asset_service(config, &cas, &ac_store)?.with_auth(auth.clone()));
     let ac = Arc::new(
         ActionCacheService::new(ac_store.clone(), cas.clone())
             .with_auth(auth.clone())
@@ -187,6 +193,8 @@ pub async fn serve(
     health.set_serving::<ActionCacheServer<ActionCacheService>>().await;
     health.set_serving::<CapabilitiesServer<CapabilitiesService>>().await;
     health.set_serving::<ExecutionServer<ExecutionService>>().await;
+    health.set_serving::<FetchServer<AssetService>>().await;
+    health.set_serving::<PushServer<AssetService>>().await;
 
     macro_rules! limits {
         ($svc:expr) => {
@@ -220,13 +228,15 @@ pub async fn serve(
     let mut router = builder!()
         .add_service(health_service)
         .add_service(limits!(CapabilitiesServer::new(
-            CapabilitiesService::new(config.max_batch_size).with_auth(auth.clone())
+            CapabilitiesService::new(config.max_batch_size, config.max_size).with_auth(auth.clone())
         )))
         .add_service(limits!(ContentAddressableStorageServer::new(
             CasService::new(cas.clone(), config.max_batch_size).with_auth(auth.clone())
         )))
         .add_service(limits!(ByteStreamServer::from_arc(bytestream.clone())))
         .add_service(limits!(ActionCacheServer::from_arc(ac.clone())))
+        .add_service(limits!(FetchServer::from_arc(asset.clone())))
+        .add_service(limits!(PushServer::from_arc(asset)))
         .add_service(limits!(ExecutionServer::new(
             ExecutionService::new(
                 cas.clone(),
@@ -357,6 +367,23 @@ fn metered(metrics: Option<&crate::metrics::Metrics>, cas: Store, ac: Arc<dyn Ac
     let cas_metrics = m.store("cas", Some(&cas));
     let ac_metrics = m.store("ac", None);
     (Arc::new(store::Metered::new(cas, cas_metrics)), Arc::new(store::MeteredAc::new(ac, ac_metrics)))
+}
+
+/// The Remote Asset service: records in the ActionCache store, downloads
+/// spooled beside the stored blobs (or in the system's temporary directory
+/// for the memory backend), each instance allowed to download as its
+/// `[instances] asset_fetch` says, else `[asset] fetch`.
+fn asset_service(config: &Config, cas: &Store, ac: &Arc<dyn AcStore>) -> anyhow::Result<AssetService> {
+    let spool = match config.backend {
+        Backend::Filesystem => config.data_dir.join("tmp"),
+        Backend::Memory => std::env::temp_dir(),
+    };
+    let downloader = crate::asset::Downloader::new(&config.asset, spool).context("the asset downloader")?;
+    let fetch = config.asset.fetch;
+    let instances = config.instances.clone();
+    let may_fetch: crate::asset::MayFetch =
+        Arc::new(move |instance| instances.get(instance).asset_fetch.unwrap_or(fetch));
+    Ok(AssetService::new(crate::asset::Records::new(ac.clone(), cas.clone()), Arc::new(downloader), may_fetch))
 }
 
 /// How often an unchanged operation is re-sent on Execute/WaitExecution streams.

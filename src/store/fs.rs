@@ -22,6 +22,10 @@
 //! dropped (reported missing) when it no longer matches its digest. The
 //! startup check is cheap: sizes, and a hash only of files that became
 //! writable. `cargo-distbuild cas verify` re-hashes everything.
+//!
+//! Eviction spares blobs used within the minimum retention (see
+//! `retention.rs`), except at startup: promises made before a restart with a
+//! smaller budget cannot all be kept, and the budget wins then.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -41,6 +45,7 @@ mod stream;
 use integrity::Stamp;
 
 use super::memory::check_fits;
+use super::retention::Retention;
 use super::{BlobInfo, BlobSink, BlobStore, BlobStream, Usage, range, stream_bytes};
 use crate::error::{Error, Result};
 
@@ -63,6 +68,15 @@ struct Index {
     used: u64,
     /// Blobs evicted since the store opened, for metrics.
     evicted: u64,
+    /// Blobs used more recently than this are not evicted.
+    retention: Retention,
+}
+
+impl Index {
+    /// Whether evicting unprotected blobs can make room for `digest`.
+    fn check_room(&self, max_bytes: u64, digest: &Digest) -> Result<()> {
+        self.retention.check_room(&self.blobs, |e| e.last_access, self.used, max_bytes, digest)
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -93,7 +107,7 @@ impl FsStore {
         }
         let mut found = scan(&root.join("cas"))?;
         found.sort_by_key(|(_, entry)| entry.last_access);
-        let mut index = Index { blobs: LruCache::unbounded(), used: 0, evicted: 0 };
+        let mut index = Index { blobs: LruCache::unbounded(), used: 0, evicted: 0, retention: Retention::default() };
         for (digest, entry) in found {
             index.used += digest.size;
             index.blobs.put(digest, entry);
@@ -104,6 +118,23 @@ impl FsStore {
             shared.evict_until_fits(&mut index, 0);
         }
         Ok(FsStore { shared: Arc::new(shared) })
+    }
+
+    /// Blobs reported present, written or read within `min` are not
+    /// evicted (none by default); a write that finds no other room fails
+    /// with RESOURCE_EXHAUSTED.
+    pub fn with_min_retention(self, min: std::time::Duration) -> Self {
+        self.shared.index.lock().retention = Retention(min);
+        self
+    }
+
+    /// Moves every blob's last use `by` into the past, as if that time had
+    /// passed (tests of the retention).
+    #[cfg(test)]
+    pub(super) fn age_all(&self, by: std::time::Duration) {
+        for (_, entry) in self.shared.index.lock().blobs.iter_mut() {
+            entry.last_access -= by;
+        }
     }
 }
 
@@ -169,9 +200,10 @@ impl Shared {
             .join(format!("{TMP_PREFIX}{}", uuid::Uuid::new_v4()))
     }
 
-    /// Evicts least-recently-used blobs until `incoming` more bytes fit.
-    /// Runs under the index lock, so a concurrent commit of an evicted
-    /// digest cannot have its fresh file deleted.
+    /// Evicts least-recently-used blobs until `incoming` more bytes fit,
+    /// whatever their retention: callers check [`Index::check_room`] first
+    /// (startup alone does not). Runs under the index lock, so a concurrent
+    /// commit of an evicted digest cannot have its fresh file deleted.
     fn evict_until_fits(&self, index: &mut Index, incoming: u64) {
         while index.used + incoming > self.max_bytes {
             let Some((digest, _)) = index.blobs.pop_lru() else { break };
@@ -198,6 +230,9 @@ impl Shared {
             let _ = std::fs::remove_file(tmp);
             return Ok(());
         }
+        // Full of protected blobs: refused, nothing evicted (the caller's
+        // temporary file goes with the error).
+        index.check_room(self.max_bytes, digest)?;
         self.evict_until_fits(&mut index, digest.size);
         std::fs::rename(tmp, &dest).map_err(|e| Error::io(format!("renaming into {}", dest.display()), e))?;
         // Stamped after the rename, which may itself move the ctime.
@@ -271,6 +306,9 @@ impl BlobStore for FsStore {
 
     async fn put(&self, digest: &Digest) -> Result<Box<dyn BlobSink>> {
         check_fits(digest, self.shared.max_bytes)?;
+        // Refused before the bytes travel when there is no room now (the
+        // commit checks again: room may have gone meanwhile).
+        self.shared.index.lock().check_room(self.shared.max_bytes, digest)?;
         let tmp = TempPath(Some(self.shared.tmp_path(digest)));
         let file = {
             let path = tmp.path().to_path_buf();
@@ -287,6 +325,7 @@ impl BlobStore for FsStore {
         if self.shared.touch(digest).is_some() {
             return Ok(());
         }
+        self.shared.index.lock().check_room(self.shared.max_bytes, digest)?;
         let shared = self.shared.clone();
         let digest = *digest;
         tokio::task::spawn_blocking(move || {

@@ -1,5 +1,6 @@
-//! A bounded in-memory store with least-recently-used eviction. Also the
-//! fake that tests run the services against.
+//! A bounded in-memory store with least-recently-used eviction that spares
+//! recently used blobs (`retention.rs`). Also the fake that tests run the
+//! services against.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -10,6 +11,7 @@ use lru::LruCache;
 use parking_lot::Mutex;
 use remote_apis::Digest;
 
+use super::retention::Retention;
 use super::{BlobInfo, BlobSink, BlobStore, BlobStream, Scrub, ScrubReport, Usage, stream_bytes};
 use crate::error::{Error, Result};
 
@@ -27,12 +29,37 @@ struct Inner {
     blobs: LruCache<Digest, (Bytes, SystemTime)>,
     used: u64,
     evicted: u64,
+    retention: Retention,
+}
+
+impl Inner {
+    fn check_room(&self, max_bytes: u64, digest: &Digest) -> Result<()> {
+        self.retention.check_room(&self.blobs, |(_, at)| *at, self.used, max_bytes, digest)
+    }
 }
 
 impl MemoryStore {
     pub fn new(max_bytes: u64) -> Self {
-        let inner = Mutex::new(Inner { blobs: LruCache::unbounded(), used: 0, evicted: 0 });
+        let inner =
+            Mutex::new(Inner { blobs: LruCache::unbounded(), used: 0, evicted: 0, retention: Retention::default() });
         MemoryStore { shared: Arc::new(Shared { inner, max_bytes }) }
+    }
+
+    /// Blobs reported present, written or read within `min` are not
+    /// evicted (none by default); a write that finds no other room fails
+    /// with RESOURCE_EXHAUSTED.
+    pub fn with_min_retention(self, min: std::time::Duration) -> Self {
+        self.shared.inner.lock().retention = Retention(min);
+        self
+    }
+
+    /// Moves every blob's last use `by` into the past, as if that time had
+    /// passed (tests of the retention).
+    #[cfg(test)]
+    pub(super) fn age_all(&self, by: std::time::Duration) {
+        for (_, entry) in self.shared.inner.lock().blobs.iter_mut() {
+            entry.1 -= by;
+        }
     }
 }
 
@@ -41,9 +68,11 @@ impl Shared {
         let size = data.len() as u64;
         check_fits(&digest, self.max_bytes)?;
         let mut inner = self.inner.lock();
-        if inner.blobs.get(&digest).is_some() {
+        if let Some(entry) = inner.blobs.get_mut(&digest) {
+            entry.1 = SystemTime::now();
             return Ok(());
         }
+        inner.check_room(self.max_bytes, &digest)?;
         while inner.used + size > self.max_bytes {
             match inner.blobs.pop_lru() {
                 Some((_, (old, _))) => {
@@ -62,11 +91,13 @@ impl Shared {
 /// What a sink reserves up front, whatever size the blob claims.
 const INITIAL_CAPACITY: u64 = 1 << 20;
 
-/// A blob larger than the whole budget can never be stored.
+/// A blob larger than the whole budget can never be stored. The budget is
+/// advertised as `max_cas_blob_size_bytes`, and REAPI 2.12 asks for
+/// INVALID_ARGUMENT above it (no retrying helps).
 pub(crate) fn check_fits(digest: &Digest, max_bytes: u64) -> Result<()> {
     if digest.size > max_bytes {
-        return Err(Error::resource_exhausted(format!(
-            "blob {digest} is larger than the store's whole budget of {max_bytes} bytes"
+        return Err(Error::invalid(format!(
+            "blob {digest} is larger than the store's whole budget of {max_bytes} bytes (max_cas_blob_size_bytes)"
         )));
     }
     Ok(())
@@ -106,6 +137,7 @@ impl BlobStore for MemoryStore {
 
     async fn put(&self, digest: &Digest) -> Result<Box<dyn BlobSink>> {
         check_fits(digest, self.shared.max_bytes)?;
+        self.shared.inner.lock().check_room(self.shared.max_bytes, digest)?;
         Ok(Box::new(MemorySink {
             store: self.shared.clone(),
             digest: *digest,

@@ -11,6 +11,7 @@ mod empty;
 pub mod fs;
 pub mod memory;
 mod metered;
+mod retention;
 mod verify;
 
 use std::sync::Arc;

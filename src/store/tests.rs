@@ -109,10 +109,60 @@ async fn least_recently_used_blobs_are_evicted_first() {
         assert!(store.usage().used_bytes <= 3000, "{name}");
         // A blob larger than the whole budget is refused.
         let (big, dbig) = blob(14, 4000);
-        assert_eq!(store.put_bytes(&big, dbig).await.unwrap_err().code, Code::ResourceExhausted, "{name}");
+        assert_eq!(store.put_bytes(&big, dbig).await.unwrap_err().code, Code::InvalidArgument, "{name}");
     }
     let files = walk(&dir.path().join("cas"));
     assert_eq!(files.len(), 3, "evicted files are deleted: {files:?}");
+}
+
+/// `[cas] min_retention` under pressure: blobs used within it (reported
+/// present, written, read) are never evicted; older ones go first as usual;
+/// when only protected blobs remain a write is RESOURCE_EXHAUSTED, evicts
+/// nothing and stays within the budget.
+#[tokio::test]
+async fn recently_used_blobs_survive_pressure() {
+    let hour = std::time::Duration::from_secs(3600);
+    let dir = tempfile::tempdir().unwrap();
+    let memory = MemoryStore::new(3000).with_min_retention(hour);
+    let fs = FsStore::open(dir.path(), 3000, false, 0).unwrap().with_min_retention(hour);
+    let (m, f) = (memory.clone(), fs.clone());
+    /// A backend and the way to make two hours pass for its blobs.
+    type Aged = (&'static str, Store, Box<dyn Fn()>);
+    let age_all: [Aged; 2] = [
+        ("memory", cas(Arc::new(memory)), Box::new(move || m.age_all(2 * hour))),
+        ("fs", cas(Arc::new(fs)), Box::new(move || f.age_all(2 * hour))),
+    ];
+    for (name, store, age_all) in age_all {
+        let blobs: Vec<(Digest, Bytes)> = (0..6).map(|i| blob(40 + i, 1000)).collect();
+        let d: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
+        for (digest, data) in &blobs[..3] {
+            store.put_bytes(digest, data.clone()).await.unwrap();
+        }
+        // All three were just written: the store is full of protected blobs.
+        let err = store.put_bytes(&d[3], blobs[3].1.clone()).await.unwrap_err();
+        assert_eq!(err.code, Code::ResourceExhausted, "{name}: {}", err.message);
+        assert!(err.message.contains("min_retention"), "{name}: {}", err.message);
+        assert!(err.message.contains("1h"), "{name}: {}", err.message);
+        assert_eq!(store.find_missing(&d[..3]).await.unwrap(), vec![], "{name}: nothing evicted");
+        assert!(store.put(&d[3]).await.is_err(), "{name}: a stream is refused before its bytes travel");
+
+        // Two hours later, the client asks about d[1] (FindMissing) and reads d[2].
+        age_all();
+        assert!(store.find_missing(&[d[1]]).await.unwrap().is_empty());
+        store.get_bytes(&d[2]).await.unwrap();
+        // Only d[0] is old: one new blob fits, the next does not.
+        store.put_bytes(&d[3], blobs[3].1.clone()).await.unwrap();
+        let err = store.put_bytes(&d[4], blobs[4].1.clone()).await.unwrap_err();
+        assert_eq!(err.code, Code::ResourceExhausted, "{name}");
+        assert_eq!(store.find_missing(&d[..5]).await.unwrap(), vec![d[0], d[4]], "{name}");
+        assert!(store.usage().used_bytes <= 3000, "{name}: {}", store.usage().used_bytes);
+        // Rewriting a present blob counts as a use and needs no room.
+        store.put_bytes(&d[1], blobs[1].1.clone()).await.unwrap();
+        age_all();
+        // Everything is old now: plain LRU again.
+        store.put_bytes(&d[5], blobs[5].1.clone()).await.unwrap();
+        assert_eq!(store.find_missing(&d[1..4]).await.unwrap().len(), 1, "{name}: one blob made room");
+    }
 }
 
 #[tokio::test]

@@ -251,13 +251,15 @@ async fn many_parked_uploads_do_not_starve_the_server() {
 }
 
 #[tokio::test]
-async fn a_blob_larger_than_the_store_is_resource_exhausted() {
+async fn a_blob_larger_than_the_store_is_invalid_argument() {
     let server = TestServer::start_with(Default::default(), |c| c.cas.max_size = bytesize::ByteSize::kib(100)).await;
     let big = data(11, 200_000);
     let name = write_name(&sha(&big), Compressor::Identity, "too-big");
     for _ in 0..2 {
         // The same upload twice: the first refusal leaves no stuck session.
-        let s = assert_code(write(&server, &name, split(&big, 50_000), 0, true).await, Code::ResourceExhausted);
+        // max_cas_blob_size_bytes is the budget; REAPI 2.12 asks for
+        // INVALID_ARGUMENT above it.
+        let s = assert_code(write(&server, &name, split(&big, 50_000), 0, true).await, Code::InvalidArgument);
         assert!(s.message().contains("budget"), "{}", s.message());
     }
 }

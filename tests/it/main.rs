@@ -2,6 +2,7 @@
 //! driven by generated gRPC clients, the command line and real clients.
 
 mod ac;
+mod asset;
 mod auth;
 mod bazel;
 mod bazel_tls;
@@ -19,6 +20,7 @@ mod hardening_exec;
 mod hardening_net;
 mod hardening_worker;
 mod http;
+mod instances;
 mod legacy;
 mod logs;
 mod metrics;

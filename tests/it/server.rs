@@ -69,7 +69,12 @@ async fn concurrent_identical_uploads() {
 #[tokio::test]
 async fn a_small_budget_evicts_the_least_recently_used() {
     for backend in [Backend::Filesystem, Backend::Memory] {
-        let server = TestServer::start_with(backend, |c| c.cas.max_size = bytesize::ByteSize::kib(1000)).await;
+        let server = TestServer::start_with(backend, |c| {
+            c.cas.max_size = bytesize::ByteSize::kib(1000);
+            // Plain LRU: nothing is protected by recent use.
+            c.cas.min_retention = std::time::Duration::ZERO;
+        })
+        .await;
         let blobs: Vec<Bytes> = (0..3).map(|i| data(10 + i, 400_000)).collect();
         let digests: Vec<_> = blobs.iter().map(|b| sha(b)).collect();
         let client = server.client();
