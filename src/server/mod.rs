@@ -239,7 +239,7 @@ pub async fn serve(
                     max: config.execution.max_timeout,
                     tree: config.execution.tree_limits(),
                 },
-                STREAM_KEEPALIVE,
+                config.execution.stream_keepalive,
             )
             .with_auth(auth.clone())
         )))
@@ -360,9 +360,6 @@ fn metered(metrics: Option<&crate::metrics::Metrics>, cas: Store, ac: Arc<dyn Ac
     let ac_metrics = m.store("ac", None);
     (Arc::new(store::Metered::new(cas, cas_metrics)), Arc::new(store::MeteredAc::new(ac, ac_metrics)))
 }
-
-/// How often an unchanged operation is re-sent on Execute/WaitExecution streams.
-const STREAM_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// The scheduler, its upkeep task and the built-in worker (unless
 /// `worker_capacity` is 0: a scheduler-only server for remote workers).
