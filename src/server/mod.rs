@@ -247,7 +247,7 @@ pub async fn serve(
                     max: config.execution.max_timeout,
                     tree: config.execution.tree_limits(),
                 },
-                STREAM_KEEPALIVE,
+                config.execution.stream_keepalive,
             )
             .with_auth(auth.clone())
         )))
@@ -385,9 +385,6 @@ fn asset_service(config: &Config, cas: &Store, ac: &Arc<dyn AcStore>) -> anyhow:
         Arc::new(move |instance| instances.get(instance).asset_fetch.unwrap_or(fetch));
     Ok(AssetService::new(crate::asset::Records::new(ac.clone(), cas.clone()), Arc::new(downloader), may_fetch))
 }
-
-/// How often an unchanged operation is re-sent on Execute/WaitExecution streams.
-const STREAM_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// The scheduler, its upkeep task and the built-in worker (unless
 /// `worker_capacity` is 0: a scheduler-only server for remote workers).

@@ -7,6 +7,7 @@ mod auth;
 mod bazel;
 mod bazel_tls;
 mod browser;
+mod buck2;
 mod bytestream;
 mod cas;
 mod chroot;
