@@ -33,6 +33,7 @@ use crate::common::{TestServer, assert_code, data, sha};
 pub(crate) struct Origin {
     pub addr: SocketAddr,
     hits: Arc<Mutex<HashMap<String, usize>>>,
+    agents: Arc<Mutex<HashMap<String, String>>>,
     stop: Arc<tokio::sync::Notify>,
 }
 
@@ -40,11 +41,14 @@ pub(crate) struct Origin {
 struct OriginState {
     files: Arc<HashMap<String, Bytes>>,
     hits: Arc<Mutex<HashMap<String, usize>>>,
+    /// The User-Agent of the last request per path.
+    agents: Arc<Mutex<HashMap<String, String>>>,
 }
 
 async fn serve(State(s): State<OriginState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
     *s.hits.lock().entry(name.clone()).or_default() += 1;
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    s.agents.lock().insert(name.clone(), header("user-agent"));
     match name.as_str() {
         "redirect" => (StatusCode::FOUND, [(header::LOCATION, "/files/blob")]).into_response(),
         "redirect2" => (StatusCode::FOUND, [(header::LOCATION, "/files/redirect")]).into_response(),
@@ -75,9 +79,11 @@ impl Origin {
     pub(crate) fn start_on(listener: tokio::net::TcpListener, files: &[(&str, Bytes)]) -> Origin {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(Mutex::new(HashMap::new()));
+        let agents = Arc::new(Mutex::new(HashMap::new()));
         let state = OriginState {
             files: Arc::new(files.iter().map(|(n, b)| (n.to_string(), b.clone())).collect()),
             hits: hits.clone(),
+            agents: agents.clone(),
         };
         let app = axum::Router::new().route("/files/{name}", axum::routing::get(serve)).with_state(state);
         let stop = Arc::new(tokio::sync::Notify::new());
@@ -85,7 +91,7 @@ impl Origin {
         tokio::spawn(async move {
             axum::serve(listener, app).with_graceful_shutdown(async move { stopped.notified().await }).await.unwrap();
         });
-        Origin { addr, hits, stop }
+        Origin { addr, hits, agents, stop }
     }
 
     pub(crate) fn url(&self, name: &str) -> String {
@@ -94,6 +100,11 @@ impl Origin {
 
     pub(crate) fn hits(&self, name: &str) -> usize {
         self.hits.lock().get(name).copied().unwrap_or(0)
+    }
+
+    /// The User-Agent of the last request for `name`.
+    pub(crate) fn agent(&self, name: &str) -> Option<String> {
+        self.agents.lock().get(name).cloned()
     }
 
     pub(crate) fn stop(&self) {
@@ -378,6 +389,7 @@ async fn the_ssrf_guard_refuses_loopback_unless_allowed() {
     let open = server_allowing_loopback(|_| {}).await;
     assert_digest(&fetch(&open, fetch_req(&[&origin.url("blob")], vec![])).await, sha(&blob));
     assert_eq!(origin.hits("blob"), 1);
+    assert!(origin.agent("blob").unwrap().starts_with("cargo-distbuild/"), "{:?}", origin.agent("blob"));
     origin.stop();
 }
 

@@ -5,6 +5,7 @@ mod ac;
 mod asset;
 mod auth;
 mod bazel;
+mod bazel_asset;
 mod bazel_tls;
 mod browser;
 mod buck2;
