@@ -15,8 +15,8 @@
 #      remote execution, every artifact and source is pushed to the server;
 #   2. `bst artifact checkout`: the outputs show the commands ran with the
 #      input root as "/";
-#   3. with an empty local cache, `bst build report.bst` again builds nothing:
-#      the artifact comes from the server;
+#   3. after a server restart and with an empty local cache, `bst build
+#      report.bst` again builds nothing: the artifact comes from the server;
 #   4. with an empty local cache, `bst artifact checkout greeting.bst` pulls it.
 # The last line is `N passed, M failed`; the exit status is non-zero when
 # anything failed.
@@ -174,24 +174,27 @@ platform = { chroot = "input-root" }
 fetch = false
 EOF
 LOG="$TMP/server.log"
-DISTBUILD_LOG="${DISTBUILD_LOG:-info,cargo_distbuild=debug,tower_http=debug}" \
-  "$BIN" --config "$TMP/server.toml" server --listen "127.0.0.1:$PORT" --data-dir "$TMP/data" >"$LOG" 2>&1 &
-SERVER_PID=$!
-ready=0
-for _ in $(seq 100); do
-  kill -0 "$SERVER_PID" 2>/dev/null || break
-  if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
-    ready=1
-    break
-  fi
-  sleep 0.1
-done
-if [[ $ready != 1 ]]; then
+# Starts the server on $PORT over $TMP/data (appending to $LOG); false when
+# it does not answer.
+start_server() {
+  DISTBUILD_LOG="${DISTBUILD_LOG:-info,cargo_distbuild=debug,tower_http=debug}" \
+    "$BIN" --config "$TMP/server.toml" server --listen "127.0.0.1:$PORT" --data-dir "$TMP/data" >>"$LOG" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 100); do
+    kill -0 "$SERVER_PID" 2>/dev/null || break
+    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0
+    sleep 0.1
+  done
   echo "--- server log"
   cat "$LOG"
-  fail "server started on 127.0.0.1:$PORT"
-  finish
-fi
+  return 1
+}
+stop_server() {
+  kill "$SERVER_PID" 2>/dev/null
+  for _ in $(seq 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+  wait "$SERVER_PID" 2>/dev/null
+}
+start_server || { fail "server started on 127.0.0.1:$PORT"; finish; }
 echo "server pid $SERVER_PID on $REMOTE, data in $TMP/data"
 show_log_tail() { echo "--- last lines of the server log ($LOG)"; tail -n 40 "$LOG" | sed 's/\x1b\[[0-9;]*m//g'; }
 # How many calls of a gRPC method the server finished (tower_http's debug line).
@@ -277,14 +280,29 @@ if [[ $pushed == 3 ]]; then
 else
   fail "bst pushed $pushed of 3 artifacts: $(element_lines build1 push '' | head -n 5)"
 fi
-# The elements with sources (base, greeting) push them: the per-source
-# directory (PushDirectory) and the element's Source proto (PushBlob).
+# Every element pushes its sources' record (a Source proto, PushBlob; the
+# script element's has no source in it); base and greeting also push each
+# local source's directory (PushDirectory).
 source_pushed="$(element_lines build1 src-push 'INFO +Pushed source' | grep -Eo 'src-push:[a-z]+' | sort -u | wc -l)"
 push_dirs="$(calls '/build.bazel.remote.asset.v1.Push/PushDirectory')"
-if [[ $source_pushed == 2 && $push_dirs -ge 2 ]]; then
-  pass "bst pushed the sources of base.bst and greeting.bst ($push_dirs PushDirectory calls)"
+if [[ $source_pushed == 3 && $push_dirs -ge 2 ]]; then
+  pass "bst pushed the sources of the 3 elements ($push_dirs PushDirectory calls for the 2 local sources)"
 else
-  fail "bst pushed the sources of $source_pushed of 2 elements, $push_dirs PushDirectory calls: $(element_lines build1 src-push '' | tail -n 3)"
+  fail "bst pushed the sources of $source_pushed of 3 elements, $push_dirs PushDirectory calls (want 2+): $(element_lines build1 src-push '' | tail -n 3)"
+fi
+
+# The artifact index is the server's: its Remote Asset record of greeting.bst
+# (BuildStream's URN for project/element/strong key) names the Artifact proto,
+# which holds that key.
+KEY="$(cd "$PROJ" && XDG_CONFIG_HOME="$TMP/xdg-config" XDG_CACHE_HOME="$TMP/xdg-cache" \
+  timeout 120 "$BST_BIN" --no-colors --config "$TMP/bst.conf" show --deps none --format '%{full-key}' greeting.bst 2>/dev/null | tail -n 1)"
+URN="urn:fdc:buildstream.build:2020:artifact:distbuild-interop/greeting/$KEY"
+if [[ "$KEY" =~ ^[0-9a-f]{64}$ ]] &&
+  "$BIN" asset --server "grpc://127.0.0.1:$PORT" --instance "$INSTANCE" fetch "$URN" -o "$TMP/artifact.pb" >"$TMP/asset.txt" 2>&1 &&
+  grep -qa "$KEY" "$TMP/artifact.pb"; then
+  pass "cargo-distbuild asset fetch of bst's artifact URN: the Artifact proto of greeting.bst (${KEY:0:8})"
+else
+  fail "the server's record of $URN: $(head -c 300 "$TMP/asset.txt" 2>/dev/null)"
 fi
 
 # -------------------------------------------- 2. what the commands produced
@@ -304,6 +322,9 @@ else
 fi
 
 # ------------------------------- 3. an empty local cache: nothing is built
+# The server restarts first: its records and blobs are on disk.
+stop_server
+start_server || { fail "server restarted on 127.0.0.1:$PORT"; finish; }
 rm -rf "$CACHE" "$TMP/bst-sources"
 executes_before="$(calls '/build.bazel.remote.execution.v2.Execution/Execute')"
 if bst build2 build report.bst; then
@@ -312,7 +333,7 @@ else
   fail "bst build report.bst from an empty local cache"
 fi
 built="$(element_lines build2 build START | wc -l)"
-queue="$(grep -E '^ +Build Queue:' "$TMP/build2.txt" | head -n 1)"
+queue="$(grep -E '^ +Build Queue:' "$TMP/build2.txt" | head -n 1 | sed 's/^ *//; s/  */ /g; s/ *$//')"
 executes_after="$(calls '/build.bazel.remote.execution.v2.Execution/Execute')"
 if grep -Eq 'INFO +Pulled artifact' "$TMP/build2.txt" && [[ "$built" == 0 && "$executes_after" == "$executes_before" ]] &&
   [[ -z "$queue" || "$queue" =~ processed\ 0, ]]; then
