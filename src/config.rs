@@ -15,6 +15,8 @@ use serde::Deserialize;
 mod instances;
 mod server;
 pub use instances::{InstanceSection, InstanceSettings, Instances};
+mod asset;
+pub use asset::{AssetConfig, AssetSection};
 pub use server::{DEFAULT_HTTP_ADDR, HttpConfig, ServerSection};
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8980";
@@ -40,6 +42,8 @@ pub struct FileConfig {
     /// `[instances."NAME"]`: settings per instance name (see
     /// `config/instances.rs`).
     pub instances: BTreeMap<String, InstanceSection>,
+    /// `[asset]`: the Remote Asset API's downloads.
+    pub asset: AssetSection,
 }
 
 /// `[scheduler]`: where the server listens and where clients and workers
@@ -206,6 +210,10 @@ pub struct WorkerSection {
     /// for pulls (`auths`, `credHelpers`, `credsStore`), read at each pull;
     /// default: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
     pub docker_config: Option<PathBuf>,
+    /// Actions whose platform asks `chroot=input-root` run with their input
+    /// root as `/` (the worker then offers the property; it needs the
+    /// sandbox). Other actions run as before.
+    pub input_root_as_root: bool,
 }
 
 impl Default for WorkerSection {
@@ -230,6 +238,7 @@ impl Default for WorkerSection {
             docker_host: None,
             docker_images: crate::worker::runner::ContainerConfig::default().keep_images,
             docker_config: None,
+            input_root_as_root: false,
         }
     }
 }
@@ -470,6 +479,7 @@ pub struct Config {
     pub http: HttpConfig,
     /// `[instances]`, resolved: settings per instance name.
     pub instances: std::sync::Arc<Instances>,
+    pub asset: AssetConfig,
 }
 
 impl FileConfig {
@@ -505,6 +515,13 @@ impl FileConfig {
         }
         if self.worker.max_processes == Some(0) || self.worker.max_memory.is_some_and(|m| m.as_u64() == 0) {
             bail!("[worker] max_processes and max_memory must be above zero when set");
+        }
+        if self.worker.properties.contains_key(crate::execution::platform::CHROOT) {
+            bail!(
+                "[worker] properties: {} is offered by the worker itself when it can run such actions: set \
+                 [worker] input_root_as_root = true instead",
+                crate::execution::platform::CHROOT
+            );
         }
         if self.worker.heartbeat_interval_secs == 0 {
             bail!("[worker] heartbeat_interval_secs must be at least 1");
@@ -566,6 +583,7 @@ impl FileConfig {
                     keep_images: self.worker.docker_images,
                     credentials: self.worker.docker_config.clone(),
                 }),
+                input_root_as_root: self.worker.input_root_as_root,
             },
             execution: self.execution.clone(),
             tls: self.tls.resolve()?,
@@ -573,6 +591,7 @@ impl FileConfig {
             worker_listen: self.server.worker_listen()?,
             http: self.server.http()?,
             instances: std::sync::Arc::new(Instances::resolve(&self.instances)?),
+            asset: self.asset.resolve()?,
             data_dir,
         })
     }

@@ -5,6 +5,7 @@
 pub mod ac;
 pub mod admin;
 pub mod allocator;
+pub mod asset;
 pub mod auth;
 pub mod capabilities;
 pub mod cas;

@@ -1,7 +1,7 @@
 //! What every side of cargo-distbuild needs of the Remote Execution API.
 //!
 //! The wire types come from the `bazel-remote-apis` crate and are re-exported
-//! as [`reapi`], [`bytestream`], [`longrunning`] and [`rpc`]. On top of them
+//! as [`reapi`], [`asset`], [`bytestream`], [`longrunning`] and [`rpc`]. On top of them
 //! this crate holds the strong types that are parsed once at the boundary
 //! ([`Digest`], [`DigestFunction`], [`InstanceName`], [`ReadResource`],
 //! [`WriteResource`]) and a [`client::CasClient`] that moves blobs the way
@@ -15,6 +15,8 @@ pub mod resource;
 pub use digest::{Digest, DigestFunction, Hasher, ParseError};
 pub use resource::{Compressor, InstanceName, ReadResource, WriteResource};
 
+/// `build.bazel.remote.asset.v1` (the Remote Asset API: Fetch and Push).
+pub use bazel_remote_apis::build::bazel::remote::asset::v1 as asset;
 /// `build.bazel.remote.execution.v2`.
 pub use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 /// `build.bazel.semver`.

@@ -28,6 +28,20 @@ impl AcKey {
         AcKey(h.finalize().into())
     }
 
+    /// A key in a domain of its own beside the action results (the Remote
+    /// Asset records live in the same store). Never equal to an action's
+    /// key: that one's encoding starts with the length of an instance name,
+    /// this one's with `u64::MAX`, which no name can have.
+    pub fn derived(domain: &str, parts: &[&str]) -> Self {
+        let mut h = Sha256::new();
+        h.update(u64::MAX.to_le_bytes());
+        for part in std::iter::once(domain).chain(parts.iter().copied()) {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        AcKey(h.finalize().into())
+    }
+
     fn hex(&self) -> String {
         hex::encode(self.0)
     }

@@ -77,6 +77,13 @@ impl RequestContext {
         self.digest_function.unwrap_or(self.settings.digest_function)
     }
 
+    /// Requires a second grant on this call's instance, for a call whose
+    /// later step needs more than its first check (a FetchBlob that has to
+    /// download needs `asset-fetch`): the same error as the first check.
+    pub fn require(&self, grant: Grant) -> Result<(), Error> {
+        tokens::check(&self.principal, &self.grants, self.instance.as_str(), grant)
+    }
+
     /// Whether the caller holds `grant` on another instance (operations
     /// carry their own).
     pub fn allows_on(&self, instance: &InstanceName, grant: Grant) -> bool {

@@ -46,10 +46,19 @@ pub enum Grant {
     /// Reading the HTTP status pages and `/metrics` (read-only: no drain
     /// buttons, no admin RPCs), for dashboards and the people who read them.
     Status,
+    /// Remote Asset FetchBlob/FetchDirectory answered from records or the
+    /// CAS (no download).
+    AssetRead,
+    /// Remote Asset PushBlob/PushDirectory: saying what a URI names, which
+    /// every later Fetch of it trusts.
+    AssetPush,
+    /// A FetchBlob that downloads from the URI (the server makes requests
+    /// on the caller's behalf); implies `asset-read`.
+    AssetFetch,
 }
 
 impl Grant {
-    pub const ALL: [Grant; 8] = [
+    pub const ALL: [Grant; 11] = [
         Grant::CasRead,
         Grant::CasWrite,
         Grant::AcRead,
@@ -58,6 +67,9 @@ impl Grant {
         Grant::Worker,
         Grant::Admin,
         Grant::Status,
+        Grant::AssetRead,
+        Grant::AssetPush,
+        Grant::AssetFetch,
     ];
 
     /// The name used in config files, token files and error messages.
@@ -71,11 +83,14 @@ impl Grant {
             Grant::Worker => "worker",
             Grant::Admin => "admin",
             Grant::Status => "status",
+            Grant::AssetRead => "asset-read",
+            Grant::AssetPush => "asset-push",
+            Grant::AssetFetch => "asset-fetch",
         }
     }
 
-    fn bit(self) -> u8 {
-        1 << (self as u8)
+    fn bit(self) -> u16 {
+        1 << (self as u16)
     }
 }
 
@@ -98,20 +113,23 @@ impl FromStr for Grant {
 
 /// A set of grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct GrantSet(u8);
+pub struct GrantSet(u16);
 
 impl GrantSet {
     pub const NONE: GrantSet = GrantSet(0);
-    pub const ALL: GrantSet = GrantSet(0xff);
+    pub const ALL: GrantSet = GrantSet(u16::MAX);
 
     /// Whether the set allows `grant`. `worker` implies `cas-read` and
     /// `cas-write`: a worker fetches its actions' inputs and uploads their
     /// outputs, and can do nothing useful without both. `admin` implies
-    /// `status`: whoever may drain a worker may see it.
+    /// `status`: whoever may drain a worker may see it. `asset-fetch`
+    /// implies `asset-read`: a Fetch that may download may also be answered
+    /// from what is already known.
     pub fn contains(self, grant: Grant) -> bool {
         self.0 & grant.bit() != 0
             || (matches!(grant, Grant::CasRead | Grant::CasWrite) && self.0 & Grant::Worker.bit() != 0)
             || (grant == Grant::Status && self.0 & Grant::Admin.bit() != 0)
+            || (grant == Grant::AssetRead && self.0 & Grant::AssetFetch.bit() != 0)
     }
 
     pub fn insert(&mut self, grant: Grant) {

@@ -171,3 +171,15 @@ fn secure_by_default_refuses_open_non_loopback() {
     let tokens = AuthConfig { mode: Mode::Tokens, ..Default::default() };
     tokens.check_listener("0.0.0.0:8980".parse().unwrap(), "x").unwrap();
 }
+
+#[test]
+fn asset_fetch_implies_asset_read_only() {
+    let set = GrantSet::parse(&["asset-fetch"]).unwrap();
+    assert!(set.contains(Grant::AssetFetch));
+    assert!(set.contains(Grant::AssetRead), "a Fetch that may download may be answered from records");
+    assert!(!set.contains(Grant::AssetPush));
+    assert!(!set.contains(Grant::CasRead));
+    let read = GrantSet::parse(&["asset-read", "asset-push"]).unwrap();
+    assert!(!read.contains(Grant::AssetFetch));
+    assert_eq!(read.to_string(), "[asset-read, asset-push]");
+}

@@ -1,6 +1,7 @@
 //! The `cargo-distbuild` command line. Parsing lives here; each command is a
 //! small function over the library or a gRPC client.
 
+mod asset;
 mod cargo;
 mod cas;
 mod exec;
@@ -49,6 +50,10 @@ enum Command {
     /// Put, get, inspect and list blobs.
     #[command(subcommand)]
     Cas(cas::CasCommand),
+    /// Record what a URI names, or fetch it through the server (the Remote
+    /// Asset API, as Bazel's downloader uses it).
+    #[command(subcommand)]
+    Asset(asset::AssetCommand),
     /// Execute a command remotely: upload inputs, execute, print its output,
     /// download outputs, exit with its exit code.
     Exec(exec::RunArgs),
@@ -330,6 +335,7 @@ async fn dispatch(command: Command, ctx: Session) -> anyhow::Result<ExitCode> {
         Command::Server(args) => server(args, ctx.file).await,
         Command::Worker(args) => worker(args, ctx).await,
         Command::Cas(cmd) => cas::run(cmd, &ctx.server, &ctx.client.options, &ctx.instance).await,
+        Command::Asset(cmd) => asset::run(cmd, &ctx.server, &ctx.client.options, &ctx.instance).await,
         Command::Exec(args) => exec::run(args, &ctx.server, &ctx.client.options, &ctx.instance).await,
         Command::Build(a) => cargo::cargo("build", a.args, ctx).await,
         Command::Check(a) => cargo::cargo("check", a.args, ctx).await,

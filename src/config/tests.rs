@@ -58,6 +58,7 @@ fn bad_input_is_refused_with_the_key() {
         ("[cas]\nmax_parked_uploads = 4\nmax_parked_uploads_per_client = 8", "max_parked_uploads_per_client"),
         ("[cas]\nverify_reads_below = \"lots\"", "verify_reads_below"),
         ("[execution]\nmax_attempts = 0", "max_attempts"),
+        ("[worker]\nproperties = { chroot = \"input-root\" }", "input_root_as_root"),
         ("[execution]\nmax_tree_directories = 0", "max_tree_directories"),
         ("[execution]\nmax_tree_depth = -1", "max_tree_depth"),
         ("[execution]\ndefault_timeout = \"2h\"\nmax_timeout = \"1h\"", "default_timeout"),

@@ -86,6 +86,14 @@ pub const MEMORY_LIMIT: &str = "memory_limit";
 /// Processes the action may have at once (RLIMIT_NPROC).
 pub const PROCESS_LIMIT: &str = "process_limit";
 
+/// `chroot=input-root`: the action runs with its input root as `/`. A
+/// matching key (not a sandbox setting): only workers with `[worker]
+/// input_root_as_root` offer it, so such an action never runs on the host's
+/// filesystem. Any other value is refused at Execute.
+pub const CHROOT: &str = "chroot";
+/// The one value of [`CHROOT`].
+pub const CHROOT_INPUT_ROOT: &str = "input-root";
+
 /// Whether `name` is a sandbox setting, not a matching key.
 pub fn is_sandbox_setting(name: &str) -> bool {
     SANDBOX_SETTINGS.contains(&name)
@@ -201,6 +209,11 @@ mod tests {
         assert_eq!(image.unmet_by(&containers, &numeric), None);
         assert_eq!(image.unmet_by(&worker, &numeric).map(|(k, _)| k.as_str()), Some("container-image"));
         assert!(p(&[("pool", "x")]).unmet_by(&containers, &numeric).is_some());
+        // chroot is a matching key: only a worker offering it runs the action.
+        let chroot = p(&[(CHROOT, CHROOT_INPUT_ROOT)]);
+        assert_eq!(chroot.unmet_by(&worker, &numeric).map(|(k, _)| k.as_str()), Some(CHROOT));
+        let chrooting = p(&[("OSFamily", "linux"), (CHROOT, CHROOT_INPUT_ROOT)]);
+        assert_eq!(chroot.unmet_by(&chrooting, &numeric), None);
         for setting in SANDBOX_SETTINGS {
             assert_eq!(p(&[(setting, "1"), ("OSFamily", "linux")]).unmet_by(&worker, &numeric), None, "{setting}");
         }

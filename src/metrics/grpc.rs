@@ -55,6 +55,8 @@ const KNOWN: &[(&str, &[&str])] = &[
     ("build.bazel.remote.execution.v2.ActionCache", &["GetActionResult", "UpdateActionResult"]),
     ("build.bazel.remote.execution.v2.Execution", &["Execute", "WaitExecution"]),
     ("build.bazel.remote.execution.v2.Capabilities", &["GetCapabilities"]),
+    ("build.bazel.remote.asset.v1.Fetch", &["FetchBlob", "FetchDirectory"]),
+    ("build.bazel.remote.asset.v1.Push", &["PushBlob", "PushDirectory"]),
     (
         "google.longrunning.Operations",
         &["ListOperations", "GetOperation", "DeleteOperation", "CancelOperation", "WaitOperation"],

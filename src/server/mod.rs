@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use remote_apis::asset::fetch_server::FetchServer;
+use remote_apis::asset::push_server::PushServer;
 use remote_apis::bytestream::byte_stream_server::ByteStreamServer;
 use remote_apis::longrunning::operations_server::OperationsServer;
 use remote_apis::reapi::action_cache_server::ActionCacheServer;
@@ -30,6 +32,7 @@ use tonic::codec::CompressionEncoding;
 use crate::ac::{AcStore, ActionCacheService, FsAcStore, MemoryAcStore};
 use crate::admin::AdminService;
 use crate::admin::proto::admin_server::AdminServer;
+use crate::asset::AssetService;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::{ByteStreamService, CasService};
 use crate::config::{Backend, Config};
@@ -148,6 +151,7 @@ pub async fn serve(
     };
     let Stores { cas, ac: ac_store, scrub } = stores;
     let (cas, ac_store) = metered(metrics.as_deref(), cas, ac_store);
+    let asset = Arc::new(asset_service(config, &cas, &ac_store)?.with_auth(auth.clone()));
     let ac = Arc::new(
         ActionCacheService::new(ac_store.clone(), cas.clone())
             .with_auth(auth.clone())
@@ -191,6 +195,8 @@ pub async fn serve(
     health.set_serving::<ActionCacheServer<ActionCacheService>>().await;
     health.set_serving::<CapabilitiesServer<CapabilitiesService>>().await;
     health.set_serving::<ExecutionServer<ExecutionService>>().await;
+    health.set_serving::<FetchServer<AssetService>>().await;
+    health.set_serving::<PushServer<AssetService>>().await;
 
     macro_rules! limits {
         ($svc:expr) => {
@@ -231,6 +237,8 @@ pub async fn serve(
         )))
         .add_service(limits!(ByteStreamServer::from_arc(bytestream.clone())))
         .add_service(limits!(ActionCacheServer::from_arc(ac.clone())))
+        .add_service(limits!(FetchServer::from_arc(asset.clone())))
+        .add_service(limits!(PushServer::from_arc(asset)))
         .add_service(limits!(ExecutionServer::new(
             ExecutionService::new(
                 cas.clone(),
@@ -361,6 +369,23 @@ fn metered(metrics: Option<&crate::metrics::Metrics>, cas: Store, ac: Arc<dyn Ac
     let cas_metrics = m.store("cas", Some(&cas));
     let ac_metrics = m.store("ac", None);
     (Arc::new(store::Metered::new(cas, cas_metrics)), Arc::new(store::MeteredAc::new(ac, ac_metrics)))
+}
+
+/// The Remote Asset service: records in the ActionCache store, downloads
+/// spooled beside the stored blobs (or in the system's temporary directory
+/// for the memory backend), each instance allowed to download as its
+/// `[instances] asset_fetch` says, else `[asset] fetch`.
+fn asset_service(config: &Config, cas: &Store, ac: &Arc<dyn AcStore>) -> anyhow::Result<AssetService> {
+    let spool = match config.backend {
+        Backend::Filesystem => config.data_dir.join("tmp"),
+        Backend::Memory => std::env::temp_dir(),
+    };
+    let downloader = crate::asset::Downloader::new(&config.asset, spool).context("the asset downloader")?;
+    let fetch = config.asset.fetch;
+    let instances = config.instances.clone();
+    let may_fetch: crate::asset::MayFetch =
+        Arc::new(move |instance| instances.get(instance).asset_fetch.unwrap_or(fetch));
+    Ok(AssetService::new(crate::asset::Records::new(ac.clone(), cas.clone()), Arc::new(downloader), may_fetch))
 }
 
 /// The scheduler, its upkeep task and the built-in worker (unless

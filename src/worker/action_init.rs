@@ -39,6 +39,11 @@
 //! included. The line protocol is the same in both modes (the helper writes
 //! `ok` or `err`).
 //!
+//! With `--chroot` (an action asking `chroot=input-root`) the helper mounts
+//! nothing of the above: it makes the action's directory the root instead
+//! (see [`chroot`]), and the command, its working directory and its PATH
+//! lookup are all inside it.
+//!
 //! The line replaces `PR_SET_PDEATHSIG`, which fires when the *thread* that
 //! forked dies (a tokio blocking thread retiring would kill a healthy
 //! action) and needs a `getppid` check against a race; a closed socket is
@@ -51,6 +56,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 
+mod chroot;
 mod sandbox;
 
 /// The hidden subcommand of the `cargo-distbuild` binary.
@@ -87,7 +93,9 @@ pub struct Options {
     /// RLIMIT_NPROC: processes of the command's uid (in its user namespace).
     pub processes: Option<u64>,
     /// Exit 0 at once (the worker's start-up check that the sandbox works
-    /// runs the init itself as the command).
+    /// runs the init itself as the command); with a sandbox, once it is set
+    /// up, without running the command (the check of `chroot`, where no
+    /// program of the host is visible).
     pub probe: bool,
 }
 
@@ -105,6 +113,17 @@ pub struct Sandbox {
     pub writable: PathBuf,
     /// The command's uid and gid (a root init only).
     pub run_as: Option<(u32, u32)>,
+    /// The action's directory is the command's `/` (`chroot=input-root`).
+    pub chroot: Option<Chroot>,
+}
+
+/// How the init makes the action's directory the root (`chroot=input-root`).
+/// The directory holds `dev` and `proc` (and `tmp` when `tmp` is set), made
+/// by the worker as mount points.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Chroot {
+    /// A fresh tmpfs at `/tmp` (the input root's is absent or empty).
+    pub tmp: bool,
 }
 
 impl Options {
@@ -126,6 +145,11 @@ impl Options {
             out.push(flag("bind", s.writable.as_os_str()));
             if let Some((u, g)) = s.run_as {
                 out.push(format!("--uid={u}:{g}").into());
+            }
+            match s.chroot {
+                Some(Chroot { tmp: true }) => out.push("--chroot=tmp".into()),
+                Some(Chroot { tmp: false }) => out.push("--chroot".into()),
+                None => {}
             }
         }
         if let Some(n) = self.memory {
@@ -162,6 +186,8 @@ impl Options {
                     let (u, g) = v.to_str()?.split_once(':')?;
                     sandbox.run_as = Some((u.parse().ok()?, g.parse().ok()?));
                 }
+                (b"chroot", None) => (sandboxed, sandbox.chroot) = (true, Some(Chroot { tmp: false })),
+                (b"chroot", Some(v)) if v == "tmp" => (sandboxed, sandbox.chroot) = (true, Some(Chroot { tmp: true })),
                 (b"data", v) => options.memory = Some(number(v)?),
                 (b"nproc", v) => options.processes = Some(number(v)?),
                 (b"probe", None) => options.probe = true,
@@ -185,7 +211,8 @@ pub fn main(args: &[OsString]) -> u8 {
         eprintln!("cargo-distbuild {SUBCOMMAND}: bad options (run by workers, not by hand)");
         return 2;
     };
-    if options.probe {
+    // A sandboxed probe sets the sandbox up first (see `Options::probe`).
+    if options.probe && options.sandbox.is_none() {
         return 0;
     }
     let Some((env, program, rest)) = parse(args) else {
@@ -504,6 +531,7 @@ mod tests {
                 hide: vec!["/var/lib/x".into(), "/with space/--hide=y".into()],
                 writable: "/work/exec/1/root".into(),
                 run_as: Some((65534, 65533)),
+                chroot: None,
             }),
             memory: Some(1 << 30),
             processes: Some(64),
@@ -514,6 +542,13 @@ mod tests {
         assert_eq!(decoded, options);
         let (env, program, args) = parse(rest).unwrap();
         assert_eq!((env.len(), program, args), (1, OsStr::new("/bin/sh"), &[OsString::from("--net")][..]));
+        for chroot in [Chroot { tmp: true }, Chroot { tmp: false }] {
+            let mut chrooted = options.clone();
+            chrooted.sandbox.as_mut().unwrap().chroot = Some(chroot);
+            let args = arguments(&chrooted, &[], OsStr::new("sh"), &[]);
+            assert_eq!(Options::decode(&args).unwrap().0, chrooted);
+        }
+        assert!(Options::decode(&[OsString::from("--chroot=other"), OsString::from("--bind=/x")]).is_none());
         assert!(Options::decode(&[OsString::from("--bogus")]).is_none());
         assert!(Options::decode(&[OsString::from("--hide=/x")]).is_none(), "a sandbox needs --bind");
     }

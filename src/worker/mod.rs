@@ -139,12 +139,16 @@ impl Executor {
     }
 
     /// The properties this worker offers: `configured` without sandbox
-    /// settings (an action's own, not the worker's), plus `network=on` when
-    /// the runner gives actions that ask for it the network.
+    /// settings (an action's own, not the worker's) and without `chroot`
+    /// (the runner's to offer), plus `network=on` when the runner gives
+    /// actions that ask for it the network, plus the runner's own.
     pub fn offered_properties(&self, configured: &[(String, String)]) -> Vec<(String, String)> {
         use crate::execution::platform;
-        let mut out: Vec<(String, String)> =
-            configured.iter().filter(|(k, _)| !platform::is_sandbox_setting(k)).cloned().collect();
+        let mut out: Vec<(String, String)> = configured
+            .iter()
+            .filter(|(k, _)| !platform::is_sandbox_setting(k) && k != platform::CHROOT)
+            .cloned()
+            .collect();
         if self.runner.network() {
             out.push((platform::NETWORK.into(), "on".into()));
         }

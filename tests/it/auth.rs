@@ -35,7 +35,19 @@ use tonic::{Code, Request, Status};
 use crate::common::{TestServer, assert_code, sha};
 use crate::execution::{Act, request, stage};
 
-const GRANTS: [&str; 8] = ["cas-read", "cas-write", "ac-read", "ac-write", "execute", "worker", "admin", "status"];
+const GRANTS: [&str; 11] = [
+    "cas-read",
+    "cas-write",
+    "ac-read",
+    "ac-write",
+    "execute",
+    "worker",
+    "admin",
+    "status",
+    "asset-read",
+    "asset-push",
+    "asset-fetch",
+];
 
 /// A token's value in these tests: plain, so the file entries are readable.
 pub fn token_of(name: &str) -> String {
@@ -115,6 +127,12 @@ const RPCS: &[(&str, &[&str])] = &[
     ("Admin.VerifyBlobs", &["admin"]),
     ("Admin.ListWorkers", &["admin"]),
     ("Admin.GetSchedulerStatus", &["admin"]),
+    // A URI nobody recorded: the call gets to the download, which needs
+    // asset-fetch (asset-read answers only from records).
+    ("Fetch.FetchBlob", &["asset-fetch"]),
+    ("Fetch.FetchDirectory", &["asset-read", "asset-fetch"]),
+    ("Push.PushBlob", &["asset-push"]),
+    ("Push.PushDirectory", &["asset-push"]),
 ];
 
 /// Calls `rpc` with a small, valid-looking request; the status code (OK for
@@ -292,6 +310,9 @@ async fn call(server: &TestServer, rpc: &str, token: Option<&str>, instance: &st
         "Admin.GetStoreStatus" => admin.get_store_status(authed(GetStoreStatusRequest {}, token)).await.map(drop),
         "Admin.VerifyBlobs" => admin.verify_blobs(authed(VerifyBlobsRequest {}, token)).await.map(drop),
         "Admin.ListWorkers" => admin.list_workers(authed(ListWorkersRequest {}, token)).await.map(drop),
+        "Fetch.FetchBlob" | "Fetch.FetchDirectory" | "Push.PushBlob" | "Push.PushDirectory" => {
+            crate::asset::call(ch.clone(), rpc, authed((), token).metadata().clone(), &i).await
+        }
         "Admin.GetSchedulerStatus" => {
             admin.get_scheduler_status(authed(GetSchedulerStatusRequest {}, token)).await.map(drop)
         }

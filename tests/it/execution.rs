@@ -27,6 +27,8 @@ pub struct Act {
     pub script: String,
     pub files: Vec<(&'static str, &'static [u8], bool)>,
     pub symlinks: Vec<(&'static str, &'static str)>,
+    /// Directories of the input root, empty unless files go in them.
+    pub directories: Vec<&'static str>,
     pub output_paths: Vec<&'static str>,
     pub working_directory: &'static str,
     pub timeout: Option<Duration>,
@@ -70,8 +72,8 @@ impl Act {
         for (path, target) in &self.symlinks {
             tree.add_symlink(path, target).unwrap();
         }
-        if !self.working_directory.is_empty() {
-            tree.add_directory(self.working_directory).unwrap();
+        for dir in self.directories.iter().chain([&self.working_directory]).filter(|d| !d.is_empty()) {
+            tree.add_directory(dir).unwrap();
         }
         let tree = tree.build();
         blobs.extend(tree.directories.iter().map(|(d, b, _)| (*d, b.clone())));

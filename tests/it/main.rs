@@ -2,13 +2,16 @@
 //! driven by generated gRPC clients, the command line and real clients.
 
 mod ac;
+mod asset;
 mod auth;
 mod bazel;
+mod bazel_asset;
 mod bazel_tls;
 mod browser;
 mod buck2;
 mod bytestream;
 mod cas;
+mod chroot;
 mod cli;
 mod common;
 mod container;

@@ -15,28 +15,34 @@ use crate::common::TestServer;
 use crate::execution::{Act, execute, request, run};
 
 #[derive(Clone, Copy, Debug)]
-enum Kind {
+pub enum Kind {
     Builtin,
     Remote,
 }
 
 /// A server and the one worker that runs its actions.
-struct Farm {
-    server: TestServer,
+pub struct Farm {
+    pub server: TestServer,
     /// The worker's work directory (blob cache and action directories).
-    work_dir: PathBuf,
+    pub work_dir: PathBuf,
     _worker: Option<tokio::process::Child>,
     _dir: tempfile::TempDir,
 }
 
 impl Farm {
     async fn start(kind: Kind, allow_network: bool) -> Farm {
+        Farm::start_with(kind, allow_network, false).await
+    }
+
+    /// `input_root_as_root`: the worker's `[worker] input_root_as_root`.
+    pub async fn start_with(kind: Kind, allow_network: bool, input_root_as_root: bool) -> Farm {
         let dir = tempfile::tempdir().unwrap();
         match kind {
             Kind::Builtin => {
                 let server = TestServer::start_with(Backend::Filesystem, |c| {
                     c.worker.capacity = Some(2);
                     c.worker.allow_network = allow_network;
+                    c.worker.input_root_as_root = input_root_as_root;
                 })
                 .await;
                 let work_dir = server.data_dir.join("worker");
@@ -53,7 +59,8 @@ impl Farm {
                 std::fs::write(
                     &config,
                     format!(
-                        "[worker]\nallow_network = {allow_network}\n[client]\ntoken_file = \"{}\"\n",
+                        "[worker]\nallow_network = {allow_network}\ninput_root_as_root = {input_root_as_root}\n\
+                         [client]\ntoken_file = \"{}\"\n",
                         token.display()
                     ),
                 )
@@ -79,12 +86,12 @@ impl Farm {
     }
 
     /// What `workers list` shows of each worker's sandbox.
-    async fn sandboxes(&self) -> Vec<String> {
+    pub async fn sandboxes(&self) -> Vec<String> {
         let resp = AdminClient::new(self.server.channel.clone()).list_workers(ListWorkersRequest {}).await.unwrap();
         resp.into_inner().workers.into_iter().map(|w| w.sandbox).collect()
     }
 
-    async fn run(&self, act: &Act) -> (ExecuteResponse, String, String) {
+    pub async fn run(&self, act: &Act) -> (ExecuteResponse, String, String) {
         let r = execute(&self.server, &Act { do_not_cache: true, ..act.clone() }).await;
         let result = r.result.as_ref().unwrap_or_else(|| panic!("no result: {:?}", r.status));
         let out = self.blob(result.stdout_digest.as_ref()).await;
@@ -92,7 +99,7 @@ impl Farm {
         (r, out, err)
     }
 
-    async fn blob(&self, d: Option<&remote_apis::reapi::Digest>) -> String {
+    pub async fn blob(&self, d: Option<&remote_apis::reapi::Digest>) -> String {
         let d = Digest::from_proto(DigestFunction::Sha256, d.unwrap()).unwrap();
         if d.size == 0 {
             return String::new();

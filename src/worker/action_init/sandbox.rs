@@ -67,12 +67,23 @@ fn pid_one(sandbox: &Sandbox, options: &Options, mut command: std::process::Comm
     // The init only dies by SIGKILL (the worker's backstop): then so must we.
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
-    // Read before the mounts hide it; resolved again through them.
-    let cwd = std::env::current_dir().ok();
-    let prepared = mount_tree(sandbox).and_then(|()| if sandbox.network { Ok(()) } else { loopback_up() });
+    // Read before the mounts hide it; resolved again through them (or, in
+    // a chroot, made relative to the new root).
+    let mut cwd = std::env::current_dir().ok();
+    let prepared = match sandbox.chroot {
+        Some(chroot) => {
+            super::chroot::enter(&sandbox.writable, chroot, cwd.as_deref()).map(|inside| cwd = Some(inside))
+        }
+        None => mount_tree(sandbox),
+    };
+    let prepared = prepared.and_then(|()| if sandbox.network { Ok(()) } else { loopback_up() });
     if let Err(e) = prepared {
         fail(&format!("sandbox: {e}"), None);
         return 127;
+    }
+    if options.probe {
+        tell_worker(b"ok\n");
+        return 0;
     }
     if let Some((uid, gid)) = sandbox.run_as {
         // std drops supplementary groups (setgroups(0)) when root sets a uid.
@@ -221,7 +232,7 @@ impl Tree {
 /// below it when `recursive`: `mount_setattr` (Linux 5.12), else a bind
 /// remount of each mount that keeps its other flags (a user namespace may
 /// not drop nosuid, nodev or noexec it inherited).
-fn read_only(path: &Path, recursive: bool, on: bool) -> io::Result<()> {
+pub(super) fn read_only(path: &Path, recursive: bool, on: bool) -> io::Result<()> {
     #[repr(C)]
     struct MountAttr {
         attr_set: u64,
@@ -351,7 +362,7 @@ fn loopback_up() -> io::Result<()> {
     r.map_err(|e| context(e, "bringing loopback up"))
 }
 
-fn mount(
+pub(super) fn mount(
     source: Option<&str>,
     target: impl AsRef<Path>,
     fstype: Option<&str>,
@@ -367,15 +378,15 @@ fn mount(
     check(r, "mount")
 }
 
-fn cstring(path: &Path) -> io::Result<CString> {
+pub(super) fn cstring(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)
 }
 
-fn check(r: i32, what: &str) -> io::Result<()> {
+pub(super) fn check(r: i32, what: &str) -> io::Result<()> {
     if r < 0 { Err(context(io::Error::last_os_error(), what)) } else { Ok(()) }
 }
 
-fn context(e: io::Error, what: &str) -> io::Error {
+pub(super) fn context(e: io::Error, what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 

@@ -6,6 +6,7 @@
 //! ([`Runner::file_policy`]) and what it is ([`Runner::describe`], shown by
 //! `workers list`).
 
+mod chroot;
 pub mod container;
 mod plain;
 mod sandbox;
@@ -121,6 +122,9 @@ pub struct Settings {
     pub memory: Option<u64>,
     pub processes: Option<u64>,
     pub container_image: Option<container::ImageRef>,
+    /// `chroot=input-root`: the input root is the command's `/` (a matching
+    /// key: only workers with `[worker] input_root_as_root` offer it).
+    pub chroot: bool,
 }
 
 impl Settings {
@@ -152,11 +156,44 @@ impl Settings {
                     s.processes = Some(n);
                 }
                 container::PROPERTY => s.container_image = Some(container::ImageRef::parse(value)?),
+                platform::CHROOT => {
+                    if value != platform::CHROOT_INPUT_ROOT {
+                        return Err(format!(
+                            "platform property {name}={value:?}: the only value is {:?}",
+                            platform::CHROOT_INPUT_ROOT
+                        ));
+                    }
+                    s.chroot = true;
+                }
                 _ => {}
             }
         }
+        if s.chroot && s.container_image.is_some() {
+            return Err(format!(
+                "platform properties {}={} and {}: an action runs either in a container image or with its \
+                 input root as /, not both",
+                platform::CHROOT,
+                platform::CHROOT_INPUT_ROOT,
+                container::PROPERTY
+            ));
+        }
         Ok(s)
     }
+}
+
+/// The error of a run asking `chroot=input-root` on a worker that does not
+/// offer it.
+fn chroot_not_offered() -> std::io::Error {
+    RunFailure {
+        code: tonic::Code::FailedPrecondition,
+        message: format!(
+            "the action asks for {}={} and this worker does not run actions with the input root as / \
+             ([worker] input_root_as_root)",
+            platform::CHROOT,
+            platform::CHROOT_INPUT_ROOT
+        ),
+    }
+    .into_io()
 }
 
 /// `[worker] sandbox`.
@@ -187,6 +224,9 @@ pub struct SandboxConfig {
     /// `[worker] docker`: actions naming a `container-image` run in
     /// containers of it (see [`container`]).
     pub container: Option<ContainerConfig>,
+    /// `[worker] input_root_as_root`: the sandbox offers `chroot=input-root`
+    /// and runs actions asking for it with their input root as `/`.
+    pub input_root_as_root: bool,
 }
 
 /// The worker's maxima: an action's own limit is capped by them, and an
@@ -227,6 +267,11 @@ pub fn build(
              (the blob cache included); only for trusted actions"
         );
         anyhow::ensure!(config.run_as.is_none(), "[worker] run_as needs a sandbox (it is \"none\")");
+        anyhow::ensure!(
+            !config.input_root_as_root,
+            "[worker] input_root_as_root needs the sandbox (it is \"none\"): a plain process cannot have its \
+             input root as /"
+        );
         return Ok(Arc::new(PlainRunner::new(init, config.limits)));
     }
     let Some(init) = init else {
@@ -367,14 +412,34 @@ mod tests {
             ("OSFamily", "linux"),
         ]))
         .unwrap();
-        assert_eq!(s, Settings { network: true, memory: Some(2 << 30), processes: Some(64), container_image: None });
+        assert_eq!(
+            s,
+            Settings {
+                network: true,
+                memory: Some(2 << 30),
+                processes: Some(64),
+                container_image: None,
+                chroot: false
+            }
+        );
+        assert!(Settings::from_platform(&pairs(&[("chroot", "input-root")])).unwrap().chroot);
         let image = Settings::from_platform(&pairs(&[("container-image", "docker://busybox")])).unwrap();
         assert_eq!(image.container_image.unwrap().as_str(), "busybox:latest");
         assert_eq!(Settings::from_platform(&[]).unwrap(), Settings::default());
-        for bad in [("network", "yes"), ("memory_limit", "lots"), ("process_limit", "0"), ("container-image", "x y")] {
+        for bad in [
+            ("network", "yes"),
+            ("memory_limit", "lots"),
+            ("process_limit", "0"),
+            ("container-image", "x y"),
+            ("chroot", "host"),
+            ("chroot", ""),
+        ] {
             let e = Settings::from_platform(&pairs(&[bad])).unwrap_err();
             assert!(e.contains(bad.0), "{e}");
         }
+        let both =
+            Settings::from_platform(&pairs(&[("chroot", "input-root"), ("container-image", "docker://busybox")]));
+        assert!(both.unwrap_err().contains("not both"));
     }
 
     #[test]
@@ -408,6 +473,14 @@ mod tests {
         assert!(reachable_by(&work, [work.clone()], nobody).is_err());
         std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o751)).unwrap();
         assert!(reachable_by(&work, [], nobody).is_ok());
+    }
+
+    #[test]
+    fn the_plain_runner_refuses_the_input_root_as_root() {
+        let work = tempfile::tempdir().unwrap();
+        let config = SandboxConfig { mode: SandboxMode::None, input_root_as_root: true, ..Default::default() };
+        let e = build(&config, None, Vec::new(), work.path()).err().expect("refused").to_string();
+        assert!(e.contains("input_root_as_root") && e.contains("sandbox"), "{e}");
     }
 
     #[test]

@@ -47,6 +47,10 @@ impl Runner for PlainRunner {
     }
 
     async fn run(&self, spec: Spec<'_>, cancel: &CancellationToken) -> std::io::Result<Ending> {
+        if spec.settings.chroot {
+            // Never assigned here (no chroot=input-root offered): the backstop.
+            return Err(super::chroot_not_offered());
+        }
         let program = resolve_program(&spec.arguments[0], spec.environment, spec.working_dir)?;
         match &self.init {
             Some(init) => {

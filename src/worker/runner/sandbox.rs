@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::chroot::MountPoints;
 use super::plain::{resolve_program, run_supervised};
 use super::{Ending, Limits, Runner, SandboxConfig, Spec, resolve_user};
-use crate::worker::action_init::{self, Options, Sandbox};
+use crate::execution::platform;
+use crate::worker::action_init::{self, Chroot, Options, Sandbox};
 use crate::worker::isolation::FilePolicy;
 
 /// The uid and gid of `nobody`, when /etc/passwd has none.
@@ -24,6 +26,9 @@ pub struct SandboxRunner {
     run_as: Option<(u32, u32)>,
     allow_network: bool,
     limits: Limits,
+    /// `[worker] input_root_as_root`: actions asking `chroot=input-root`
+    /// run with their input root as `/`.
+    input_root_as_root: bool,
 }
 
 impl SandboxRunner {
@@ -46,6 +51,7 @@ impl SandboxRunner {
             run_as,
             allow_network: config.allow_network,
             limits: config.limits,
+            input_root_as_root: config.input_root_as_root,
         })
     }
 
@@ -57,6 +63,7 @@ impl SandboxRunner {
                 hide: self.hide.clone(),
                 writable: writable.to_path_buf(),
                 run_as: self.run_as,
+                chroot: None,
             }),
             memory,
             processes,
@@ -69,26 +76,54 @@ impl SandboxRunner {
     /// `/bin/sh -c "exit 0"`, or the init itself (`--probe`) on a system
     /// without a shell: not the init always, because an init installed
     /// under `/tmp` or a hidden path is not visible inside the sandbox
-    /// (it runs fine: the worker starts it from outside).
+    /// (it runs fine: the worker starts it from outside). With
+    /// `input_root_as_root`, the chroot is set up too, in an empty root
+    /// (the init's probe: set up, then exit 0 without running anything).
     pub(super) fn probe(&self, work_dir: &Path) -> anyhow::Result<()> {
-        use std::io::Read;
         let dir = work_dir.join("sandbox-probe");
-        let _ = crate::fsutil::remove_tree(&dir);
-        std::fs::create_dir_all(&dir)?;
-        let mut options = self.options(&dir, false, None, None);
-        options.probe = false;
+        let options = self.options(&dir, false, None, None);
         let shell = Path::new("/bin/sh");
         let (program, args) = if shell.is_file() {
             (shell.as_os_str(), vec!["-c".to_string(), "exit 0".to_string()])
         } else {
             (self.init.as_os_str(), vec![action_init::SUBCOMMAND.to_string(), "--probe".to_string()])
         };
+        self.probe_in(&dir, options, program, &args, |_| Ok(None))?;
+        if self.input_root_as_root {
+            let mut options = self.options(&dir, false, None, None);
+            options.probe = true;
+            self.probe_in(&dir, options, "true".as_ref(), &[], |dir| {
+                let points = MountPoints::make(dir)?;
+                Ok(Some(points))
+            })
+            .map_err(|e| anyhow::anyhow!("with the input root as / ([worker] input_root_as_root): {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// One probe run in a fresh `dir`; `prepare` readies it (and says
+    /// whether the run is a chroot).
+    fn probe_in(
+        &self,
+        dir: &Path,
+        mut options: Options,
+        program: &std::ffi::OsStr,
+        args: &[String],
+        prepare: impl FnOnce(&Path) -> std::io::Result<Option<MountPoints>>,
+    ) -> anyhow::Result<()> {
+        use std::io::Read;
+        let _ = crate::fsutil::remove_tree(dir);
+        std::fs::create_dir_all(dir)?;
+        let points = prepare(dir)?;
+        if let (Some(sandbox), Some(p)) = (options.sandbox.as_mut(), &points) {
+            sandbox.chroot = Some(Chroot { tmp: p.tmp });
+        }
         let (mut ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let mut child = std::process::Command::new(&self.init)
             .arg(action_init::SUBCOMMAND)
-            .args(action_init::arguments(&options, &[], program, &args))
+            .args(action_init::arguments(&options, &[], program, args))
             .env_clear()
-            .current_dir(&dir)
+            .current_dir(dir)
             .stdin(std::os::fd::OwnedFd::from(theirs))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -102,7 +137,8 @@ impl SandboxRunner {
             let _ = e.read_to_string(&mut stderr);
         }
         let status = child.wait()?;
-        let _ = crate::fsutil::remove_tree(&dir);
+        drop(points);
+        let _ = crate::fsutil::remove_tree(dir);
         let line = String::from_utf8_lossy(&line);
         if !line.starts_with("ok") {
             let why = line.trim().strip_prefix("err ").map(|s| s.split_once(' ').map_or(s, |(_, m)| m));
@@ -129,7 +165,17 @@ impl Runner for SandboxRunner {
         if self.allow_network {
             d.push_str(" network=allowed");
         }
+        if self.input_root_as_root {
+            d.push_str(&format!(" {}={}", platform::CHROOT, platform::CHROOT_INPUT_ROOT));
+        }
         d
+    }
+
+    fn properties(&self) -> Vec<(String, String)> {
+        match self.input_root_as_root {
+            true => vec![(platform::CHROOT.into(), platform::CHROOT_INPUT_ROOT.into())],
+            false => Vec::new(),
+        }
     }
 
     fn file_policy(&self) -> FilePolicy {
@@ -154,9 +200,30 @@ impl Runner for SandboxRunner {
                 "the action asks for network=on and this worker does not allow it ([worker] allow_network)",
             ));
         }
-        let program = resolve_program(&spec.arguments[0], spec.environment, spec.working_dir)?;
         let (memory, processes) = self.limits.apply(spec.settings);
-        let options = self.options(spec.action_dir, spec.settings.network, memory, processes);
-        run_supervised(&self.init, &program, &options, &spec, cancel).await
+        let mut options = self.options(spec.action_dir, spec.settings.network, memory, processes);
+        if !spec.settings.chroot {
+            let program = resolve_program(&spec.arguments[0], spec.environment, spec.working_dir)?;
+            return run_supervised(&self.init, &program, &options, &spec, cancel).await;
+        }
+        if !self.input_root_as_root {
+            // The backstop, as for the network: such an action is only
+            // assigned to workers offering chroot=input-root.
+            return Err(super::chroot_not_offered());
+        }
+        // The program is looked up inside the new root, by the command's
+        // own PATH, from its working directory (by the init's exec).
+        let points = MountPoints::make(spec.action_dir)?;
+        let sandbox = options.sandbox.as_mut().expect("a sandbox");
+        sandbox.chroot = Some(Chroot { tmp: points.tmp });
+        // Nothing of the host is visible: there is nothing to hide.
+        sandbox.hide.clear();
+        let program = Path::new(&spec.arguments[0]);
+        let ending = run_supervised(&self.init, program, &options, &spec, cancel).await;
+        drop(points);
+        ending.map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => std::io::Error::new(e.kind(), format!("{e} (inside the input root)")),
+            _ => e,
+        })
     }
 }
