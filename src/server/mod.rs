@@ -89,7 +89,9 @@ pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
 /// bytes plus per-blob framing), and never below 64 MiB, so that a
 /// FindMissingBlobs for a very large input tree (about 70 bytes a digest:
 /// some 900,000 digests) is not refused by the transport. Batch data itself
-/// is still held to `max_batch_size`.
+/// is still held to `max_batch_size`. At least twice the batch limit: Buck2
+/// sizes its messages (ByteStream segments, its own receive limit) from
+/// the advertised batch limit and assumes twice that passes.
 pub fn grpc_message_limit(max_batch_bytes: u64) -> usize {
     (2 * max_batch_bytes + (1 << 20)).max(64 << 20) as usize
 }
