@@ -11,6 +11,9 @@
 //!   whole archive; timed from the call to its answer. Once with the
 //!   archive's `checksum.sri` (as Bazel sends it: streamed straight into
 //!   the CAS) and once without (spooled, hashed, then stored).
+//! - CPU time: the server's (from /proc, around each fetch) and curl's (the
+//!   children's rusage), per run: steadier than wall-clock time on a
+//!   shared machine, where other work takes turns on the same cores.
 //! - Cached FetchBlob: ITERATIONS sequential calls for the recorded URL
 //!   with its SRI, on one channel; p50 and p99.
 //!
@@ -48,6 +51,23 @@ fn archive(len: usize) -> Bytes {
     }
     out.truncate(len);
     out.into()
+}
+
+/// user + system CPU time of process `pid` (Linux /proc, clock ticks of 10 ms).
+fn cpu_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// user + system CPU time of this process's waited-for children.
+fn children_cpu() -> Duration {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes the struct it is given.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -120,6 +140,7 @@ async fn main() {
     // curl, into a file beside the server's data (the same disk).
     let out_dir = tempfile::tempdir().unwrap();
     let mut curl = Vec::new();
+    let cpu_before = children_cpu();
     for i in 0..runs {
         let out = out_dir.path().join(format!("curl-{i}"));
         let start = Instant::now();
@@ -135,26 +156,31 @@ async fn main() {
         assert_eq!(std::fs::metadata(&out).unwrap().len(), size as u64);
         std::fs::remove_file(&out).unwrap();
     }
+    let curl_cpu = (children_cpu() - cpu_before) / runs as u32;
     let curl = median(curl);
     println!(
-        "curl -o FILE:                 {:8.1} ms  ({:.0} MiB/s)",
+        "curl -o FILE:                 {:8.1} ms  ({:.0} MiB/s; curl CPU {:.0} ms)",
         ms(curl),
-        (size >> 20) as f64 / curl.as_secs_f64()
+        (size >> 20) as f64 / curl.as_secs_f64(),
+        ms(curl_cpu)
     );
 
     for (label, sri) in [("FetchBlob with checksum.sri:", Some(sri.as_str())), ("FetchBlob without SRI:", None)] {
-        let mut times = Vec::new();
+        let (mut times, mut cpus) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             let server = start_server(&binary, &extra);
             let mut client = FetchClient::new(channel(&server.url).await);
+            let before = cpu_of(server.child.id());
             times.push(fetch_once(&mut client, &url, sri, size).await);
+            cpus.push(cpu_of(server.child.id()) - before);
         }
         let t = median(times);
         println!(
-            "{label:29} {:8.1} ms  ({:.0} MiB/s, {:.2}x curl; target <= 1.5x)",
+            "{label:29} {:8.1} ms  ({:.0} MiB/s, {:.2}x curl; target <= 1.5x; server CPU {:.0} ms)",
             ms(t),
             (size >> 20) as f64 / t.as_secs_f64(),
-            t.as_secs_f64() / curl.as_secs_f64()
+            t.as_secs_f64() / curl.as_secs_f64(),
+            ms(median(cpus))
         );
     }
 
