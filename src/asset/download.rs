@@ -206,7 +206,7 @@ impl Downloader {
     async fn stream_known(
         &self,
         cas: &Store,
-        mut response: reqwest::Response,
+        response: reqwest::Response,
         digest: Digest,
         sri: &Sri,
     ) -> Result<Attempt> {
@@ -214,31 +214,24 @@ impl Downloader {
             return Ok(Ok(Downloaded { digest, hashes: vec![sri.clone()] }));
         }
         let mut sink = cas.put(&digest).await?;
-        let mut buf = BytesMut::with_capacity(WRITE_CHUNK);
+        let mut body = Body::start(response);
         let mut total = 0u64;
-        loop {
-            let chunk = match response.chunk().await {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
+        while let Some(piece) = body.next().await {
+            let chunk = match piece {
+                Ok(c) => c,
                 Err(e) => return Ok(Err(origin_error(e))),
             };
             total += chunk.len() as u64;
             if total > digest.size {
                 return Ok(Err(Error::new(Code::Aborted, "the body is longer than its Content-Length")));
             }
-            buf.extend_from_slice(&chunk);
-            if buf.len() >= WRITE_CHUNK {
-                sink.write(buf.split().freeze()).await?;
-            }
+            sink.write(chunk).await?;
         }
         if total != digest.size {
             return Ok(Err(Error::new(
                 Code::Aborted,
                 format!("the body ended after {total} of its {} bytes", digest.size),
             )));
-        }
-        if !buf.is_empty() {
-            sink.write(buf.freeze()).await?;
         }
         match sink.commit().await {
             Ok(()) => Ok(Ok(Downloaded { digest, hashes: vec![sri.clone()] })),
@@ -252,7 +245,7 @@ impl Downloader {
     }
 
     /// The digest is unknown: spool and hash, check, then store.
-    async fn spool(&self, cas: &Store, mut response: reqwest::Response, wanted: &Wanted<'_>) -> Result<Attempt> {
+    async fn spool(&self, cas: &Store, response: reqwest::Response, wanted: &Wanted<'_>) -> Result<Attempt> {
         let dir = self.spool_dir.clone();
         let file = tokio::task::spawn_blocking(move || tempfile::tempfile_in(&dir))
             .await
@@ -263,11 +256,10 @@ impl Downloader {
         // A sha256 SRI of a SHA-256 request is the digest's own hash.
         let same_hash = |s: &&Sri| s.algorithm == SriAlgorithm::Sha256 && wanted.function == DigestFunction::Sha256;
         let mut sri_hasher = wanted.sri.filter(|s| !same_hash(s)).map(|s| s.algorithm.hasher());
-        let mut buf = BytesMut::with_capacity(WRITE_CHUNK);
-        loop {
-            let chunk = match response.chunk().await {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
+        let mut body = Body::start(response);
+        while let Some(piece) = body.next().await {
+            let chunk = match piece {
+                Ok(c) => c,
                 Err(e) => return Ok(Err(origin_error(e))),
             };
             if hasher.len() + chunk.len() as u64 > self.max_size {
@@ -277,12 +269,9 @@ impl Downloader {
             if let Some(h) = &mut sri_hasher {
                 h.update(&chunk);
             }
-            buf.extend_from_slice(&chunk);
-            if buf.len() >= WRITE_CHUNK {
-                file = Some(write_blocking(file.take().expect("the file"), buf.split().freeze()).await?);
-            }
+            file = Some(write_blocking(file.take().expect("the file"), chunk).await?);
         }
-        let mut file = write_blocking(file.take().expect("the file"), buf.freeze()).await?;
+        let mut file = file.take().expect("the file");
         let digest = hasher.finish();
         let own = super::records::sha256_sri(&digest);
         if let Some(sri) = wanted.sri {
@@ -312,6 +301,58 @@ impl Downloader {
             sink.commit().await?;
         }
         Ok(Ok(Downloaded { digest, hashes }))
+    }
+}
+
+/// A response body in pieces of `WRITE_CHUNK` bytes, received by a task of
+/// its own so that receiving the next piece overlaps hashing and storing
+/// this one (on two cores a download no longer waits for the hash of what
+/// it already has). At most `PIECES_AHEAD` pieces wait; dropping the body
+/// (an error, a limit, the call's deadline) stops the task.
+struct Body {
+    pieces: tokio::sync::mpsc::Receiver<std::result::Result<Bytes, reqwest::Error>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+const PIECES_AHEAD: usize = 4;
+
+impl Body {
+    fn start(mut response: reqwest::Response) -> Body {
+        let (tx, pieces) = tokio::sync::mpsc::channel(PIECES_AHEAD);
+        let task = tokio::spawn(async move {
+            let mut buf = BytesMut::with_capacity(WRITE_CHUNK);
+            loop {
+                match response.chunk().await {
+                    Ok(Some(chunk)) => {
+                        buf.extend_from_slice(&chunk);
+                        if buf.len() >= WRITE_CHUNK && tx.send(Ok(buf.split().freeze())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        if !buf.is_empty() {
+                            let _ = tx.send(Ok(buf.freeze())).await;
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Body { pieces, task }
+    }
+
+    async fn next(&mut self) -> Option<std::result::Result<Bytes, reqwest::Error>> {
+        self.pieces.recv().await
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
