@@ -276,7 +276,7 @@ else
 fi
 pushed="$(element_lines build1 push 'INFO +Pushed artifact' | grep -Eo 'push:[a-z]+' | sort -u | wc -l)"
 if [[ $pushed == 3 ]]; then
-  pass "bst pushed the 3 artifacts ($(calls '/build.bazel.remote.asset.v1.Push/PushBlob') PushBlob calls)"
+  pass "bst pushed the 3 artifacts ($(calls '/build.bazel.remote.asset.v1.Push/PushBlob') PushBlob calls with its probes and the sources records)"
 else
   fail "bst pushed $pushed of 3 artifacts: $(element_lines build1 push '' | head -n 5)"
 fi
