@@ -44,6 +44,17 @@ pub struct Downloader {
     spool_dir: PathBuf,
 }
 
+/// Whether `uri` is a URN (RFC 8141): a name for content, never a place to
+/// download it from, such as BuildStream's artifact and source index
+/// (`urn:fdc:buildstream.build:2020:artifact:...`). A FetchBlob of names
+/// alone is answered from the records: a miss is NOT_FOUND, as with
+/// downloads off, rather than a refused download (which a client reads as a
+/// failure, not as "not cached"). Other schemes than http and https stay
+/// refused when downloads are on.
+pub fn is_name(uri: &str) -> bool {
+    uri.get(..4).is_some_and(|s| s.eq_ignore_ascii_case("urn:"))
+}
+
 /// What one download is for.
 pub struct Wanted<'a> {
     pub function: DigestFunction,

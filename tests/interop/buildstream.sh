@@ -169,9 +169,8 @@ input_root_as_root = true
 # dependencies at /usr, ...: its actions run with the input root as "/".
 [instances."$INSTANCE"]
 platform = { chroot = "input-root" }
-
-[asset]
-fetch = false
+# [asset] stays at its defaults (downloads on): BuildStream's URNs are never
+# downloaded, a miss is NOT_FOUND.
 EOF
 LOG="$TMP/server.log"
 # Starts the server on $PORT over $TMP/data (appending to $LOG); false when
