@@ -260,6 +260,12 @@ pub struct ExecutionSection {
     /// How long finished operations stay visible to WaitExecution.
     #[serde(with = "humantime_serde")]
     pub operation_retention: Duration,
+    /// An Execute or WaitExecution stream whose operation has not changed
+    /// for this long gets the current Operation again, so proxies and
+    /// clients that never call WaitExecution (Buck2) see a live stream
+    /// through a long action.
+    #[serde(with = "humantime_serde")]
+    pub stream_keepalive: Duration,
     /// At most this many finished operations are remembered.
     pub max_finished_operations: usize,
     /// How long an action waits when no connected worker could run it.
@@ -298,6 +304,7 @@ impl Default for ExecutionSection {
             max_attempts: 3,
             numeric_properties: vec!["cpu-count".into()],
             operation_retention: Duration::from_secs(600),
+            stream_keepalive: Duration::from_secs(30),
             max_finished_operations: 100_000,
             unmatched_timeout: Duration::from_secs(60),
             failed_retention: Duration::from_secs(24 * 3600),
@@ -524,6 +531,9 @@ impl FileConfig {
         }
         if self.execution.default_timeout.is_zero() || self.execution.default_timeout > self.execution.max_timeout {
             bail!("[execution] default_timeout must be above zero and at most max_timeout");
+        }
+        if self.execution.stream_keepalive.is_zero() {
+            bail!("[execution] stream_keepalive must be above zero");
         }
         if self.execution.max_tree_directories == 0 {
             bail!("[execution] max_tree_directories must be at least 1 (the root)");

@@ -137,12 +137,17 @@ impl ByteStreamService {
         drop(parked);
     }
 
-    /// The response for a blob that is complete: the uncompressed size, or
-    /// -1 for a compressed upload of a blob that already existed.
-    fn complete(resource: &WriteResource, existed: bool) -> WriteResponse {
-        let committed_size = match (resource.compressor, existed) {
-            (Compressor::Zstd, true) => -1,
-            _ => resource.digest.size as i64,
+    /// The response for a blob that is complete. Uncompressed: its size.
+    /// Compressed: -1 when it already existed (`sent` is `None`), else the
+    /// bytes the client sent, which is what the spec's write offsets count
+    /// after the first and what Buck2 and Bazel check `committed_size`
+    /// against (they accept that or -1; the uncompressed size fails Buck2's
+    /// upload with "invalid committed_size").
+    fn complete(resource: &WriteResource, sent: Option<u64>) -> WriteResponse {
+        let committed_size = match (resource.compressor, sent) {
+            (Compressor::Zstd, None) => -1,
+            (Compressor::Zstd, Some(sent)) => sent as i64,
+            (Compressor::Identity, _) => resource.digest.size as i64,
         };
         WriteResponse { committed_size }
     }
@@ -183,7 +188,9 @@ impl ByteStreamService {
                 Err(status) => return Err(StreamEnd::Broken(status)),
             };
             if !msg.resource_name.is_empty() && msg.resource_name != upload.resource.to_name() {
-                match WriteResource::parse(&msg.resource_name) {
+                // Parsed as the first was: Buck2 repeats a name without the
+                // function segment in every message.
+                match WriteResource::parse_with(&msg.resource_name, |i| self.default_function(i)) {
                     Ok(r) if r == upload.resource => {}
                     _ => {
                         return Err(StreamEnd::Failed(Error::bad_field(
@@ -307,7 +314,7 @@ impl ByteStream for ByteStreamService {
         let key = resource.to_name();
         if self.exists(&resource).await? {
             self.release(&key);
-            return Ok(Response::new(Self::complete(&resource, true)));
+            return Ok(Response::new(Self::complete(&resource, None)));
         }
         let mut upload =
             self.claim(&key, &resource, first.write_offset).await.map_err(|e| self.retry_if_transient(e, &resource))?;
@@ -315,8 +322,9 @@ impl ByteStream for ByteStreamService {
         match self.run_upload(&mut upload, first, &mut stream).await {
             Ok(()) => {
                 self.release(&key);
+                let sent = upload.received;
                 upload.commit().await.map_err(|e| self.retry_if_transient(e, &resource))?;
-                Ok(Response::new(Self::complete(&resource, false)))
+                Ok(Response::new(Self::complete(&resource, Some(sent))))
             }
             Err(StreamEnd::Failed(e)) => {
                 self.release(&key);
@@ -349,7 +357,9 @@ impl ByteStream for ByteStreamService {
             return Ok(Response::new(QueryWriteStatusResponse { committed_size: received as i64, complete: false }));
         }
         if self.exists(&resource).await? {
-            let committed_size = Self::complete(&resource, false).committed_size;
+            // The blob's size whatever the encoding: the stream that wrote it
+            // is gone, and resuming is over.
+            let committed_size = resource.digest.size as i64;
             return Ok(Response::new(QueryWriteStatusResponse { committed_size, complete: true }));
         }
         Err(Error::not_found(format!("no upload in progress for {key}")).into())

@@ -125,11 +125,16 @@ mod tests {
         let store = store();
         let zeros = vec![0u8; 1 << 20];
         let packed = zstd::bulk::compress(&zeros, 3).unwrap();
-        // A huge claim: no allocation follows from it, the hash fails.
+        // A claim beyond the store's whole budget: refused before any byte.
         let mut claim = DigestFunction::Sha256.digest_of(&zeros);
         claim.size = 1 << 62;
         let err = decode(&store, claim, &[&packed]).await.unwrap_err();
-        assert_eq!(err.code, tonic::Code::ResourceExhausted, "{}", err.message);
+        assert_eq!(err.code, tonic::Code::InvalidArgument, "{}", err.message);
+        assert!(err.message.contains("max_cas_blob_size_bytes"), "{}", err.message);
+        // A large claim within it: no allocation follows from it, the hash fails.
+        claim.size = 1 << 29;
+        let err = decode(&store, claim, &[&packed]).await.unwrap_err();
+        assert_eq!(err.code, tonic::Code::InvalidArgument, "{}", err.message);
         // A small claim: refused at the first byte past it.
         claim.size = 1000;
         let err = decode(&store, claim, &[&packed]).await.unwrap_err();

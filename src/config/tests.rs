@@ -91,6 +91,16 @@ fn deploy_examples_parse() {
                 let containers = c.sandbox.container.as_ref().expect("container-worker.toml turns docker on");
                 assert_eq!(containers.keep_images, 8);
             }
+            if path.ends_with("multi-client.toml") {
+                let name = |s: &str| remote_apis::InstanceName::new(s).unwrap();
+                let blake3 = remote_apis::DigestFunction::Blake3;
+                assert_eq!(c.instances.get(&name("buck2/ci")).digest_function, blake3);
+                let dev = c.instances.get(&name("buck2/dev"));
+                assert!(!dev.ac_write && dev.digest_function == blake3);
+                assert_eq!(c.instances.get(&name("buildstream")).platform.len(), 1);
+                assert_eq!(c.instances.get(&name("")).asset_fetch, Some(false));
+                assert_eq!(c.min_retention, Duration::from_secs(3 * 3600));
+            }
             if path.ends_with("tls-farm.toml") {
                 let tls = c.tls.as_ref().expect("tls-farm.toml turns TLS on");
                 assert!(tls.client_ca.is_some() && c.worker_listen.is_some(), "{}", path.display());

@@ -89,7 +89,9 @@ pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
 /// bytes plus per-blob framing), and never below 64 MiB, so that a
 /// FindMissingBlobs for a very large input tree (about 70 bytes a digest:
 /// some 900,000 digests) is not refused by the transport. Batch data itself
-/// is still held to `max_batch_size`.
+/// is still held to `max_batch_size`. At least twice the batch limit: Buck2
+/// sizes its messages (ByteStream segments, its own receive limit) from
+/// the advertised batch limit and assumes twice that passes.
 pub fn grpc_message_limit(max_batch_bytes: u64) -> usize {
     (2 * max_batch_bytes + (1 << 20)).max(64 << 20) as usize
 }
@@ -247,7 +249,7 @@ pub async fn serve(
                     max: config.execution.max_timeout,
                     tree: config.execution.tree_limits(),
                 },
-                STREAM_KEEPALIVE,
+                config.execution.stream_keepalive,
             )
             .with_auth(auth.clone())
         )))
@@ -385,9 +387,6 @@ fn asset_service(config: &Config, cas: &Store, ac: &Arc<dyn AcStore>) -> anyhow:
         Arc::new(move |instance| instances.get(instance).asset_fetch.unwrap_or(fetch));
     Ok(AssetService::new(crate::asset::Records::new(ac.clone(), cas.clone()), Arc::new(downloader), may_fetch))
 }
-
-/// How often an unchanged operation is re-sent on Execute/WaitExecution streams.
-const STREAM_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// The scheduler, its upkeep task and the built-in worker (unless
 /// `worker_capacity` is 0: a scheduler-only server for remote workers).

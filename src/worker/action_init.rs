@@ -113,7 +113,7 @@ pub struct Sandbox {
     pub writable: PathBuf,
     /// The command's uid and gid (a root init only).
     pub run_as: Option<(u32, u32)>,
-    /// The action's directory is the command's `/` (see [`chroot`]).
+    /// The action's directory is the command's `/` (`chroot=input-root`).
     pub chroot: Option<Chroot>,
 }
 

@@ -33,6 +33,7 @@ use crate::common::{TestServer, assert_code, data, sha};
 pub(crate) struct Origin {
     pub addr: SocketAddr,
     hits: Arc<Mutex<HashMap<String, usize>>>,
+    agents: Arc<Mutex<HashMap<String, String>>>,
     stop: Arc<tokio::sync::Notify>,
 }
 
@@ -40,11 +41,14 @@ pub(crate) struct Origin {
 struct OriginState {
     files: Arc<HashMap<String, Bytes>>,
     hits: Arc<Mutex<HashMap<String, usize>>>,
+    /// The User-Agent of the last request per path.
+    agents: Arc<Mutex<HashMap<String, String>>>,
 }
 
 async fn serve(State(s): State<OriginState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
     *s.hits.lock().entry(name.clone()).or_default() += 1;
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    s.agents.lock().insert(name.clone(), header("user-agent"));
     match name.as_str() {
         "redirect" => (StatusCode::FOUND, [(header::LOCATION, "/files/blob")]).into_response(),
         "redirect2" => (StatusCode::FOUND, [(header::LOCATION, "/files/redirect")]).into_response(),
@@ -53,8 +57,8 @@ async fn serve(State(s): State<OriginState>, Path(name): Path<String>, headers: 
         }
         "needs-header" => s.files["blob"].clone().into_response(),
         // No Content-Length: the body ends with the (chunked) stream.
-        "chunked" => {
-            let body = s.files["blob"].clone();
+        "chunked" | "bad-chunked" => {
+            let body = s.files[if name == "chunked" { "blob" } else { "bad" }].clone();
             let chunks = futures::stream::iter(
                 body.chunks(1000).map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c))).collect::<Vec<_>>(),
             );
@@ -75,9 +79,11 @@ impl Origin {
     pub(crate) fn start_on(listener: tokio::net::TcpListener, files: &[(&str, Bytes)]) -> Origin {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(Mutex::new(HashMap::new()));
+        let agents = Arc::new(Mutex::new(HashMap::new()));
         let state = OriginState {
             files: Arc::new(files.iter().map(|(n, b)| (n.to_string(), b.clone())).collect()),
             hits: hits.clone(),
+            agents: agents.clone(),
         };
         let app = axum::Router::new().route("/files/{name}", axum::routing::get(serve)).with_state(state);
         let stop = Arc::new(tokio::sync::Notify::new());
@@ -85,7 +91,7 @@ impl Origin {
         tokio::spawn(async move {
             axum::serve(listener, app).with_graceful_shutdown(async move { stopped.notified().await }).await.unwrap();
         });
-        Origin { addr, hits, stop }
+        Origin { addr, hits, agents, stop }
     }
 
     pub(crate) fn url(&self, name: &str) -> String {
@@ -94,6 +100,11 @@ impl Origin {
 
     pub(crate) fn hits(&self, name: &str) -> usize {
         self.hits.lock().get(name).copied().unwrap_or(0)
+    }
+
+    /// The User-Agent of the last request for `name`.
+    pub(crate) fn agent(&self, name: &str) -> Option<String> {
+        self.agents.lock().get(name).cloned()
     }
 
     pub(crate) fn stop(&self) {
@@ -264,17 +275,24 @@ async fn downloads_with_and_without_sri_and_a_mismatch_stores_nothing() {
     let r = fetch(&server, fetch_req(&[&origin.url("chunked")], vec![q("checksum.sri", &sri256(&blob))])).await;
     assert_digest(&r, digest);
 
-    // The wrong SRI: ABORTED naming expected and got; nothing stored.
+    // The wrong SRI: ABORTED naming expected and got; nothing stored. With
+    // a Content-Length the body streams into the CAS, whose check refuses it.
     let expected = sri256(b"something else");
     for name in ["bad", "bad"] {
         let r = fetch(&server, fetch_req(&[&origin.url(name)], vec![q("checksum.sri", &expected)])).await;
         assert_eq!(code_of(&r), Code::Aborted, "{}", message_of(&r));
         let m = message_of(&r);
-        assert!(m.contains(&format!("expected {expected}")) && m.contains(&format!("got {}", sri256(&bad))), "{m}");
+        assert!(m.contains(&format!("expected {expected}")) && m.contains(&sha(&bad).hash_hex()), "{m}");
         assert!(r.blob_digest.is_none());
     }
+    // Without one the body is spooled and hashed: got is an SRI too.
+    let r = fetch(&server, fetch_req(&[&origin.url("bad-chunked")], vec![q("checksum.sri", &expected)])).await;
+    assert_eq!(code_of(&r), Code::Aborted, "{}", message_of(&r));
+    let m = message_of(&r);
+    assert!(m.contains(&format!("expected {expected}")) && m.contains(&format!("got {}", sri256(&bad))), "{m}");
     assert!(!present(&server, sha(&bad)).await, "a mismatched download must not be stored");
     assert_eq!(origin.hits("bad"), 2, "a failed download is not recorded");
+    assert_eq!(origin.hits("bad-chunked"), 1);
     // The same through the spooled path (sha512 is not the CAS's function).
     let r = fetch(&server, fetch_req(&[&origin.url("bad")], vec![q("checksum.sri", &sri512(b"nope"))])).await;
     assert_eq!(code_of(&r), Code::Aborted, "{}", message_of(&r));
@@ -378,6 +396,7 @@ async fn the_ssrf_guard_refuses_loopback_unless_allowed() {
     let open = server_allowing_loopback(|_| {}).await;
     assert_digest(&fetch(&open, fetch_req(&[&origin.url("blob")], vec![])).await, sha(&blob));
     assert_eq!(origin.hits("blob"), 1);
+    assert!(origin.agent("blob").unwrap().starts_with("cargo-distbuild/"), "{:?}", origin.agent("blob"));
     origin.stop();
 }
 
@@ -595,5 +614,61 @@ async fn grants_govern_push_read_and_download() {
         .unwrap();
     // Anonymous callers have nothing here.
     assert_code(fetcher.fetch_blob(fetch_req(&["u"], vec![])).await, Code::Unauthenticated);
+    origin.stop();
+}
+
+async fn cli(args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"))
+        .args(args)
+        .env_remove("DISTBUILD_SERVER")
+        .env_remove("DISTBUILD_CONFIG")
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_command_line_pushes_and_fetches() {
+    let blob = data(13, 200_000);
+    let origin = Origin::start(&[("blob", blob.clone())]).await;
+    let server = server_allowing_loopback(|_| {}).await;
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a.tgz");
+    std::fs::write(&file, data(14, 5000)).unwrap();
+    let pushed = sha(&data(14, 5000)).to_string();
+
+    let out = cli(&[
+        "asset",
+        "push",
+        "https://x.example/a.tgz",
+        file.to_str().unwrap(),
+        "-q",
+        "bazel.canonical_id=1",
+        "--server",
+        &url,
+    ])
+    .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), pushed);
+    let out = cli(&["asset", "fetch", "https://x.example/a.tgz", "-q", "bazel.canonical_id=1", "--server", &url]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), pushed);
+
+    // A download through the server into a file, checked by SRI.
+    let copy = dir.path().join("copy");
+    let sri = sri256(&blob);
+    let out =
+        cli(&["asset", "fetch", &origin.url("blob"), "--sri", &sri, "-o", copy.to_str().unwrap(), "--server", &url])
+            .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&copy).unwrap(), blob.to_vec());
+
+    // A failure in the response's status is one error line and a non-zero exit.
+    let out = cli(&["asset", "fetch", &origin.url("absent"), "--server", &url]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("NotFound") && err.contains("404"), "{err}");
     origin.stop();
 }
