@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use remote_apis::{Digest, DigestFunction, Hasher, quote};
-use reqwest::header::{CONTENT_LENGTH, HeaderName, HeaderValue};
+use reqwest::header::{CONTENT_LENGTH, HeaderName, HeaderValue, LOCATION};
 use tokio::time::Instant;
 use tonic::Code;
 
@@ -38,6 +38,7 @@ const WRITE_CHUNK: usize = READ_CHUNK;
 pub struct Downloader {
     client: reqwest::Client,
     allow_private: bool,
+    max_redirects: usize,
     max_size: u64,
     timeout: Duration,
     /// Where bodies of unknown digest are spooled.
@@ -77,25 +78,26 @@ pub type Attempt = std::result::Result<Downloaded, Error>;
 
 impl Downloader {
     pub fn new(config: &AssetConfig, spool_dir: PathBuf) -> anyhow::Result<Downloader> {
-        let (allow_private, max_redirects) = (config.allow_private, config.max_redirects);
-        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() > max_redirects {
-                return attempt.error(format!("more than {max_redirects} redirects ([asset] max_redirects)"));
-            }
-            match guard::check_url(attempt.url(), allow_private) {
-                Ok(()) => attempt.follow(),
-                Err(refused) => attempt.error(refused),
-            }
-        });
+        let allow_private = config.allow_private;
         let client = reqwest::Client::builder()
             // A proxy would resolve and connect for us, past the guard.
             .no_proxy()
             .dns_resolver(GuardedResolver::arc(allow_private))
-            .redirect(redirects)
+            // Redirects are followed by `send` itself: each hop is checked
+            // by the guard, and the qualifiers' headers go only to the
+            // URI's own origin.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(CONNECT_TIMEOUT)
             .user_agent(concat!("cargo-distbuild/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Downloader { client, allow_private, max_size: config.max_size, timeout: config.timeout, spool_dir })
+        Ok(Downloader {
+            client,
+            allow_private,
+            max_redirects: config.max_redirects,
+            max_size: config.max_size,
+            timeout: config.timeout,
+            spool_dir,
+        })
     }
 
     /// The deadline of a download that starts now, `requested` (the
@@ -128,13 +130,9 @@ impl Downloader {
         if let Err(refused) = guard::check_url(&url, self.allow_private) {
             return Ok(Err(Error::new(Code::PermissionDenied, refused.0)));
         }
-        let mut request = self.client.get(url);
-        for (name, value) in &wanted.headers {
-            request = request.header(name, value);
-        }
-        let response = match request.send().await {
+        let response = match self.send(url, &wanted.headers).await {
             Ok(r) => r,
-            Err(e) => return Ok(Err(origin_error(e))),
+            Err(e) => return Ok(Err(e)),
         };
         let status = response.status();
         if !status.is_success() {
@@ -164,6 +162,49 @@ impl Downloader {
         match known {
             Some(digest) => self.stream_known(cas, response, digest, wanted.sri.expect("known from an SRI")).await,
             None => self.spool(cas, response, wanted).await,
+        }
+    }
+
+    /// GET `url`, following up to `max_redirects` redirects. Every hop
+    /// passes the guard (IP literals here, names in the resolver); the
+    /// qualifiers' headers (credentials, often) are sent only while the hop
+    /// stays on the first URL's origin (scheme, host and port), so a
+    /// redirect elsewhere never carries them.
+    async fn send(
+        &self,
+        first: reqwest::Url,
+        headers: &[(HeaderName, HeaderValue)],
+    ) -> std::result::Result<reqwest::Response, Error> {
+        let origin = first.origin();
+        let mut url = first;
+        let mut hops = 0;
+        loop {
+            let mut request = self.client.get(url.clone());
+            if url.origin() == origin {
+                for (name, value) in headers {
+                    request = request.header(name, value);
+                }
+            }
+            let response = request.send().await.map_err(origin_error)?;
+            if !response.status().is_redirection() {
+                return Ok(response);
+            }
+            let Some(location) = response.headers().get(LOCATION).and_then(|v| v.to_str().ok()) else {
+                return Ok(response);
+            };
+            let next = url
+                .join(location)
+                .map_err(|e| Error::new(Code::Unavailable, format!("the origin redirected to a bad URL: {e}")))?;
+            hops += 1;
+            if hops > self.max_redirects {
+                return Err(Error::new(
+                    Code::Unavailable,
+                    format!("more than {} redirects ([asset] max_redirects)", self.max_redirects),
+                ));
+            }
+            guard::check_url(&next, self.allow_private)
+                .map_err(|refused| Error::new(Code::PermissionDenied, refused.0))?;
+            url = next;
         }
     }
 

@@ -52,10 +52,19 @@ async fn serve(State(s): State<OriginState>, Path(name): Path<String>, headers: 
     match name.as_str() {
         "redirect" => (StatusCode::FOUND, [(header::LOCATION, "/files/blob")]).into_response(),
         "redirect2" => (StatusCode::FOUND, [(header::LOCATION, "/files/redirect")]).into_response(),
+        // `away-PORT`: a redirect to another origin (same host, that port).
+        away if away.starts_with("away-") => {
+            let to = format!("http://127.0.0.1:{}/files/needs-token", &away[5..]);
+            (StatusCode::FOUND, [(header::LOCATION, to)]).into_response()
+        }
         "needs-header" if header("x-token") != "sesame" || header("authorization") != "Bearer t0k" => {
             StatusCode::FORBIDDEN.into_response()
         }
         "needs-header" => s.files["blob"].clone().into_response(),
+        // A custom header only (an HTTP client's own redirect handling
+        // drops Authorization across origins, but not this).
+        "needs-token" if header("x-token") != "sesame" => StatusCode::FORBIDDEN.into_response(),
+        "needs-token" => s.files["blob"].clone().into_response(),
         // No Content-Length: the body ends with the (chunked) stream.
         "chunked" | "bad-chunked" => {
             let body = s.files[if name == "chunked" { "blob" } else { "bad" }].clone();
@@ -354,6 +363,26 @@ async fn header_qualifiers_are_sent() {
     assert_digest(&r, sha(&blob));
     assert_eq!(origin.hits("needs-header"), 3);
     origin.stop();
+}
+
+#[tokio::test]
+async fn header_qualifiers_never_follow_a_redirect_to_another_origin() {
+    let blob = data(6, 1000);
+    let first = Origin::start(&[("blob", blob.clone())]).await;
+    let other = Origin::start(&[("blob", blob.clone())]).await;
+    let server = server_allowing_loopback(|_| {}).await;
+    let headers = || vec![q("http_header:X-Token", "sesame")];
+    // The other origin takes it when asked directly...
+    let r = fetch(&server, fetch_req(&[&other.url("needs-token")], headers())).await;
+    assert_digest(&r, sha(&blob));
+    // ...but a redirect from the first one arrives there without it.
+    let away = first.url(&format!("away-{}", other.addr.port()));
+    let r = fetch(&server, fetch_req(&[&away], headers())).await;
+    assert_eq!(code_of(&r), Code::PermissionDenied, "the other origin's 403: {}", message_of(&r));
+    assert_eq!(first.hits(&format!("away-{}", other.addr.port())), 1);
+    assert_eq!(other.hits("needs-token"), 2);
+    first.stop();
+    other.stop();
 }
 
 #[tokio::test]
