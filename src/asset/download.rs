@@ -372,3 +372,22 @@ fn origin_error(e: reqwest::Error) -> Error {
     let code = if e.is_timeout() { Code::DeadlineExceeded } else { Code::Unavailable };
     Error::new(code, remote_apis::client::error_chain(&e))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn urns_are_names() {
+        for (uri, name) in [
+            ("urn:fdc:buildstream.build:2020:artifact:p/e/0123", true),
+            ("URN:isbn:0451450523", true),
+            ("urn:", true),
+            ("urn", false),
+            ("urnx:y", false),
+            ("https://example.com/urn:x", false),
+            ("git://example.com/x", false),
+            ("", false),
+        ] {
+            assert_eq!(super::is_name(uri), name, "{uri}");
+        }
+    }
+}
