@@ -12,13 +12,13 @@ fn policy() -> Policy {
         [[token]]
         name = "ci"
         sha256 = "{}"
-        grants = ["cas-read", "cas-write", "ac-read", "ac-write", "execute"]
+        grants = ["cas-read", "cas-write", "ac-read", "ac-write", "execute", "asset-fetch"]
 
         [[token]]
         name = "dev"
         sha256 = "{}"
         grants = ["cas-read", "ac-read"]
-        instances = {{ "team-a" = ["cas-write", "execute"], "ops/" = ["admin"] }}
+        instances = {{ "team-a" = ["cas-write", "execute", "asset-push"], "ops/" = ["admin"] }}
 
         [[cert]]
         name = "worker-1.build.example"
@@ -45,33 +45,34 @@ fn code(p: &Policy, token: Option<&str>, certs: &[&str], instance: &str, grant: 
 
 /// (token, certificate names, instance, the expected code for each grant
 /// in `Grant::ALL` order).
-type Row<'a> = (Option<&'a str>, &'a [&'a str], &'a str, [Code; 8]);
+type Row<'a> = (Option<&'a str>, &'a [&'a str], &'a str, [Code; Grant::ALL.len()]);
 
 #[test]
 fn every_grant_for_every_kind_of_caller() {
     use Code::{Ok as Y, PermissionDenied as D, Unauthenticated as U};
     let p = policy();
-    // Columns: cas-read, cas-write, ac-read, ac-write, execute, worker, admin, status.
+    // Columns: cas-read, cas-write, ac-read, ac-write, execute, worker, admin, status,
+    // asset-read, asset-push, asset-fetch (asset-fetch implies asset-read).
     let table: &[Row] = &[
-        (None, &[], "", [Y, U, U, U, U, U, U, U]),
-        (None, &[], "team-a", [Y, U, U, U, U, U, U, U]),
-        (Some(CI_TOKEN), &[], "", [Y, Y, Y, Y, Y, D, D, D]),
-        (Some(CI_TOKEN), &[], "any/thing", [Y, Y, Y, Y, Y, D, D, D]),
-        (Some(DEV_TOKEN), &[], "", [Y, D, Y, D, D, D, D, D]),
-        (Some(DEV_TOKEN), &[], "team-a", [Y, Y, Y, D, Y, D, D, D]),
-        (Some(DEV_TOKEN), &[], "team-a/ci", [Y, Y, Y, D, Y, D, D, D]),
+        (None, &[], "", [Y, U, U, U, U, U, U, U, U, U, U]),
+        (None, &[], "team-a", [Y, U, U, U, U, U, U, U, U, U, U]),
+        (Some(CI_TOKEN), &[], "", [Y, Y, Y, Y, Y, D, D, D, Y, D, Y]),
+        (Some(CI_TOKEN), &[], "any/thing", [Y, Y, Y, Y, Y, D, D, D, Y, D, Y]),
+        (Some(DEV_TOKEN), &[], "", [Y, D, Y, D, D, D, D, D, D, D, D]),
+        (Some(DEV_TOKEN), &[], "team-a", [Y, Y, Y, D, Y, D, D, D, D, Y, D]),
+        (Some(DEV_TOKEN), &[], "team-a/ci", [Y, Y, Y, D, Y, D, D, D, D, Y, D]),
         // A prefix covers whole segments only.
-        (Some(DEV_TOKEN), &[], "team-abc", [Y, D, Y, D, D, D, D, D]),
-        (Some(DEV_TOKEN), &[], "ops", [Y, D, Y, D, D, D, Y, Y]),
-        (Some(DEV_TOKEN), &[], "ops/x", [Y, D, Y, D, D, D, Y, Y]),
-        (Some("dbt_wrong"), &[], "", [U, U, U, U, U, U, U, U]),
+        (Some(DEV_TOKEN), &[], "team-abc", [Y, D, Y, D, D, D, D, D, D, D, D]),
+        (Some(DEV_TOKEN), &[], "ops", [Y, D, Y, D, D, D, Y, Y, D, D, D]),
+        (Some(DEV_TOKEN), &[], "ops/x", [Y, D, Y, D, D, D, Y, Y, D, D, D]),
+        (Some("dbt_wrong"), &[], "", [U, U, U, U, U, U, U, U, U, U, U]),
         // A listed certificate name, found among the certificate's names.
         // (`worker` implies cas-read and cas-write: a worker moves blobs.)
-        (None, &["CN-not-listed", "worker-1.build.example"], "", [Y, Y, D, D, D, Y, D, D]),
+        (None, &["CN-not-listed", "worker-1.build.example"], "", [Y, Y, D, D, D, Y, D, D, D, D, D]),
         // A verified certificate the file does not list: identified, anonymous grants.
-        (None, &["stranger"], "", [Y, D, D, D, D, D, D, D]),
+        (None, &["stranger"], "", [Y, D, D, D, D, D, D, D, D, D, D]),
         // A valid token names the caller over a certificate.
-        (Some(CI_TOKEN), &["worker-1.build.example"], "", [Y, Y, Y, Y, Y, D, D, D]),
+        (Some(CI_TOKEN), &["worker-1.build.example"], "", [Y, Y, Y, Y, Y, D, D, D, Y, D, Y]),
     ];
     for (token, certs, instance, expected) in table {
         for (grant, want) in Grant::ALL.iter().zip(expected) {
