@@ -45,6 +45,17 @@ pub struct Downloader {
     spool_dir: PathBuf,
 }
 
+/// Whether `uri` is a URN (RFC 8141): a name for content, never a place to
+/// download it from, such as BuildStream's artifact and source index
+/// (`urn:fdc:buildstream.build:2020:artifact:...`). A FetchBlob of names
+/// alone is answered from the records: a miss is NOT_FOUND, as with
+/// downloads off, rather than a refused download (which a client reads as a
+/// failure, not as "not cached"). Other schemes than http and https stay
+/// refused when downloads are on.
+pub fn is_name(uri: &str) -> bool {
+    uri.get(..4).is_some_and(|s| s.eq_ignore_ascii_case("urn:"))
+}
+
 /// What one download is for.
 pub struct Wanted<'a> {
     pub function: DigestFunction,
@@ -401,4 +412,23 @@ fn origin_error(e: reqwest::Error) -> Error {
     }
     let code = if e.is_timeout() { Code::DeadlineExceeded } else { Code::Unavailable };
     Error::new(code, remote_apis::client::error_chain(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn urns_are_names() {
+        for (uri, name) in [
+            ("urn:fdc:buildstream.build:2020:artifact:p/e/0123", true),
+            ("URN:isbn:0451450523", true),
+            ("urn:", true),
+            ("urn", false),
+            ("urnx:y", false),
+            ("https://example.com/urn:x", false),
+            ("git://example.com/x", false),
+            ("", false),
+        ] {
+            assert_eq!(super::is_name(uri), name, "{uri}");
+        }
+    }
 }

@@ -284,6 +284,13 @@ impl Fetch for AssetService {
             ));
             return Ok(Response::new(blob_failure(function, req.uris[0].clone(), &e)));
         }
+        if req.uris.iter().all(|u| download::is_name(u)) {
+            let e = Error::not_found(format!(
+                "no record of {} (a URN names content, it is not downloaded)",
+                quote(&req.uris[0])
+            ));
+            return Ok(Response::new(blob_failure(function, req.uris[0].clone(), &e)));
+        }
         ctx.require(Grant::AssetFetch)?;
         qualifiers.refuse_unknown()?;
         match self.download(&instance, function, &req, &qualifiers).await? {

@@ -16,7 +16,8 @@ pub enum TokenCommand {
     New {
         /// The principal's name, shown in statuses, logs and as operation owner.
         name: String,
-        /// A grant (repeatable): cas-read, cas-write, ac-read, ac-write, execute, worker, admin.
+        /// A grant (repeatable): cas-read, cas-write, ac-read, ac-write, execute, asset-read, asset-push,
+        /// asset-fetch, worker, admin.
         #[arg(long = "grant", required = true, value_name = "GRANT")]
         grants: Vec<Grant>,
         /// Grant only on the instance names under this prefix (default: every instance).

@@ -17,7 +17,9 @@
 #      input root as "/";
 #   3. after a server restart and with an empty local cache, `bst build
 #      report.bst` again builds nothing: the artifact comes from the server;
-#   4. with an empty local cache, `bst artifact checkout greeting.bst` pulls it.
+#   4. with an empty local cache, `bst artifact checkout greeting.bst` pulls it;
+#   5. against a second server with TLS and tokens: no token is refused, the
+#      builder's token builds and pushes, a read-only token pulls.
 # The last line is `N passed, M failed`; the exit status is non-zero when
 # anything failed.
 #
@@ -169,16 +171,17 @@ input_root_as_root = true
 # dependencies at /usr, ...: its actions run with the input root as "/".
 [instances."$INSTANCE"]
 platform = { chroot = "input-root" }
-
-[asset]
-fetch = false
+# [asset] stays at its defaults (downloads on): BuildStream's URNs are never
+# downloaded, a miss is NOT_FOUND.
 EOF
 LOG="$TMP/server.log"
-# Starts the server on $PORT over $TMP/data (appending to $LOG); false when
-# it does not answer.
+SERVER_CONF="$TMP/server.toml"
+DATA="$TMP/data"
+# Starts the server with $SERVER_CONF on $PORT over $DATA (appending to
+# $LOG); false when it does not answer.
 start_server() {
   DISTBUILD_LOG="${DISTBUILD_LOG:-info,cargo_distbuild=debug,tower_http=debug}" \
-    "$BIN" --config "$TMP/server.toml" server --listen "127.0.0.1:$PORT" --data-dir "$TMP/data" >>"$LOG" 2>&1 &
+    "$BIN" --config "$SERVER_CONF" server --listen "127.0.0.1:$PORT" --data-dir "$DATA" >>"$LOG" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 100); do
     kill -0 "$SERVER_PID" 2>/dev/null || break
@@ -204,36 +207,29 @@ calls() { sed 's/\x1b\[[0-9;]*m//g' "$LOG" | grep -c "method=\"$1\".*finished pr
 # The server is every remote: artifact index and storage, source cache,
 # execution, CAS and action cache for execution.
 CACHE="$TMP/bst-cache"
-cat >"$TMP/bst.conf" <<EOF
-cachedir: $CACHE
-logdir: $TMP/bst-logs
-sourcedir: $TMP/bst-sources
-scheduler:
-  network-retries: 0
-  on-error: quit
-artifacts:
-  override-project-caches: true
-  servers:
-  - url: $REMOTE
-    instance-name: $INSTANCE
-    push: true
-source-caches:
-  override-project-caches: true
-  servers:
-  - url: $REMOTE
-    instance-name: $INSTANCE
-    push: true
-remote-execution:
-  execution-service:
-    url: $REMOTE
-    instance-name: $INSTANCE
-  storage-service:
-    url: $REMOTE
-    instance-name: $INSTANCE
-  action-cache-service:
-    url: $REMOTE
-    instance-name: $INSTANCE
-EOF
+# bst_conf FILE URL PUSH EXECUTION [AUTH]: a user config with the server at
+# URL as the artifact and source cache (PUSH: true or false) and, when
+# EXECUTION is "yes", as the execution service, its CAS and action cache.
+bst_conf() {
+  local file="$1" url="$2" push="$3" execution="$4" auth="${5:-}" cache svc
+  {
+    printf 'cachedir: %s\nlogdir: %s\nsourcedir: %s\n' "$CACHE" "$TMP/bst-logs" "$TMP/bst-sources"
+    printf 'scheduler:\n  network-retries: 0\n  on-error: quit\n'
+    for cache in artifacts source-caches; do
+      printf '%s:\n  override-project-caches: true\n  servers:\n' "$cache"
+      printf '  - url: %s\n    instance-name: %s\n    push: %s\n' "$url" "$INSTANCE" "$push"
+      [[ -z "$auth" ]] || printf '    auth: %s\n' "$auth"
+    done
+    if [[ "$execution" == yes ]]; then
+      echo "remote-execution:"
+      for svc in execution-service storage-service action-cache-service; do
+        printf '  %s: {url: "%s", instance-name: %s%s}\n' "$svc" "$url" "$INSTANCE" "${auth:+, auth: $auth}"
+      done
+    fi
+  } >"$file"
+}
+BST_CONF="$TMP/bst.conf"
+bst_conf "$BST_CONF" "$REMOTE" true yes
 
 # bst with a time bound, its own XDG directories and no colours; output in
 # $TMP/NAME.txt and, on failure, its last lines on stdout.
@@ -241,7 +237,7 @@ bst() {
   local name="$1"
   shift
   (cd "$PROJ" && XDG_CONFIG_HOME="$TMP/xdg-config" XDG_CACHE_HOME="$TMP/xdg-cache" XDG_DATA_HOME="$TMP/xdg-data" \
-    timeout 600 "$BST_BIN" --no-colors --config "$TMP/bst.conf" "$@") >"$TMP/$name.txt" 2>&1
+    timeout 600 "$BST_BIN" --no-colors --config "$BST_CONF" "$@") >"$TMP/$name.txt" 2>&1
   local rc=$?
   if [[ $rc -ne 0 ]]; then
     echo "  \$ bst $*  (exit $rc)"
@@ -276,7 +272,7 @@ else
 fi
 pushed="$(element_lines build1 push 'INFO +Pushed artifact' | grep -Eo 'push:[a-z]+' | sort -u | wc -l)"
 if [[ $pushed == 3 ]]; then
-  pass "bst pushed the 3 artifacts ($(calls '/build.bazel.remote.asset.v1.Push/PushBlob') PushBlob calls)"
+  pass "bst pushed the 3 artifacts ($(calls '/build.bazel.remote.asset.v1.Push/PushBlob') PushBlob calls with its probes and the sources records)"
 else
   fail "bst pushed $pushed of 3 artifacts: $(element_lines build1 push '' | head -n 5)"
 fi
@@ -295,7 +291,7 @@ fi
 # (BuildStream's URN for project/element/strong key) names the Artifact proto,
 # which holds that key.
 KEY="$(cd "$PROJ" && XDG_CONFIG_HOME="$TMP/xdg-config" XDG_CACHE_HOME="$TMP/xdg-cache" \
-  timeout 120 "$BST_BIN" --no-colors --config "$TMP/bst.conf" show --deps none --format '%{full-key}' greeting.bst 2>/dev/null | tail -n 1)"
+  timeout 120 "$BST_BIN" --no-colors --config "$BST_CONF" show --deps none --format '%{full-key}' greeting.bst 2>/dev/null | tail -n 1)"
 URN="urn:fdc:buildstream.build:2020:artifact:distbuild-interop/greeting/$KEY"
 if [[ "$KEY" =~ ^[0-9a-f]{64}$ ]] &&
   "$BIN" asset --server "grpc://127.0.0.1:$PORT" --instance "$INSTANCE" fetch "$URN" -o "$TMP/artifact.pb" >"$TMP/asset.txt" 2>&1 &&
@@ -352,5 +348,87 @@ else
 fi
 
 if ! kill -0 "$SERVER_PID" 2>/dev/null; then fail "the server died during the test"; fi
+[[ $FAILED -gt 0 ]] && show_log_tail
+stop_server
+
+# ------------------------------------- 5. a secured server: TLS and tokens
+# buildbox-casd sends a token only over TLS (with http:// it refuses: "Secure
+# Channel options cannot be used with this URL"): a second server with [tls]
+# (a CA and a localhost certificate made here with openssl) and [auth]
+# tokens. The builder's token holds exactly the grants a building, pushing
+# bst needs; the reader's lets it pull. (A remote with `push: true` needs
+# asset-push even to pull: bst probes it with a PushBlob.)
+echo "--- TLS and tokens"
+SEC="$TMP/secure"
+mkdir -p "$SEC"
+if ! command -v openssl >/dev/null; then
+  fail "openssl available (needed to make test certificates)"
+  finish
+fi
+if ! (
+  cd "$SEC" &&
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj "/CN=bst interop CA" &&
+    openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj "/CN=localhost" &&
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >ext.cnf &&
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext.cnf
+) >"$SEC/openssl.log" 2>&1; then
+  cat "$SEC/openssl.log"
+  fail "openssl test certificates"
+  finish
+fi
+"$BIN" token new builder --grant cas-read --grant cas-write --grant ac-read --grant execute \
+  --grant asset-read --grant asset-push >"$SEC/builder.token" 2>"$SEC/builder.entry"
+"$BIN" token new reader --grant cas-read --grant ac-read --grant asset-read >"$SEC/reader.token" 2>"$SEC/reader.entry"
+for who in builder reader; do sed -n '/^\[\[token\]\]/,$p' "$SEC/$who.entry"; done >"$SEC/tokens.toml"
+{
+  cat "$TMP/server.toml"
+  printf '\n[tls]\ncert = "%s"\nkey = "%s"\n\n[auth]\ntokens = "%s"\n' "$SEC/server.pem" "$SEC/server.key" "$SEC/tokens.toml"
+} >"$SEC/server.toml"
+SERVER_CONF="$SEC/server.toml"
+DATA="$SEC/data"
+LOG="$SEC/server.log"
+start_server || {
+  fail "the TLS server started on 127.0.0.1:$PORT"
+  finish
+}
+SREMOTE="https://localhost:$PORT"
+
+rm -rf "$CACHE"
+BST_CONF="$SEC/anonymous.conf"
+bst_conf "$BST_CONF" "$SREMOTE" true no "{server-cert: $SEC/ca.pem}"
+bst sec-anonymous build base.bst
+if grep -Eq 'WARNING +Failed to initialize remote .*UNAUTHENTICATED' "$TMP/sec-anonymous.txt"; then
+  pass "bst without a token: the TLS server refuses it (UNAUTHENTICATED) and bst says so"
+else
+  fail "bst without a token: $(remote_warnings sec-anonymous)"
+fi
+
+rm -rf "$CACHE"
+BST_CONF="$SEC/builder.conf"
+bst_conf "$BST_CONF" "$SREMOTE" true yes "{server-cert: $SEC/ca.pem, access-token: $SEC/builder.token}"
+if bst sec-build build report.bst && [[ -z "$(remote_warnings sec-build)" ]] &&
+  [[ "$(element_lines sec-build push 'INFO +Pushed artifact' | grep -Eo 'push:[a-z]+' | sort -u | wc -l)" == 3 ]] &&
+  [[ "$(element_lines sec-build build 'SUCCESS Waiting for the remote build to complete' | wc -l)" -ge 2 ]]; then
+  pass "bst over TLS with the builder's token: built remotely, 3 artifacts pushed"
+else
+  fail "bst over TLS with the builder's token: $(remote_warnings sec-build)"
+fi
+
+rm -rf "$CACHE"
+BST_CONF="$SEC/reader.conf"
+bst_conf "$BST_CONF" "$SREMOTE" false no "{server-cert: $SEC/ca.pem, access-token: $SEC/reader.token}"
+if bst sec-pull artifact checkout --deps none --directory "$OUT/secure" greeting.bst &&
+  cmp -s "$OUT/greeting/usr/share/greeting/shouted.txt" "$OUT/secure/usr/share/greeting/shouted.txt"; then
+  pass "bst over TLS with the read-only token pulls greeting.bst"
+else
+  fail "bst over TLS with the read-only token: $(remote_warnings sec-pull)"
+fi
+
+stop_server
+if grep -qF -e "$(head -c 24 "$SEC/builder.token")" -e "$(head -c 24 "$SEC/reader.token")" "$LOG"; then
+  fail "the server log contains a token"
+else
+  pass "no token in the TLS server's log"
+fi
 [[ $FAILED -gt 0 ]] && show_log_tail
 finish

@@ -135,7 +135,7 @@ fn q(name: &str, value: &str) -> Qualifier {
     Qualifier { name: name.into(), value: value.into() }
 }
 
-fn fetch_req(uris: &[&str], qualifiers: Vec<Qualifier>) -> FetchBlobRequest {
+pub(crate) fn fetch_req(uris: &[&str], qualifiers: Vec<Qualifier>) -> FetchBlobRequest {
     FetchBlobRequest {
         uris: uris.iter().map(|u| u.to_string()).collect(),
         qualifiers,
@@ -144,7 +144,7 @@ fn fetch_req(uris: &[&str], qualifiers: Vec<Qualifier>) -> FetchBlobRequest {
     }
 }
 
-fn push_req(uri: &str, digest: Digest, qualifiers: Vec<Qualifier>) -> PushBlobRequest {
+pub(crate) fn push_req(uri: &str, digest: Digest, qualifiers: Vec<Qualifier>) -> PushBlobRequest {
     PushBlobRequest {
         uris: vec![uri.to_string()],
         qualifiers,
@@ -154,21 +154,21 @@ fn push_req(uri: &str, digest: Digest, qualifiers: Vec<Qualifier>) -> PushBlobRe
     }
 }
 
-async fn fetch(server: &TestServer, req: FetchBlobRequest) -> FetchBlobResponse {
+pub(crate) async fn fetch(server: &TestServer, req: FetchBlobRequest) -> FetchBlobResponse {
     FetchClient::new(server.channel.clone()).fetch_blob(req).await.unwrap().into_inner()
 }
 
 /// The status code inside a FetchBlob response (OK when absent).
-fn code_of(r: &FetchBlobResponse) -> Code {
+pub(crate) fn code_of(r: &FetchBlobResponse) -> Code {
     Code::from(r.status.as_ref().map_or(0, |s| s.code))
 }
 
-fn message_of(r: &FetchBlobResponse) -> String {
+pub(crate) fn message_of(r: &FetchBlobResponse) -> String {
     r.status.as_ref().map(|s| s.message.clone()).unwrap_or_default()
 }
 
 #[track_caller]
-fn assert_digest(r: &FetchBlobResponse, want: Digest) {
+pub(crate) fn assert_digest(r: &FetchBlobResponse, want: Digest) {
     assert_eq!(code_of(r), Code::Ok, "{}", message_of(r));
     assert_eq!(r.blob_digest.as_ref(), Some(&want.to_proto()));
     assert_eq!(r.digest_function, DigestFunction::Sha256.to_proto() as i32);

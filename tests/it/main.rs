@@ -3,6 +3,7 @@
 
 mod ac;
 mod asset;
+mod asset_names;
 mod auth;
 mod bazel;
 mod bazel_asset;
