@@ -26,7 +26,7 @@ use tonic::Code;
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 
-use crate::common::{TestServer, assert_code, data, sha};
+use crate::common::{TestServer, assert_code, cli, data, sha};
 
 /// An origin server: fixed paths, and a count of the requests per path.
 #[derive(Clone)]
@@ -644,17 +644,6 @@ async fn grants_govern_push_read_and_download() {
     // Anonymous callers have nothing here.
     assert_code(fetcher.fetch_blob(fetch_req(&["u"], vec![])).await, Code::Unauthenticated);
     origin.stop();
-}
-
-async fn cli(args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"))
-        .args(args)
-        .env_remove("DISTBUILD_SERVER")
-        .env_remove("DISTBUILD_CONFIG")
-        .env("XDG_CONFIG_HOME", "/nonexistent")
-        .output()
-        .await
-        .unwrap()
 }
 
 #[tokio::test]

@@ -2,18 +2,7 @@
 
 use std::process::Output;
 
-use crate::common::{TestServer, data, sha};
-
-async fn cli(args: Vec<String>) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"))
-        .args(args)
-        .env_remove("DISTBUILD_SERVER")
-        .env_remove("DISTBUILD_CONFIG")
-        .env("XDG_CONFIG_HOME", "/nonexistent")
-        .output()
-        .await
-        .unwrap()
-}
+use crate::common::{TestServer, cli, data, sha};
 
 fn s(args: &[&str]) -> Vec<String> {
     args.iter().map(|a| a.to_string()).collect()

@@ -219,3 +219,16 @@ pub async fn http_request(
 pub async fn http_get(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
     http_request(addr, "GET", path, headers, b"").await
 }
+
+/// Runs the `cargo-distbuild` binary with `args`, away from the user's
+/// configuration and server variables.
+pub async fn cli<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"))
+        .args(args)
+        .env_remove("DISTBUILD_SERVER")
+        .env_remove("DISTBUILD_CONFIG")
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .output()
+        .await
+        .unwrap()
+}

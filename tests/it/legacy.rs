@@ -7,20 +7,9 @@ use std::time::{Duration, Instant};
 use cargo_distbuild::admin::proto::ListWorkersRequest;
 use cargo_distbuild::admin::proto::admin_client::AdminClient;
 
-use crate::common::TestServer;
+use crate::common::{TestServer, cli};
 use crate::execution::Act;
 use crate::logs::ServerProcess;
-
-async fn cli(args: &[&str]) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"))
-        .args(args)
-        .env_remove("DISTBUILD_SERVER")
-        .env_remove("DISTBUILD_CONFIG")
-        .env("XDG_CONFIG_HOME", "/nonexistent")
-        .output()
-        .await
-        .unwrap()
-}
 
 /// Its stdout, after checking that it succeeded.
 fn ok(out: &Output) -> String {
