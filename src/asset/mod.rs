@@ -210,12 +210,26 @@ impl AssetService {
     }
 }
 
+/// URIs in one request: a download's mirrors are a handful, and each URI of
+/// a push is a record, so one request cannot write (or, in the memory
+/// ActionCache store, evict) more than this many entries.
+pub const MAX_URIS: usize = 100;
+
+/// The longest URI accepted (a record key and the response echo it).
+pub const MAX_URI_BYTES: usize = 8 << 10;
+
 fn check_uris(uris: &[String]) -> Result<()> {
     if uris.is_empty() {
         return Err(Error::bad_field("uris", "at least one URI is required"));
     }
+    if uris.len() > MAX_URIS {
+        return Err(Error::bad_field("uris", format!("{} URIs; at most {MAX_URIS} per request", uris.len())));
+    }
     if let Some(i) = uris.iter().position(|u| u.is_empty()) {
         return Err(Error::bad_field(&format!("uris[{i}]"), "is empty"));
+    }
+    if let Some(i) = uris.iter().position(|u| u.len() > MAX_URI_BYTES) {
+        return Err(Error::bad_field(&format!("uris[{i}]"), format!("longer than {MAX_URI_BYTES} bytes")));
     }
     Ok(())
 }

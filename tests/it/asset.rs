@@ -430,6 +430,36 @@ async fn the_ssrf_guard_refuses_loopback_unless_allowed() {
 }
 
 #[tokio::test]
+async fn uris_per_request_and_their_length_are_bounded() {
+    let server = TestServer::start_with(Backend::Memory, |_| {}).await;
+    let blob = data(9, 100);
+    server.client().upload_blobs(vec![(sha(&blob), blob.clone())]).await.unwrap();
+    let many: Vec<String> = (0..=cargo_distbuild::asset::MAX_URIS).map(|i| format!("urn:x:{i}")).collect();
+    let long = format!("https://example.com/{}", "a".repeat(cargo_distbuild::asset::MAX_URI_BYTES));
+    let mut push = PushClient::new(server.channel.clone());
+    // One push cannot write (or evict) more than MAX_URIS records...
+    let req = PushBlobRequest { uris: many.clone(), ..push_req("u", sha(&blob), vec![]) };
+    let status = assert_code(push.push_blob(req).await, Code::InvalidArgument);
+    assert!(status.message().contains("at most"), "{}", status.message());
+    // ...and none of them was written.
+    let r = fetch(&server, fetch_req(&["urn:x:0"], vec![])).await;
+    assert_eq!(code_of(&r), Code::NotFound, "{}", message_of(&r));
+    assert_code(push.push_blob(push_req(&long, sha(&blob), vec![])).await, Code::InvalidArgument);
+    // Fetches too.
+    let refs: Vec<&str> = many.iter().map(|s| s.as_str()).collect();
+    let fetcher = || FetchClient::new(server.channel.clone());
+    assert_code(fetcher().fetch_blob(fetch_req(&refs, vec![])).await, Code::InvalidArgument);
+    assert_code(fetcher().fetch_blob(fetch_req(&[&long], vec![])).await, Code::InvalidArgument);
+    // At the limit, it is accepted.
+    let req = PushBlobRequest {
+        uris: many[..cargo_distbuild::asset::MAX_URIS].to_vec(),
+        ..push_req("u", sha(&blob), vec![])
+    };
+    push.push_blob(req).await.unwrap();
+    assert_digest(&fetch(&server, fetch_req(&["urn:x:99"], vec![])).await, sha(&blob));
+}
+
+#[tokio::test]
 async fn unknown_qualifiers_are_invalid_argument_naming_them() {
     let server = TestServer::start_with(Backend::Memory, |_| {}).await;
     let status = assert_code(
