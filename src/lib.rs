@@ -18,5 +18,7 @@ pub mod http;
 pub mod metrics;
 pub mod server;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;
 pub mod upkeep;
 pub mod worker;

@@ -167,4 +167,6 @@ pub(crate) fn range(digest: &Digest, offset: u64, limit: Option<u64>) -> Result<
 }
 
 #[cfg(test)]
+pub(crate) mod suite;
+#[cfg(test)]
 mod tests;

@@ -23,51 +23,12 @@ async fn backends(dir: &std::path::Path, max: u64) -> Vec<(&'static str, Store)>
     ]
 }
 
+/// The shared suite (`suite.rs`) over both built-in backends.
 #[tokio::test]
-async fn put_get_ranges_and_missing() {
+async fn memory_and_filesystem_pass_the_store_suite() {
     let dir = tempfile::tempdir().unwrap();
     for (name, store) in backends(dir.path(), 1 << 30).await {
-        let (d, data) = blob(1, 3 << 20);
-        assert_eq!(store.find_missing(&[d]).await.unwrap(), vec![d], "{name}");
-        store.put_bytes(&d, data.clone()).await.unwrap();
-        assert!(store.find_missing(&[d]).await.unwrap().is_empty(), "{name}");
-        assert_eq!(store.get_bytes(&d).await.unwrap(), data, "{name}");
-
-        let mut part = Vec::new();
-        let mut s = store.get(&d, 1000, Some(5000)).await.unwrap();
-        while let Some(c) = futures::StreamExt::next(&mut s).await {
-            part.extend_from_slice(&c.unwrap());
-        }
-        assert_eq!(part, &data[1000..6000], "{name}");
-
-        let err = store.get(&d, d.size + 1, None).await.err().unwrap();
-        assert_eq!(err.code, Code::OutOfRange, "{name}");
-        let (absent, _) = blob(2, 10);
-        assert_eq!(store.get(&absent, 0, None).await.err().unwrap().code, Code::NotFound, "{name}");
-    }
-}
-
-#[tokio::test]
-async fn writes_are_verified_and_leave_nothing_on_failure() {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, store) in backends(dir.path(), 1 << 30).await {
-        let (d, data) = blob(3, 1000);
-        // Wrong bytes for the digest.
-        let err = store.put_bytes(&d, Bytes::from(vec![0u8; 1000])).await.unwrap_err();
-        assert_eq!(err.code, Code::InvalidArgument, "{name}");
-        // Too many bytes through a sink.
-        let mut sink = store.put(&d).await.unwrap();
-        sink.write(data.clone()).await.unwrap();
-        assert_eq!(sink.write(Bytes::from_static(b"x")).await.unwrap_err().code, Code::InvalidArgument);
-        drop(sink);
-        // Too few.
-        let mut sink = store.put(&d).await.unwrap();
-        sink.write(data.slice(..10)).await.unwrap();
-        assert_eq!(sink.commit().await.unwrap_err().code, Code::InvalidArgument, "{name}");
-        assert_eq!(store.find_missing(&[d]).await.unwrap(), vec![d], "{name}: nothing stored");
-        // A non-empty upload to the empty digest is refused too.
-        let empty = DigestFunction::Sha256.empty();
-        assert!(store.put_bytes(&empty, Bytes::from_static(b"x")).await.is_err(), "{name}");
+        super::suite::blob_suite(name, store).await;
     }
     // Writer threads remove their files once the sink is gone.
     let leftovers = || walk(dir.path()).iter().filter(|p| is_temp(p)).count();
@@ -78,17 +39,9 @@ async fn writes_are_verified_and_leave_nothing_on_failure() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(leftovers(), 0, "temporary files of failed writes are removed");
-}
-
-#[tokio::test]
-async fn empty_blob_is_always_present() {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, store) in backends(dir.path(), 1 << 20).await {
-        for f in DigestFunction::ALL {
-            assert!(store.find_missing(&[f.empty()]).await.unwrap().is_empty(), "{name} {f}");
-            assert!(store.get_bytes(&f.empty()).await.unwrap().is_empty(), "{name} {f}");
-        }
-    }
+    let ac_dir = tempfile::tempdir().unwrap();
+    super::suite::ac_suite("memory", Arc::new(crate::ac::MemoryAcStore::new(100))).await;
+    super::suite::ac_suite("fs", Arc::new(crate::ac::FsAcStore::open(ac_dir.path()).unwrap())).await;
 }
 
 #[tokio::test]
@@ -162,32 +115,6 @@ async fn recently_used_blobs_survive_pressure() {
         // Everything is old now: plain LRU again.
         store.put_bytes(&d[5], blobs[5].1.clone()).await.unwrap();
         assert_eq!(store.find_missing(&d[1..4]).await.unwrap().len(), 1, "{name}: one blob made room");
-    }
-}
-
-#[tokio::test]
-async fn concurrent_identical_uploads_store_one_good_copy() {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, store) in backends(dir.path(), 1 << 30).await {
-        let (d, data) = blob(20, 2 << 20);
-        let tasks: Vec<_> = (0..8)
-            .map(|_| {
-                let (store, data) = (store.clone(), data.clone());
-                tokio::spawn(async move {
-                    let mut sink = store.put(&d).await?;
-                    for chunk in data.chunks(64 << 10) {
-                        sink.write(Bytes::copy_from_slice(chunk)).await?;
-                        tokio::task::yield_now().await;
-                    }
-                    sink.commit().await
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap().unwrap();
-        }
-        assert_eq!(store.get_bytes(&d).await.unwrap(), data, "{name}");
-        assert_eq!(store.usage().used_bytes, d.size, "{name}: counted once");
     }
 }
 
