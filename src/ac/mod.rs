@@ -16,7 +16,7 @@ use remote_apis::reapi::{ActionResult, GetActionResultRequest, Tree, UpdateActio
 use remote_apis::{Digest, DigestFunction};
 use tonic::{Code, Request, Response, Status};
 
-pub use store::{AcKey, AcStore, FsAcStore, MemoryAcStore};
+pub use store::{AcKey, AcOrigin, AcStore, FsAcStore, MemoryAcStore};
 
 use crate::auth::{Auth, Grant};
 use crate::cas::parse_header;

@@ -15,8 +15,24 @@ use crate::error::{Error, Result};
 
 /// An ActionCache entry belongs to its instance: the same action under two
 /// instance names is two entries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct AcKey([u8; 32]);
+///
+/// The key is a hash, so local stores need nothing else; a key made from an
+/// action also keeps where it came from ([`AcKey::origin`]), because a store
+/// that is itself a REAPI server (the grpc store) must ask that server with
+/// the real instance name and action digest, or its other clients would
+/// never see the entry. Equality and hashing look at the hash only.
+#[derive(Debug, Clone)]
+pub struct AcKey {
+    hash: [u8; 32],
+    origin: Option<Arc<AcOrigin>>,
+}
+
+/// The instance and action an [`AcKey`] was made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcOrigin {
+    pub instance: InstanceName,
+    pub action: Digest,
+}
 
 impl AcKey {
     pub fn new(instance: &InstanceName, action: &Digest) -> Self {
@@ -25,13 +41,14 @@ impl AcKey {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
         }
-        AcKey(h.finalize().into())
+        let origin = AcOrigin { instance: instance.clone(), action: *action };
+        AcKey { hash: h.finalize().into(), origin: Some(Arc::new(origin)) }
     }
 
     /// A key in a domain of its own beside the action results (the Remote
     /// Asset records live in the same store). Never equal to an action's
     /// key: that one's encoding starts with the length of an instance name,
-    /// this one's with `u64::MAX`, which no name can have.
+    /// this one's with `u64::MAX`, which no name can have. It has no origin.
     pub fn derived(domain: &str, parts: &[&str]) -> Self {
         let mut h = Sha256::new();
         h.update(u64::MAX.to_le_bytes());
@@ -39,11 +56,37 @@ impl AcKey {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
         }
-        AcKey(h.finalize().into())
+        AcKey { hash: h.finalize().into(), origin: None }
     }
 
-    fn hex(&self) -> String {
-        hex::encode(self.0)
+    /// The key's hash in hex: what stores name the entry by.
+    pub fn hex(&self) -> String {
+        hex::encode(self.hash)
+    }
+
+    /// The key's hash.
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.hash
+    }
+
+    /// The instance and action of a key made by [`AcKey::new`]; `None` for
+    /// a derived key.
+    pub fn origin(&self) -> Option<&AcOrigin> {
+        self.origin.as_deref()
+    }
+}
+
+impl PartialEq for AcKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
+    }
+}
+
+impl Eq for AcKey {}
+
+impl std::hash::Hash for AcKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.hash.hash(state);
     }
 }
 
@@ -73,7 +116,7 @@ impl AcStore for MemoryAcStore {
     }
 
     async fn put(&self, key: &AcKey, value: Bytes) -> Result<()> {
-        self.entries.lock().put(*key, value);
+        self.entries.lock().put(key.clone(), value);
         Ok(())
     }
 
@@ -138,5 +181,29 @@ impl AcStore for FsAcStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io("removing an action result", e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_keep_their_origin_but_compare_by_hash() {
+        let instance = InstanceName::new("main").unwrap();
+        let action = remote_apis::DigestFunction::Sha256.digest_of(b"action");
+        let key = AcKey::new(&instance, &action);
+        assert_eq!(key.origin(), Some(&AcOrigin { instance: instance.clone(), action }));
+        assert_eq!(key.hex().len(), 64);
+        let derived = AcKey::derived("domain", &["a"]);
+        assert_eq!(derived.origin(), None);
+        assert_ne!(key, derived);
+        // The same hash without an origin is the same key (and map entry).
+        let bare = AcKey { hash: key.hash, origin: None };
+        assert_eq!(key, bare);
+        let mut set = std::collections::HashSet::new();
+        set.insert(key.clone());
+        assert!(set.contains(&bare));
+        assert_ne!(key, AcKey::new(&InstanceName::default(), &action), "the instance is part of the key");
     }
 }

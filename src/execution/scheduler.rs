@@ -141,8 +141,15 @@ impl Scheduler {
         }
         st.counters.cache_misses += 1;
         let platform = sub.checked.platform.clone();
-        let (seq, name, rx) =
-            insert_op(&mut st, sub.instance, sub.action_digest, Arc::new(sub.checked), sub.cache_key, None, sub.owner);
+        let (seq, name, rx) = insert_op(
+            &mut st,
+            sub.instance,
+            sub.action_digest,
+            Arc::new(sub.checked),
+            sub.cache_key.clone(),
+            None,
+            sub.owner,
+        );
         if let Some(key) = sub.cache_key {
             st.inflight.insert(key, name.clone());
         }
@@ -300,7 +307,7 @@ impl Scheduler {
                 Some(op) if op.running.as_ref().is_some_and(|(w, t)| *w == worker && t == task) => {
                     op.running = None;
                     let v = &op.view;
-                    Some((name, op.cache_key, v.action_digest, v.instance.clone(), v.worker.clone()))
+                    Some((name, op.cache_key.clone(), v.action_digest, v.instance.clone(), v.worker.clone()))
                 }
                 _ => None, // cancelled or re-queued meanwhile
             };
@@ -585,10 +592,10 @@ fn complete(st: &mut State, name: &str, response: ExecuteResponse) {
     // Action and Command (arguments, environment) need not stay in memory.
     op.checked = Arc::default();
     op.publish();
-    if let Some(key) = op.cache_key
-        && st.inflight.get(&key).is_some_and(|n| n == name)
+    if let Some(key) = &op.cache_key
+        && st.inflight.get(key).is_some_and(|n| n == name)
     {
-        st.inflight.remove(&key);
+        st.inflight.remove(key);
     }
 }
 
