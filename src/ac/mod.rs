@@ -1,21 +1,18 @@
-//! ActionCache: results per instance, returned only when complete.
-//!
-//! Invariant: a GetActionResult hit names no blob that is absent from the
-//! CAS. Builds that never download outputs ("build without the bytes") rely
-//! on that; an entry whose blobs were evicted is removed and reported as
-//! NOT_FOUND, so the client re-executes instead of failing later.
+//! ActionCache: results per instance, returned only when complete (the
+//! policy lives in [`complete::CompleteResults`]; the gRPC service here is
+//! a thin adapter over [`ActionResults`]).
 
+pub mod complete;
 pub mod store;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use prost::Message;
 use remote_apis::reapi::action_cache_server::ActionCache;
-use remote_apis::reapi::{ActionResult, GetActionResultRequest, Tree, UpdateActionResultRequest};
+use remote_apis::reapi::{ActionResult, GetActionResultRequest, UpdateActionResultRequest};
 use remote_apis::{Digest, DigestFunction};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
+pub use complete::{ActionResults, CompleteResults};
 pub use store::{AcKey, AcOrigin, AcStore, FsAcStore, MemoryAcStore};
 
 use crate::auth::{Auth, Grant};
@@ -25,11 +22,10 @@ use crate::store::Store;
 
 /// stdout/stderr up to this size are inlined when the client asks.
 const INLINE_LIMIT: u64 = 1 << 20;
-/// Trees larger than this are checked only by their own presence.
-const TREE_READ_LIMIT: u64 = 16 << 20;
-
+/// The REAPI ActionCache over [`ActionResults`]: parses, authorizes,
+/// inlines small outputs, counts hits.
 pub struct ActionCacheService {
-    results: Arc<dyn AcStore>,
+    results: Arc<dyn ActionResults>,
     cas: Store,
     auth: Arc<Auth>,
     metrics: Option<crate::metrics::AcMetrics>,
@@ -37,10 +33,9 @@ pub struct ActionCacheService {
 
 impl ActionCacheService {
     /// A service that allows every call; the server adds its policy with
-    /// [`ActionCacheService::with_auth`]. The scheduler stores execution
-    /// results through [`ActionCacheService::store`], which no grant guards:
-    /// the server writes them whatever the client may write.
-    pub fn new(results: Arc<dyn AcStore>, cas: Store) -> Self {
+    /// [`ActionCacheService::with_auth`]. `cas` is where inlined outputs are
+    /// read from.
+    pub fn new(results: Arc<dyn ActionResults>, cas: Store) -> Self {
         ActionCacheService { results, cas, auth: Auth::open(), metrics: None }
     }
 
@@ -48,51 +43,9 @@ impl ActionCacheService {
         ActionCacheService { auth, ..self }
     }
 
-    /// Counts GetActionResult hits and misses and the incomplete entries
-    /// hidden, in `metrics`.
+    /// Counts GetActionResult hits and misses in `metrics`.
     pub fn with_metrics(self, metrics: Option<crate::metrics::AcMetrics>) -> Self {
         ActionCacheService { metrics, ..self }
-    }
-
-    /// The CAS the results refer to: the scheduler keeps failed results
-    /// there, which never enter the cache.
-    pub fn cas(&self) -> &Store {
-        &self.cas
-    }
-
-    /// The result for `key` if it is stored and complete.
-    pub async fn lookup(&self, key: &AcKey, function: DigestFunction) -> Result<Option<ActionResult>> {
-        let Some(data) = self.results.get(key).await? else { return Ok(None) };
-        let Ok(result) = ActionResult::decode(data.as_ref()) else {
-            tracing::warn!("dropping an undecodable action cache entry");
-            self.results.remove(key).await?;
-            return Ok(None);
-        };
-        let referenced = match referenced_blobs(&self.cas, function, &result).await {
-            Ok(r) => r,
-            Err(e) if e.code == Code::NotFound => {
-                self.results.remove(key).await?;
-                if let Some(m) = &self.metrics {
-                    m.incomplete();
-                }
-                return Ok(None);
-            }
-            Err(e) => return Err(e),
-        };
-        let missing = self.cas.find_missing(&referenced).await?;
-        if !missing.is_empty() {
-            tracing::debug!(missing = missing.len(), "action cache entry is incomplete; removing it");
-            self.results.remove(key).await?;
-            if let Some(m) = &self.metrics {
-                m.incomplete();
-            }
-            return Ok(None);
-        }
-        Ok(Some(result))
-    }
-
-    pub async fn store(&self, key: &AcKey, result: &ActionResult) -> Result<()> {
-        self.results.put(key, Bytes::from(result.encode_to_vec())).await
     }
 
     async fn inline(
@@ -123,46 +76,6 @@ impl ActionCacheService {
         }
         Ok(self.cas.get_bytes(&digest).await?.into())
     }
-}
-
-/// Every blob an ActionResult depends on, including the files inside its
-/// output directories' Trees. NOT_FOUND if a Tree itself is gone.
-async fn referenced_blobs(cas: &Store, function: DigestFunction, result: &ActionResult) -> Result<Vec<Digest>> {
-    let mut out = Vec::new();
-    let mut add = |d: Option<&remote_apis::reapi::Digest>| -> Result<()> {
-        if let Some(d) = d {
-            out.push(Digest::from_proto(function, d)?);
-        }
-        Ok(())
-    };
-    for f in &result.output_files {
-        add(f.digest.as_ref())?;
-    }
-    add(result.stdout_digest.as_ref())?;
-    add(result.stderr_digest.as_ref())?;
-    let trees = result
-        .output_directories
-        .iter()
-        .filter_map(|d| d.tree_digest.as_ref())
-        .map(|d| Digest::from_proto(function, d))
-        .collect::<Result<Vec<_>, _>>()?;
-    out.extend_from_slice(&trees);
-    for tree_digest in trees {
-        if tree_digest.size > TREE_READ_LIMIT {
-            continue;
-        }
-        let data = cas.get_bytes(&tree_digest).await?;
-        let tree = Tree::decode(data.as_ref())
-            .map_err(|e| Error::invalid(format!("output tree {tree_digest} is not a Tree: {e}")))?;
-        for dir in tree.root.iter().chain(tree.children.iter()) {
-            for f in &dir.files {
-                if let Some(d) = &f.digest {
-                    out.push(Digest::from_proto(function, d)?);
-                }
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// Every digest in a result a client wants stored must parse.
@@ -199,7 +112,7 @@ impl ActionCache for ActionCacheService {
         let action = Digest::from_field(function, req.action_digest.as_ref(), "action_digest")
             .map_err(|e| Error::bad_field("action_digest", e.0))?;
         let key = AcKey::new(&instance, &action);
-        let found = self.lookup(&key, function).await?;
+        let found = self.results.lookup(&key, function).await?;
         if let Some(m) = &self.metrics {
             if found.is_some() { m.hit() } else { m.miss() }
         }
@@ -223,7 +136,7 @@ impl ActionCache for ActionCacheService {
             .map_err(|e| Error::bad_field("action_digest", e.0))?;
         let result = req.action_result.ok_or_else(|| Error::bad_field("action_result", "is missing"))?;
         validate(function, &result)?;
-        self.store(&AcKey::new(&instance, &action), &result).await?;
+        self.results.store(&AcKey::new(&instance, &action), &result).await?;
         Ok(Response::new(result))
     }
 }

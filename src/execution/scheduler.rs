@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use super::failed::{FailedIndex, FailedRun, MAX_FAILED_RUNS};
 use super::platform::Platform;
 use super::validate::Checked;
-use crate::ac::{AcKey, ActionCacheService};
+use crate::ac::{AcKey, ActionResults};
 use crate::auth::Principal;
 use crate::error::{Error, Result};
 use crate::worker::Task;
@@ -94,7 +94,10 @@ struct State {
 
 pub struct Scheduler {
     state: Mutex<State>,
-    ac: Arc<ActionCacheService>,
+    /// Where successful results go (through the cache policy).
+    results: Arc<dyn ActionResults>,
+    /// Where failed results go: they never enter the cache.
+    cas: crate::store::Store,
     config: SchedulerConfig,
     /// Failed runs by action, for the status pages (a lock of its own: the
     /// pages read it without touching the scheduling state).
@@ -102,9 +105,9 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(ac: Arc<ActionCacheService>, config: SchedulerConfig) -> Self {
+    pub fn new(results: Arc<dyn ActionResults>, cas: crate::store::Store, config: SchedulerConfig) -> Self {
         let failed = Mutex::new(FailedIndex::new(config.failed_retention, MAX_FAILED_RUNS));
-        Scheduler { state: Mutex::default(), ac, config, failed }
+        Scheduler { state: Mutex::default(), results, cas, config, failed }
     }
 
     /// From now on, records queue waits and completions in `metrics` (the
@@ -320,7 +323,7 @@ impl Scheduler {
         let succeeded = response.status.as_ref().is_none_or(|s| s.code == 0)
             && response.result.as_ref().is_some_and(|r| r.exit_code == 0);
         if let (true, Some(key), Some(result)) = (succeeded, cache_key, response.result.as_ref())
-            && let Err(e) = self.ac.store(&key, result).await
+            && let Err(e) = self.results.store(&key, result).await
         {
             tracing::warn!(error = %e, "storing an action result");
         }
@@ -359,7 +362,7 @@ impl Scheduler {
         if let Some(result) = &response.result {
             let bytes = prost::Message::encode_to_vec(result);
             let digest = action.function.digest_of(&bytes);
-            match self.ac.cas().put_bytes(&digest, bytes.into()).await {
+            match self.cas.put_bytes(&digest, bytes.into()).await {
                 Ok(()) => {
                     let run = FailedRun { result: digest, operation: operation.into(), at: SystemTime::now(), worker };
                     self.failed.lock().insert(action, run, Instant::now());

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 
 use super::scheduler::{OpView, OpWatch, Scheduler, Submission, unknown_operation};
 use super::validate::{self, Timeouts};
-use crate::ac::{AcKey, ActionCacheService};
+use crate::ac::{AcKey, ActionResults};
 use crate::auth::{Auth, Caller, FunctionField, Grant, Principal, RequestContext};
 use crate::error::Error;
 use crate::store::Store;
@@ -33,7 +33,7 @@ const DEFAULT_PAGE: usize = 100;
 
 pub struct ExecutionService {
     cas: Store,
-    ac: Arc<ActionCacheService>,
+    results: Arc<dyn ActionResults>,
     scheduler: Arc<Scheduler>,
     timeouts: Timeouts,
     directories: crate::worker::DirectoryCache,
@@ -46,13 +46,13 @@ pub struct ExecutionService {
 impl ExecutionService {
     pub fn new(
         cas: Store,
-        ac: Arc<ActionCacheService>,
+        results: Arc<dyn ActionResults>,
         scheduler: Arc<Scheduler>,
         timeouts: Timeouts,
         keepalive: Duration,
     ) -> Self {
         let directories = crate::worker::DirectoryCache::new(crate::worker::DIRECTORY_CACHE_ENTRIES);
-        ExecutionService { cas, ac, scheduler, timeouts, directories, keepalive, auth: Auth::open() }
+        ExecutionService { cas, results, scheduler, timeouts, directories, keepalive, auth: Auth::open() }
     }
 
     /// The server's policy (the default allows every call).
@@ -81,7 +81,7 @@ impl ExecutionService {
         let key = AcKey::new(&instance, &digest);
         if cacheable
             && !req.skip_cache_lookup
-            && let Some(result) = self.ac.lookup(&key, function).await?
+            && let Some(result) = self.results.lookup(&key, function).await?
         {
             return Ok(self.scheduler.record_hit(instance, digest, result, principal));
         }

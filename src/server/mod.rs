@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
 
-use crate::ac::{AcStore, ActionCacheService, FsAcStore, MemoryAcStore};
+use crate::ac::{AcStore, ActionCacheService, ActionResults, CompleteResults, FsAcStore, MemoryAcStore};
 use crate::admin::AdminService;
 use crate::admin::proto::admin_server::AdminServer;
 use crate::asset::AssetService;
@@ -152,14 +152,15 @@ pub async fn serve(
     let Stores { cas, ac: ac_store, scrub } = stores;
     let (cas, ac_store) = metered(metrics.as_deref(), cas, ac_store);
     let asset = Arc::new(asset_service(config, &cas, &ac_store)?.with_auth(auth.clone()));
+    let ac_metrics = metrics.as_ref().map(|m| m.ac.clone());
+    let results: Arc<dyn ActionResults> =
+        Arc::new(CompleteResults::new(ac_store.clone(), cas.clone()).with_metrics(ac_metrics.clone()));
     let ac = Arc::new(
-        ActionCacheService::new(ac_store.clone(), cas.clone())
-            .with_auth(auth.clone())
-            .with_metrics(metrics.as_ref().map(|m| m.ac.clone())),
+        ActionCacheService::new(results.clone(), cas.clone()).with_auth(auth.clone()).with_metrics(ac_metrics),
     );
     let stop_workers = CancellationToken::new();
     let closing = CancellationToken::new();
-    let (execution, builtin_worker) = start_execution(config, &cas, &ac, &stop_workers, http_url.clone()).await?;
+    let (execution, builtin_worker) = start_execution(config, &cas, &results, &stop_workers, http_url.clone()).await?;
     if let Some(m) = &metrics {
         execution.record_metrics(m.execution.clone());
         m.watch_scheduler(&execution);
@@ -242,7 +243,7 @@ pub async fn serve(
         .add_service(limits!(ExecutionServer::new(
             ExecutionService::new(
                 cas.clone(),
-                ac,
+                results,
                 execution.clone(),
                 Timeouts {
                     default: config.execution.default_timeout,
@@ -393,13 +394,14 @@ fn asset_service(config: &Config, cas: &Store, ac: &Arc<dyn AcStore>) -> anyhow:
 async fn start_execution(
     config: &Config,
     cas: &Store,
-    ac: &Arc<ActionCacheService>,
+    results: &Arc<dyn ActionResults>,
     stop: &CancellationToken,
     status_url: Option<String>,
 ) -> anyhow::Result<(Arc<Scheduler>, Option<tokio::task::JoinHandle<()>>)> {
     let e = &config.execution;
     let scheduler = Arc::new(Scheduler::new(
-        ac.clone(),
+        results.clone(),
+        cas.clone(),
         SchedulerConfig {
             max_attempts: e.max_attempts,
             keepalive_timeout: config.heartbeat_interval * 3,

@@ -10,9 +10,10 @@ fn scheduler(max_attempts: u32) -> Scheduler {
 
 fn scheduler_with(max_attempts: u32, unmatched_timeout: Duration) -> Scheduler {
     let cas = crate::store::cas(Arc::new(MemoryStore::new(1 << 20)));
-    let ac = Arc::new(ActionCacheService::new(Arc::new(MemoryAcStore::new(100)), cas));
+    let results = Arc::new(crate::ac::CompleteResults::new(Arc::new(MemoryAcStore::new(100)), cas.clone()));
     Scheduler::new(
-        ac,
+        results,
+        cas,
         SchedulerConfig {
             max_attempts,
             keepalive_timeout: Duration::from_secs(30),
@@ -287,10 +288,10 @@ async fn a_failed_run_is_kept_in_the_cas_and_its_message_links_the_action_page()
     // stored blob is the ActionResult, and the ActionCache never sees it.
     let run = s.failed_result(&action).expect("the failed run is kept");
     assert_eq!((run.operation.as_str(), run.worker.as_deref()), (view.name.as_str(), Some("a")));
-    let stored = s.ac.cas().get_bytes(&run.result).await.unwrap();
+    let stored = s.cas.get_bytes(&run.result).await.unwrap();
     assert_eq!(<ActionResult as prost::Message>::decode(stored).unwrap(), result);
     let key = AcKey::new(&InstanceName::default(), &action);
-    assert!(s.ac.lookup(&key, DigestFunction::Sha256).await.unwrap().is_none());
+    assert!(s.results.lookup(&key, DigestFunction::Sha256).await.unwrap().is_none());
 
     // A success keeps nothing and says nothing.
     let ok = s.submit(submission(b"works", &[])).unwrap();
