@@ -42,7 +42,8 @@ impl AcKey {
         AcKey(h.finalize().into())
     }
 
-    fn hex(&self) -> String {
+    /// The key in hex, for stores that name entries by it (files, Redis keys).
+    pub fn hex(&self) -> String {
         hex::encode(self.0)
     }
 }
