@@ -322,11 +322,20 @@ impl RedisStore {
             let (answer,): (u64,) = self.inner.link.pipe(&what, &pipe).await?;
             (answer, Vec::new())
         };
-        if !present(d, answer) || data.len() as u64 != end - start {
+        if !present(d, answer) {
             if answer > 0 && d.size > 0 {
                 self.drop_torn(d, &key, answer).await;
             }
             return Ok(None);
+        }
+        if data.len() as u64 != end - start {
+            // Cannot happen within a transaction; never pass it on as a blob.
+            return Err(Error::internal(format!(
+                "{}: {what}: {} bytes came back for a range of {}",
+                self.inner.link.name(),
+                data.len(),
+                end - start
+            )));
         }
         Ok(Some(Bytes::from(data)))
     }
