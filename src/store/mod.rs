@@ -11,6 +11,7 @@ mod empty;
 pub mod fs;
 pub mod memory;
 mod metered;
+pub mod redis;
 mod retention;
 mod verify;
 
