@@ -59,8 +59,10 @@ impl RedisServer {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let out = Command::new("redis-cli").args(["-p", &self.port.to_string(), "PING"]).output();
+            // NOAUTH: a server started with --requirepass is up too.
             if let Ok(out) = out
-                && String::from_utf8_lossy(&out.stdout).trim() == "PONG"
+                && let reply = String::from_utf8_lossy(&out.stdout)
+                && (reply.trim() == "PONG" || reply.starts_with("NOAUTH"))
             {
                 return;
             }
