@@ -42,6 +42,11 @@ impl AcKey {
         AcKey(h.finalize().into())
     }
 
+    /// The key's bytes (a SHA-256 value: uniform, so stores can shard by it).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     fn hex(&self) -> String {
         hex::encode(self.0)
     }
