@@ -266,3 +266,14 @@ async fn a_store_named_twice_is_one_object() {
     stores.ac.put(&key, Bytes::from_static(b"x")).await.unwrap();
     assert_eq!(walkdir(&dir.path().join("disk/ac")).len(), 1, "written through to the slow tier");
 }
+
+#[test]
+fn the_readme_example_resolves() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = &readme[readme.find("### Composed stores").expect("the README section")..];
+    let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+    let example = &section[start..start + section[start..].find("```").unwrap()];
+    let c = resolve(example).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(c.stores.cas, "cache");
+    assert_eq!(c.stores.order.len(), 8);
+}
