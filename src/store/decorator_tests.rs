@@ -357,3 +357,29 @@ async fn existence_cache_forgets_a_blob_a_read_finds_gone() {
     assert_eq!(cache.get(&a, 0, None).await.err().unwrap().code, Code::NotFound);
     assert_eq!(cache.find_missing(&[a]).await.unwrap(), vec![a], "forgotten after the read");
 }
+
+/// Not a timed test: prints FindMissingBlobs of 10,000 digests through an
+/// existence cache over a disk-over-memory tier, cold and warm
+/// (`cargo test --release --lib find_missing_10k -- --ignored --nocapture`).
+#[tokio::test]
+#[ignore]
+async fn find_missing_10k_through_the_existence_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let tier: Store = Arc::new(Tiered::new(fs(&dir, "fast"), memory(), WriteMode::Through));
+    let cache: Store = Arc::new(ExistenceCache::new(tier.clone(), Duration::from_secs(600), 1_000_000));
+    let salt = salt();
+    let mut digests = Vec::new();
+    for i in 0..10_000u32 {
+        let (d, data) = salted_blob(salt ^ u64::from(i), (i % 251) as u8, 64);
+        tier.put_bytes(&d, data).await.unwrap();
+        digests.push(d);
+    }
+    for round in ["cold", "warm", "warm"] {
+        let started = std::time::Instant::now();
+        assert!(cache.find_missing(&digests).await.unwrap().is_empty());
+        println!("find_missing of 10,000 present digests, {round}: {:?}", started.elapsed());
+    }
+    let started = std::time::Instant::now();
+    assert!(tier.find_missing(&digests).await.unwrap().is_empty());
+    println!("the same on the tier alone: {:?}", started.elapsed());
+}
