@@ -9,7 +9,6 @@ use tonic::{Request, Response, Status};
 use crate::execution::Scheduler;
 
 use crate::auth::{Auth, Grant};
-use crate::config::Backend;
 use crate::store::{Scrub, Store};
 
 pub mod proto {
@@ -27,7 +26,9 @@ pub struct AdminService {
     store: Store,
     /// The backend's scrub: an admin-only call, beside the store trait.
     scrub: Arc<dyn Scrub>,
-    backend: Backend,
+    /// What the CAS store is ("filesystem", "memory", or a named store's
+    /// type and name).
+    backend: String,
     data_dir: String,
     scheduler: Arc<Scheduler>,
     auth: Arc<Auth>,
@@ -37,7 +38,7 @@ impl AdminService {
     pub fn new(
         store: Store,
         scrub: Arc<dyn Scrub>,
-        backend: Backend,
+        backend: String,
         data_dir: String,
         scheduler: Arc<Scheduler>,
     ) -> Self {
@@ -88,11 +89,7 @@ impl Admin for AdminService {
         self.check(&request)?;
         let usage = self.store.usage();
         Ok(Response::new(StoreStatus {
-            backend: match self.backend {
-                Backend::Filesystem => "filesystem",
-                Backend::Memory => "memory",
-            }
-            .to_string(),
+            backend: self.backend.clone(),
             used_bytes: usage.used_bytes,
             max_bytes: usage.max_bytes,
             blobs: usage.blobs,

@@ -17,7 +17,11 @@ mod server;
 pub use instances::{InstanceSection, InstanceSettings, Instances};
 mod asset;
 pub use asset::{AssetConfig, AssetSection};
+mod stores;
 pub use server::{DEFAULT_HTTP_ADDR, HttpConfig, ServerSection};
+pub use stores::{
+    AcSection, DEFAULT_MEMORY_AC_ENTRIES, FilesystemConfig, IMPLICIT_CAS, MemoryConfig, StoreGraph, StoreSpec,
+};
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8980";
 
@@ -31,6 +35,10 @@ pub const DEFAULT_MAX_BATCH: u64 = (4 << 20) - (64 << 10);
 pub struct FileConfig {
     pub scheduler: SchedulerSection,
     pub cas: CasSection,
+    /// `[ac]`: which store keeps the ActionCache.
+    pub ac: AcSection,
+    /// `[stores.NAME]`: named stores, composed (see `config/stores.rs`).
+    pub stores: BTreeMap<String, StoreSpec>,
     pub worker: WorkerSection,
     pub execution: ExecutionSection,
     pub server: ServerSection,
@@ -95,6 +103,10 @@ pub const DEFAULT_MIN_RETENTION: Duration = Duration::from_secs(3600);
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CasSection {
+    /// The `[stores.NAME]` that holds the blobs (and, without `[ac] store`,
+    /// the ActionCache). Unset: the store this section describes
+    /// (`backend`, `root`, `max_size`, ...), which must then be left out.
+    pub store: Option<String>,
     /// Data directory; default `$XDG_CACHE_HOME/cargo-distbuild` or
     /// `~/.cache/cargo-distbuild`.
     pub root: Option<PathBuf>,
@@ -123,11 +135,17 @@ pub struct CasSection {
     /// a write that needs room fails with RESOURCE_EXHAUSTED instead.
     #[serde(with = "humantime_serde")]
     pub min_retention: Duration,
+    /// The keys the file set (filled by [`FileConfig::parse`]), so a key
+    /// set to its default value beside `store` is still refused.
+    #[serde(skip)]
+    pub keys_written: std::collections::BTreeSet<String>,
 }
 
 impl Default for CasSection {
     fn default() -> Self {
         CasSection {
+            store: None,
+            keys_written: Default::default(),
             root: None,
             backend: Backend::Filesystem,
             max_size: ByteSize::gib(10),
@@ -147,6 +165,10 @@ impl Default for CasSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerSection {
+    /// The `[stores.NAME]` the server's built-in workers read inputs from
+    /// and write outputs to; default the CAS store. E.g. a tiered store
+    /// with a local disk in front of the shared CAS.
+    pub store: Option<String>,
     /// Concurrent actions; default: the number of CPUs. 0 on a server: no
     /// built-in worker (scheduler only).
     pub capacity: Option<usize>,
@@ -219,6 +241,7 @@ pub struct WorkerSection {
 impl Default for WorkerSection {
     fn default() -> Self {
         WorkerSection {
+            store: None,
             capacity: None,
             heartbeat_interval_secs: 10,
             drain_timeout: Duration::from_secs(600),
@@ -451,8 +474,13 @@ pub struct ClientSection {
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// The `[cas]` section's backend; the CAS's store is `stores.cas`.
     pub backend: Backend,
+    /// The largest blob the CAS keeps (0: no limit).
     pub max_size: u64,
+    /// Every store and which one the CAS, the ActionCache and the workers
+    /// use (the `[cas]` section's own store when `[stores]` is unused).
+    pub stores: StoreGraph,
     pub max_batch_size: u64,
     pub fsync: bool,
     pub upload_resume_window: Duration,
@@ -490,7 +518,12 @@ impl FileConfig {
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        Ok(toml::from_str(text)?)
+        let mut file: FileConfig = toml::from_str(text)?;
+        let table: toml::Table = text.parse()?;
+        if let Some(toml::Value::Table(cas)) = table.get("cas") {
+            file.cas.keys_written = cas.keys().cloned().collect();
+        }
+        Ok(file)
     }
 
     /// Validates and resolves defaults that depend on the machine.
@@ -542,10 +575,12 @@ impl FileConfig {
             Some(p) => p.clone(),
             None => default_data_dir(),
         };
+        let stores = stores::resolve(self, &data_dir)?;
         Ok(Config {
             listen,
             backend: self.cas.backend,
-            max_size: self.cas.max_size.as_u64(),
+            max_size: stores.max_blob(),
+            stores,
             max_batch_size,
             fsync: self.cas.fsync,
             upload_resume_window: self.cas.upload_resume_window,

@@ -29,13 +29,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
 
-use crate::ac::{AcStore, ActionCacheService, ActionResults, CompleteResults, FsAcStore, MemoryAcStore};
+use crate::ac::{AcStore, ActionCacheService, ActionResults, CompleteResults};
 use crate::admin::AdminService;
 use crate::admin::proto::admin_server::AdminServer;
 use crate::asset::AssetService;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::{ByteStreamService, CasService};
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, IMPLICIT_CAS};
 use crate::execution::gateway::GatewayService;
 use crate::execution::gateway::proto::worker_gateway_server::WorkerGatewayServer;
 use crate::execution::platform::Platform;
@@ -43,46 +43,26 @@ use crate::execution::scheduler::WorkerInfo;
 use crate::execution::service::{ExecutionService, OperationsService};
 use crate::execution::validate::Timeouts;
 use crate::execution::{Scheduler, SchedulerConfig};
-use crate::store::{self, Store, fs::FsStore, memory::MemoryStore};
+use crate::store::{self, Store};
 use crate::worker::cas::StoreCas;
 use crate::worker::{Executor, builtin};
 
-/// ActionCache entries kept by the memory backend.
-const MEMORY_AC_ENTRIES: usize = 1_000_000;
-
 /// The storage a server runs on.
 pub struct Stores {
+    /// The CAS, behind verification and the empty-blob rule.
     pub cas: Store,
     pub ac: Arc<dyn AcStore>,
-    /// The backend's whole-store check, for the admin service.
+    /// The CAS backend's whole-store check, for the admin service (a
+    /// refusal when the CAS cannot check itself).
     pub scrub: Arc<dyn store::Scrub>,
+    /// What the built-in workers read and write through (`[worker] store`):
+    /// the same object as `cas` unless the config names another store.
+    pub worker: Store,
 }
 
-/// The one factory from validated config to storage objects.
+/// Opens the configured stores (the factory is `store::graph`).
 pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
-    match config.backend {
-        Backend::Memory => {
-            let memory = Arc::new(MemoryStore::new(config.max_size).with_min_retention(config.min_retention));
-            Ok(Stores {
-                cas: store::cas(memory.clone()),
-                ac: Arc::new(MemoryAcStore::new(MEMORY_AC_ENTRIES)),
-                scrub: memory,
-            })
-        }
-        Backend::Filesystem => {
-            let dir = config.data_dir.clone();
-            let (max, fsync, verify_below) = (config.max_size, config.fsync, config.verify_reads_below);
-            let retention = config.min_retention;
-            let (cas, ac) = tokio::task::spawn_blocking(move || {
-                let cas = FsStore::open(&dir, max, fsync, verify_below)?.with_min_retention(retention);
-                anyhow::Ok((cas, FsAcStore::open(&dir)?))
-            })
-            .await?
-            .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
-            let cas = Arc::new(cas);
-            Ok(Stores { cas: store::cas(cas.clone()), ac: Arc::new(ac), scrub: cas })
-        }
-    }
+    store::graph::open(&config.stores).await
 }
 
 /// gRPC message limit: room for a full batch of many small blobs (blob
@@ -149,8 +129,10 @@ pub async fn serve(
         Some(l) => Some(crate::http::base_url(config.http.url.as_deref(), l.local_addr()?, config.tls.is_some())),
         None => None,
     };
-    let Stores { cas, ac: ac_store, scrub } = stores;
+    let Stores { cas, ac: ac_store, scrub, worker } = stores;
+    let worker_is_cas = Arc::ptr_eq(&worker, &cas);
     let (cas, ac_store) = metered(metrics.as_deref(), cas, ac_store);
+    let worker = if worker_is_cas { cas.clone() } else { worker };
     let asset = Arc::new(asset_service(config, &cas, &ac_store)?.with_auth(auth.clone()));
     let ac_metrics = metrics.as_ref().map(|m| m.ac.clone());
     let results: Arc<dyn ActionResults> =
@@ -160,7 +142,8 @@ pub async fn serve(
     );
     let stop_workers = CancellationToken::new();
     let closing = CancellationToken::new();
-    let (execution, builtin_worker) = start_execution(config, &cas, &results, &stop_workers, http_url.clone()).await?;
+    let (execution, builtin_worker) =
+        start_execution(config, &cas, &worker, &results, &stop_workers, http_url.clone()).await?;
     if let Some(m) = &metrics {
         execution.record_metrics(m.execution.clone());
         m.watch_scheduler(&execution);
@@ -207,10 +190,7 @@ pub async fn serve(
                 .send_compressed(CompressionEncoding::Zstd)
         };
     }
-    let data_dir = match config.backend {
-        Backend::Filesystem => config.data_dir.display().to_string(),
-        Backend::Memory => String::new(),
-    };
+    let (backend, data_dir) = (config.stores.cas_description(), config.stores.cas_dir());
     macro_rules! builder {
         () => {
             tonic::transport::Server::builder()
@@ -256,7 +236,7 @@ pub async fn serve(
         )))
         .add_service(limits!(OperationsServer::new(OperationsService::new(execution.clone()).with_auth(auth.clone()))))
         .add_service(limits!(AdminServer::new(
-            AdminService::new(cas.clone(), scrub, config.backend, data_dir, execution.clone()).with_auth(auth.clone())
+            AdminService::new(cas.clone(), scrub, backend, data_dir, execution.clone()).with_auth(auth.clone())
         )));
     // With [server] worker_listen, the worker protocol is served there only.
     let worker_server = match worker_listener {
@@ -311,7 +291,7 @@ pub async fn serve(
         Some(t) if t.require_client_cert => "mTLS (client certificate required)",
         Some(_) => "mTLS (client certificate optional)",
     };
-    tracing::info!(%addr, backend = ?config.backend, data_dir = %config.data_dir.display(), tls = tls_mode, "serving REAPI");
+    tracing::info!(%addr, store = %config.stores.cas_description(), data_dir = %config.data_dir.display(), tls = tls_mode, "serving REAPI");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // The builder's `tcp_nodelay` applies only to listeners tonic binds
     // itself: `incoming` sets it on every connection.
@@ -377,9 +357,9 @@ fn metered(metrics: Option<&crate::metrics::Metrics>, cas: Store, ac: Arc<dyn Ac
 /// for the memory backend), each instance allowed to download as its
 /// `[instances] asset_fetch` says, else `[asset] fetch`.
 fn asset_service(config: &Config, cas: &Store, ac: &Arc<dyn AcStore>) -> anyhow::Result<AssetService> {
-    let spool = match config.backend {
-        Backend::Filesystem => config.data_dir.join("tmp"),
-        Backend::Memory => std::env::temp_dir(),
+    let spool = match (config.stores.cas.as_str(), config.backend) {
+        (IMPLICIT_CAS, Backend::Filesystem) => config.data_dir.join("tmp"),
+        _ => std::env::temp_dir(),
     };
     let downloader = crate::asset::Downloader::new(&config.asset, spool).context("the asset downloader")?;
     let fetch = config.asset.fetch;
@@ -390,10 +370,12 @@ fn asset_service(config: &Config, cas: &Store, ac: &Arc<dyn AcStore>) -> anyhow:
 }
 
 /// The scheduler, its upkeep task and the built-in worker (unless
-/// `worker_capacity` is 0: a scheduler-only server for remote workers).
+/// `worker_capacity` is 0: a scheduler-only server for remote workers),
+/// which reads and writes blobs through `worker_store`.
 async fn start_execution(
     config: &Config,
     cas: &Store,
+    worker_store: &Store,
     results: &Arc<dyn ActionResults>,
     stop: &CancellationToken,
     status_url: Option<String>,
@@ -417,13 +399,14 @@ async fn start_execution(
     crate::upkeep::every(Duration::from_secs(1), stop.clone(), move || sweeper.sweep());
     if config.worker_capacity > 0 {
         let name = format!("builtin@{}", crate::worker::remote::default_name());
-        let cas_for_worker = cas.clone();
-        // Actions see neither the stored blobs and results nor the worker's
-        // files, nor the server's TLS key and token file.
+        // Actions see neither the stored blobs and results (of any local
+        // store) nor the worker's files, nor the server's TLS key and token
+        // file.
         let mut hide = vec![config.data_dir.clone()];
+        hide.extend(config.stores.local_paths().into_iter().filter(|p| *p != config.data_dir));
         hide.extend(config.tls.iter().map(|t| t.key.clone()));
         hide.extend(config.auth.tokens.clone());
-        let executor = Executor::start(name.clone(), Arc::new(StoreCas(cas_for_worker)), config, hide)
+        let executor = Executor::start(name.clone(), Arc::new(StoreCas(worker_store.clone())), config, hide)
             .await
             .with_context(|| format!("preparing the built-in worker in {}", config.work_dir.display()))?;
         let info = WorkerInfo {

@@ -8,11 +8,16 @@
 //! never look behind it.
 
 mod empty;
+pub mod existence_cache;
 pub mod fs;
+pub mod graph;
 pub mod memory;
 mod metered;
 pub mod redis;
 mod retention;
+pub mod sharded;
+pub mod size_partitioned;
+pub mod tiered;
 mod verify;
 
 use std::sync::Arc;
@@ -167,6 +172,8 @@ pub(crate) fn range(digest: &Digest, offset: u64, limit: Option<u64>) -> Result<
     Ok((offset, end))
 }
 
+#[cfg(test)]
+mod decorator_tests;
 #[cfg(test)]
 pub(crate) mod suite;
 #[cfg(test)]

@@ -31,6 +31,7 @@ mod pages;
 mod sandbox;
 mod sandbox_files;
 mod server;
+mod stores;
 mod tls;
 mod workers;
 mod wrapper;
