@@ -42,7 +42,9 @@ impl AcKey {
         AcKey(h.finalize().into())
     }
 
-    fn hex(&self) -> String {
+    /// The key as 64 hex digits: how stores that keep entries by name (files,
+    /// objects, Redis keys) name it.
+    pub fn hex(&self) -> String {
         hex::encode(self.0)
     }
 }

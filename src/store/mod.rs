@@ -12,6 +12,7 @@ pub mod fs;
 pub mod memory;
 mod metered;
 mod retention;
+pub mod s3;
 mod verify;
 
 use std::sync::Arc;
