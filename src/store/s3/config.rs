@@ -50,7 +50,8 @@ pub struct S3Config {
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Blobs above this are uploaded as multipart uploads of parts this
-    /// size, so at most about two parts of a blob are in memory.
+    /// size, so an upload holds at most five parts in memory (four being
+    /// sent, one filling) whatever the blob's size.
     #[serde(default = "default_part_size")]
     pub part_size: ByteSize,
     /// HEAD requests in flight for one FindMissingBlobs.

@@ -16,7 +16,12 @@ use crate::store::BlobStream;
 
 /// HTTP bodies arrive in chunks of a few KiB; each chunk a store hands out
 /// becomes one ByteStream message, so small ones are gathered to this.
-const GATHER: usize = 256 << 10;
+const GATHER: usize = crate::store::READ_CHUNK;
+
+/// Gathered chunks read ahead of the consumer. Without them the S3
+/// connection is read only while the consumer asks, and the two hops (S3
+/// to here, here to the client) take turns instead of overlapping.
+const READ_AHEAD: usize = 4;
 
 pub(super) struct Guarded {
     inner: BoxStream<'static, object_store::Result<Bytes>>,
@@ -38,17 +43,24 @@ impl Guarded {
         Guarded { inner, remaining: expected, expected, idle, names, digest }
     }
 
-    /// Chunks until the last byte; after an error, nothing more.
-    pub fn into_stream(self) -> BlobStream {
-        futures::stream::unfold(Some(self), |state| async move {
-            let mut guarded = state?;
-            match guarded.next_chunk().await {
-                Ok(Some(chunk)) => Some((Ok(chunk), Some(guarded))),
-                Ok(None) => None,
-                Err(e) => Some((Err(e), None)),
+    /// Chunks until the last byte; after an error, nothing more. A task
+    /// reads up to [`READ_AHEAD`] chunks ahead, and stops when the stream
+    /// is dropped.
+    pub fn into_stream(mut self) -> BlobStream {
+        let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+        tokio::spawn(async move {
+            loop {
+                let (item, last) = match self.next_chunk().await {
+                    Ok(Some(chunk)) => (Ok(chunk), false),
+                    Ok(None) => return,
+                    Err(e) => (Err(e), true),
+                };
+                if tx.send(item).await.is_err() || last {
+                    return;
+                }
             }
-        })
-        .boxed()
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
     }
 
     /// The next chunk of at least [`GATHER`] bytes (less only at the end).

@@ -19,8 +19,11 @@ use crate::error::Result;
 use crate::store::BlobSink;
 
 /// Parts being uploaded while the next one fills: with the one buffering,
-/// a blob holds at most this many parts plus one in memory.
-const PARTS_IN_FLIGHT: usize = 1;
+/// a blob holds at most this many parts plus one in memory. One part in
+/// flight made uploads through the server 65% of a direct upload with
+/// object_store's default of eight (scripts/bench-s3.sh); four reach
+/// about 90%.
+const PARTS_IN_FLIGHT: usize = 4;
 
 pub(super) struct S3Sink {
     store: Arc<Shared>,
