@@ -12,6 +12,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use async_trait::async_trait;
 
+use crate::store::redis::RedisStore;
+use crate::store::s3::S3Store;
+
 use super::existence_cache::ExistenceCache;
 use super::fs::FsStore;
 use super::memory::MemoryStore;
@@ -103,6 +106,14 @@ async fn build(spec: &StoreSpec, built: &HashMap<&str, Node>) -> anyhow::Result<
             let (small, large) = (child(&p.small), child(&p.large));
             let blobs = SizePartitioned::new(p.threshold.as_u64(), small.blobs, large.blobs);
             Node { blobs: Arc::new(blobs), ac: small.ac, scrub: None }
+        }
+        StoreSpec::Redis(r) => {
+            let store = Arc::new(RedisStore::open(r).await.map_err(|e| anyhow::anyhow!(e.message))?);
+            Node { blobs: store.clone(), ac: Some(store), scrub: None }
+        }
+        StoreSpec::S3(c) => {
+            let store = Arc::new(S3Store::open(c).await.map_err(|e| anyhow::anyhow!(e.message))?);
+            Node { blobs: store.clone(), ac: Some(store), scrub: None }
         }
         StoreSpec::ExistenceCache(e) => {
             let inner = child(&e.store);

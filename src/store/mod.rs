@@ -15,6 +15,7 @@ pub mod memory;
 mod metered;
 pub mod redis;
 mod retention;
+pub mod s3;
 pub mod sharded;
 pub mod size_partitioned;
 pub mod tiered;

@@ -53,7 +53,7 @@ const REDIS_MAX_VALUE: u64 = 512 << 20;
 
 /// `[stores.NAME] type = "redis"`: where the server is and how blobs live
 /// there.
-#[derive(Clone, serde::Deserialize)]
+#[derive(Clone, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// A standalone server: `redis://[:password@]host:port[/db]` (or
