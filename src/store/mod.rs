@@ -9,6 +9,7 @@
 
 mod empty;
 pub mod fs;
+pub mod grpc;
 pub mod memory;
 mod metered;
 mod retention;
