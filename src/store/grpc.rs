@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use remote_apis::bytestream::byte_stream_client::ByteStreamClient;
-use remote_apis::client::{ClientOptions, ClientTls, Token, Transport, error_chain};
+use remote_apis::client::{ClientOptions, ClientTls, Token, Transport};
 use remote_apis::reapi::action_cache_client::ActionCacheClient;
 use remote_apis::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use remote_apis::{InstanceName, quote};
@@ -185,9 +185,22 @@ impl GrpcStore {
     /// The error for a failed call: the remote's status keeps its code; a
     /// transport failure (the status carries its cause) is UNAVAILABLE.
     fn status_error(&self, what: &str, status: tonic::Status) -> Error {
-        let from_transport = std::error::Error::source(&status).is_some();
-        let code = if from_transport { Code::Unavailable } else { status.code() };
-        let detail = if from_transport { error_chain(&status) } else { status.message().to_string() };
+        let (code, detail) = match std::error::Error::source(&status) {
+            Some(cause) => {
+                // Each cause once: tonic's message often repeats the first.
+                let mut detail = status.message().to_string();
+                let mut next = Some(cause);
+                while let Some(cause) = next {
+                    let text = cause.to_string();
+                    if !detail.contains(&text) {
+                        detail = format!("{detail}: {text}");
+                    }
+                    next = cause.source();
+                }
+                (Code::Unavailable, detail)
+            }
+            None => (status.code(), status.message().to_string()),
+        };
         Error::new(code, format!("grpc store {}: {what}: {detail}", self.endpoint))
     }
 

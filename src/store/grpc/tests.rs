@@ -196,7 +196,6 @@ async fn large_blobs_stream_both_ways() {
     let started = Instant::now();
     assert!(read_all(&store, &digest, 0, None).await == data[..], "the whole blob");
     let read = started.elapsed();
-    eprintln!("40 MiB through the grpc store: write {wrote:?}, read {read:?}");
     let (at, len) = (17 << 20, 3 << 20);
     assert!(read_all(&store, &digest, at, Some(len)).await == data[at as usize..(at + len) as usize]);
     // The remote's own clients see it.
@@ -205,6 +204,19 @@ async fn large_blobs_stream_both_ways() {
         InstanceName::default(),
     );
     assert!(client.read_blob(digest).await.unwrap() == data);
+    // The same transfer by the project's client, straight to the remote, for
+    // comparison (printed, never asserted).
+    let (other, other_data) = blob(2, 40 << 20);
+    let started = Instant::now();
+    client.upload_blobs(vec![(other, other_data)]).await.unwrap();
+    let direct_write = started.elapsed();
+    let started = Instant::now();
+    client.read_blob(other).await.unwrap();
+    let direct_read = started.elapsed();
+    eprintln!(
+        "40 MiB through the grpc store: write {wrote:?}, read {read:?}; the client straight to the remote: \
+         write {direct_write:?}, read {direct_read:?}"
+    );
 
     // BLAKE3 names its function in the resource name.
     let data = data.slice(..(3 << 20));
@@ -397,5 +409,102 @@ async fn mtls_and_a_token_work_and_refusals_keep_their_code() {
     (no_cert.tls_cert, no_cert.tls_key) = (None, None);
     let e = open(no_cert).await.find_missing(&[digest]).await.unwrap_err();
     assert_eq!(e.code, Code::Unavailable, "{}", e.message);
+    remote.stop().await;
+}
+
+/// A TCP relay to the remote whose open connections can be cut at once,
+/// as a network failure or a crashed remote would (the remote itself
+/// stays up, so what it stored can be checked afterwards).
+struct Relay {
+    addr: SocketAddr,
+    connections: Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(to: SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let open = connections.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                open.lock().push(relay);
+            }
+        });
+        Relay { addr, connections, accept }
+    }
+
+    fn url(&self) -> String {
+        format!("grpc://{}", self.addr)
+    }
+
+    /// Drops every open connection; new ones are relayed again.
+    fn cut(&self) {
+        for connection in self.connections.lock().drain(..) {
+            connection.abort();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_lost_mid_transfer_is_unavailable_and_stores_no_torn_blob() {
+    let remote = Remote::start(|f| f.cas.max_size = bytesize::ByteSize::mib(256)).await;
+    let relay = Relay::start(remote.addr).await;
+    let store: Store = store::cas(Arc::new(open(GrpcConfig::new(relay.url())).await));
+    let (digest, data) = blob(1, 32 << 20);
+    store.put_bytes(&digest, data.clone()).await.unwrap();
+
+    // Mid-read: the stream ends in an error, never early and clean.
+    let mut stream = store.get(&digest, 0, None).await.unwrap();
+    let mut got = stream.next().await.unwrap().unwrap().len();
+    relay.cut();
+    let error = loop {
+        match stream.next().await {
+            Some(Ok(chunk)) => got += chunk.len(),
+            Some(Err(e)) => break e,
+            None => panic!("the read ended cleanly after {got} of {} bytes", data.len()),
+        }
+    };
+    assert_eq!(error.code, Code::Unavailable, "{}", error.message);
+    assert!(error.message.contains(&relay.url()), "{}", error.message);
+    eprintln!("mid-read: {}", error.message);
+
+    // Mid-upload: the write fails and the remote has nothing.
+    let (torn, torn_data) = blob(2, 8 << 20);
+    let mut sink = store.put(&torn).await.unwrap();
+    sink.write(torn_data.slice(..2 << 20)).await.unwrap();
+    // Let the call start and the first megabyte reach the remote (a cut
+    // before the call starts is no failure: it goes out on a new connection).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.cut();
+    let result = async {
+        for at in (2 << 20..torn_data.len()).step_by(1 << 20) {
+            sink.write(torn_data.slice(at..at + (1 << 20))).await?;
+        }
+        sink.commit().await
+    };
+    let error = result.await.unwrap_err();
+    assert_eq!(error.code, Code::Unavailable, "{}", error.message);
+    eprintln!("mid-upload: {}", error.message);
+    let direct = open(GrpcConfig::new(remote.url())).await;
+    assert_eq!(direct.find_missing(&[torn]).await.unwrap(), vec![torn], "no torn blob on the remote");
+
+    // New connections work again.
+    store.put_bytes(&torn, torn_data.clone()).await.unwrap();
+    assert_eq!(direct.get_bytes(&torn).await.unwrap(), torn_data);
+    drop(relay);
     remote.stop().await;
 }
