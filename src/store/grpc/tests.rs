@@ -508,3 +508,32 @@ async fn a_connection_lost_mid_transfer_is_unavailable_and_stores_no_torn_blob()
     drop(relay);
     remote.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn find_missing_splits_large_queries_and_keeps_their_order() {
+    let remote = Remote::start(|_| {}).await;
+    let store = open(GrpcConfig::new(remote.url())).await;
+    let salt = suite::salt();
+    // 25,000 digests of two functions: three SHA-256 requests, one BLAKE3.
+    let mut digests: Vec<Digest> = (0..25_000u64)
+        .map(|i| {
+            let text = format!("{salt}-{i}");
+            let function = if i % 5 == 0 { DigestFunction::Blake3 } else { DigestFunction::Sha256 };
+            function.digest_of(text.as_bytes())
+        })
+        .collect();
+    let present = [3usize, 12_345, 24_999];
+    for &i in &present {
+        let data = Bytes::from(format!("{salt}-{i}"));
+        store.put_bytes(&digests[i], data).await.unwrap();
+    }
+    digests.push(digests[3]);
+    let started = Instant::now();
+    let missing = store.find_missing(&digests).await.unwrap();
+    eprintln!("FindMissing of {} digests through the grpc store: {:?}", digests.len(), started.elapsed());
+    let expected: Vec<Digest> =
+        digests.iter().enumerate().filter(|(i, _)| !present.contains(i) && *i != 25_000).map(|(_, d)| *d).collect();
+    assert_eq!(missing, expected);
+    assert!(store.find_missing(&[]).await.unwrap().is_empty());
+    remote.stop().await;
+}
