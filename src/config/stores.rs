@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use super::{Backend, CasSection, DEFAULT_MIN_RETENTION, DEFAULT_VERIFY_READS_BELOW};
 use crate::store::existence_cache::ExistenceCacheConfig;
+use crate::store::grpc::GrpcConfig;
 use crate::store::redis::RedisConfig;
 use crate::store::s3::S3Config;
 use crate::store::sharded::ShardedConfig;
@@ -46,6 +47,7 @@ pub enum StoreSpec {
     ExistenceCache(ExistenceCacheConfig),
     Redis(RedisConfig),
     S3(S3Config),
+    Grpc(GrpcConfig),
     // The engine backends (s3, redis, grpc) join here; each arm below that
     // matches on the type says what they are (durable, keep an
     // ActionCache, largest blob).
@@ -166,13 +168,18 @@ impl StoreSpec {
             StoreSpec::ExistenceCache(_) => "existence_cache",
             StoreSpec::Redis(_) => "redis",
             StoreSpec::S3(_) => "s3",
+            StoreSpec::Grpc(_) => "grpc",
         }
     }
 
     /// The stores this one names, with the key that names each.
     pub fn children(&self) -> Vec<(&'static str, &str)> {
         match self {
-            StoreSpec::Filesystem(_) | StoreSpec::Memory(_) | StoreSpec::Redis(_) | StoreSpec::S3(_) => Vec::new(),
+            StoreSpec::Filesystem(_)
+            | StoreSpec::Memory(_)
+            | StoreSpec::Redis(_)
+            | StoreSpec::S3(_)
+            | StoreSpec::Grpc(_) => Vec::new(),
             StoreSpec::Tiered(t) => vec![("fast", &t.fast), ("slow", &t.slow)],
             StoreSpec::Sharded(s) => s.shards.iter().map(|sh| ("shards", sh.store.as_str())).collect(),
             StoreSpec::SizePartitioned(p) => vec![("small", &p.small), ("large", &p.large)],
@@ -358,7 +365,7 @@ fn keeps_action_cache(stores: &BTreeMap<String, StoreSpec>, name: &str) -> Resul
         children.into_iter().try_for_each(|(_, c)| keeps_action_cache(stores, c))
     };
     match &stores[name] {
-        StoreSpec::Filesystem(_) | StoreSpec::Redis(_) | StoreSpec::S3(_) => Ok(()),
+        StoreSpec::Filesystem(_) | StoreSpec::Redis(_) | StoreSpec::S3(_) | StoreSpec::Grpc(_) => Ok(()),
         StoreSpec::Memory(m) if m.max_entries == 0 => Err(format!("memory store {name:?} has max_entries = 0")),
         StoreSpec::Memory(_) => Ok(()),
         spec @ (StoreSpec::Tiered(_) | StoreSpec::Sharded(_)) => all(spec.children())
@@ -396,7 +403,7 @@ fn durable(stores: &BTreeMap<String, StoreSpec>, name: &str) -> bool {
     match &stores[name] {
         // Redis: as durable as its persistence (the operator's call, README
         // "Scaling out").
-        StoreSpec::Filesystem(_) | StoreSpec::Redis(_) | StoreSpec::S3(_) => true,
+        StoreSpec::Filesystem(_) | StoreSpec::Redis(_) | StoreSpec::S3(_) | StoreSpec::Grpc(_) => true,
         StoreSpec::Memory(_) => false,
         StoreSpec::Tiered(t) => durable(stores, &t.fast) || (t.write == WriteMode::Through && durable(stores, &t.slow)),
         StoreSpec::Sharded(s) => s.shards.iter().all(|sh| durable(stores, &sh.store)),
@@ -425,7 +432,8 @@ fn max_blob(stores: &BTreeMap<String, StoreSpec>, name: &str) -> u64 {
         StoreSpec::Filesystem(f) => f.max_size.as_u64(),
         StoreSpec::Memory(m) => m.max_size.as_u64(),
         StoreSpec::Redis(r) => r.max_blob_size.as_u64(),
-        StoreSpec::S3(_) => 0,
+        // The remote's own limit is its own to enforce.
+        StoreSpec::S3(_) | StoreSpec::Grpc(_) => 0,
         // Both tiers must take it (the fast one on write and on fill).
         StoreSpec::Tiered(t) => min(&mut [&t.fast, &t.slow].into_iter().map(|c| max_blob(stores, c))),
         StoreSpec::Sharded(s) => min(&mut s.shards.iter().map(|sh| max_blob(stores, &sh.store))),

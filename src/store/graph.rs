@@ -12,6 +12,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use async_trait::async_trait;
 
+use crate::store::grpc::GrpcStore;
 use crate::store::redis::RedisStore;
 use crate::store::s3::S3Store;
 
@@ -113,6 +114,10 @@ async fn build(spec: &StoreSpec, built: &HashMap<&str, Node>) -> anyhow::Result<
         }
         StoreSpec::S3(c) => {
             let store = Arc::new(S3Store::open(c).await.map_err(|e| anyhow::anyhow!(e.message))?);
+            Node { blobs: store.clone(), ac: Some(store), scrub: None }
+        }
+        StoreSpec::Grpc(c) => {
+            let store = Arc::new(GrpcStore::open(c).await.map_err(|e| anyhow::anyhow!(e.message))?);
             Node { blobs: store.clone(), ac: Some(store), scrub: None }
         }
         StoreSpec::ExistenceCache(e) => {

@@ -11,6 +11,7 @@ mod empty;
 pub mod existence_cache;
 pub mod fs;
 pub mod graph;
+pub mod grpc;
 pub mod memory;
 mod metered;
 pub mod redis;
