@@ -101,6 +101,14 @@ fn deploy_examples_parse() {
                 assert_eq!(c.instances.get(&name("")).asset_fetch, Some(false));
                 assert_eq!(c.min_retention, Duration::from_secs(3 * 3600));
             }
+            if path.ends_with("s3-cache.toml") {
+                use crate::config::StoreSpec;
+                let g = &c.stores;
+                assert_eq!((g.cas.as_str(), g.ac.as_str()), ("cache", "bucket"));
+                assert!(matches!(&g.stores["cache"], StoreSpec::Tiered(t) if t.slow == "bucket_known"));
+                assert!(matches!(&g.stores["bucket"], StoreSpec::S3(s) if s.path_style && s.prefix == "distbuild/"));
+                assert_eq!(g.max_blob(), 200 << 30, "the disk tier's budget bounds a blob");
+            }
             if path.ends_with("tls-farm.toml") {
                 let tls = c.tls.as_ref().expect("tls-farm.toml turns TLS on");
                 assert!(tls.client_ca.is_some() && c.worker_listen.is_some(), "{}", path.display());
