@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Offline checks of deploy/kubernetes (no cluster needed):
+# Offline checks of deploy/kubernetes and its HA variant deploy/kubernetes/ha
+# (no cluster needed):
 #   1. renders the kustomization with `kubectl kustomize` (skipped, with a
 #      message, when kubectl is missing: then step 2 checks the files it
 #      lists one by one);
@@ -17,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-dir=deploy/kubernetes
+dirs=(deploy/kubernetes deploy/kubernetes/ha)
 venv=${K8S_VENV:-/tmp/distbuild-k8s-venv}
 versions=${K8S_VERSIONS:-1.30.0 1.37.0}
 validator_version=1.37.0
@@ -27,15 +28,19 @@ tmp=$(mktemp -d /tmp/distbuild-k8s.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
 
 files=()
-if command -v kubectl >/dev/null; then
-  kubectl kustomize "$dir" >"$tmp/rendered.yaml" || { log "kubectl kustomize $dir failed"; exit 1; }
-  log "rendered $dir with $(kubectl version --client 2>/dev/null | head -n 1): $(grep -c '^kind:' "$tmp/rendered.yaml") resources ($(awk '/^kind:/ { print $2 }' "$tmp/rendered.yaml" | sort | paste -sd, -))"
-  files=("$tmp/rendered.yaml")
-else
-  log "kubectl is not installed: the kustomization is not rendered; checking the files it lists"
-  while read -r f; do files+=("$dir/$f"); done < <(awk '/^resources:/ { on = 1; next } on && /^ *- / { print $2; next } on && /^[^ ]/ { on = 0 }' "$dir/kustomization.yaml")
-  [ "${#files[@]}" -gt 0 ] || { log "no resources listed in $dir/kustomization.yaml"; exit 1; }
-fi
+for dir in "${dirs[@]}"; do
+  if command -v kubectl >/dev/null; then
+    out="$tmp/$(echo "$dir" | tr / _).yaml"
+    kubectl kustomize "$dir" >"$out" || { log "kubectl kustomize $dir failed"; exit 1; }
+    log "rendered $dir with $(kubectl version --client 2>/dev/null | head -n 1): $(grep -c '^kind:' "$out") resources ($(awk '/^kind:/ { print $2 }' "$out" | sort | paste -sd, -))"
+    files+=("$out")
+  else
+    log "kubectl is not installed: $dir is not rendered; checking the files it lists"
+    n=${#files[@]}
+    while read -r f; do files+=("$dir/$f"); done < <(awk '/^resources:/ { on = 1; next } on && /^ *- / { print $2; next } on && /^[^ ]/ { on = 0 }' "$dir/kustomization.yaml")
+    [ "${#files[@]}" -gt "$n" ] || { log "no resources listed in $dir/kustomization.yaml"; exit 1; }
+  fi
+done
 
 if ! "$venv/bin/kubernetes-validate" --version 2>/dev/null | grep -q "$validator_version"; then
   log "installing kubernetes-validate==$validator_version into $venv"
