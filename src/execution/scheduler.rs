@@ -497,4 +497,6 @@ mod views;
 mod workers;
 
 #[cfg(test)]
+mod shared_tests;
+#[cfg(test)]
 mod tests;
