@@ -180,5 +180,6 @@ fn worker_entry(w: crate::execution::scheduler::WorkerView) -> WorkerEntry {
         connected_secs: w.connected_for.as_secs(),
         sandbox: w.info.sandbox,
         draining: w.draining,
+        replica: w.replica,
     }
 }
