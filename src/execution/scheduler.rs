@@ -430,14 +430,13 @@ impl Scheduler {
         if free.is_empty() {
             return Ok(false);
         }
-        let queues = self.state.queues().await?;
+        let queues = self.state.fronts().await?;
         let mut best: Option<(u64, &state::WorkerRecord)> = None; // (seq, worker)
-        for queue in &queues {
-            let Some((seq, _, _)) = queue.entries.first() else { continue };
+        for (queue, seq) in &queues {
             if best.as_ref().is_some_and(|(s, _)| s < seq) {
                 continue;
             }
-            let platform = platform_of(&queue.queue);
+            let platform = platform_of(queue);
             let worker = free
                 .iter()
                 .filter(|w| platform.unmet_by(&Platform::new(w.properties.clone()), numeric).is_none())
@@ -455,8 +454,8 @@ impl Scheduler {
         let offered = Platform::new(worker.properties.clone());
         let runnable: Vec<String> = queues
             .iter()
-            .filter(|q| platform_of(&q.queue).unmet_by(&offered, numeric).is_none())
-            .map(|q| q.queue.clone())
+            .filter(|(q, _)| platform_of(q).unmet_by(&offered, numeric).is_none())
+            .map(|(q, _)| q.clone())
             .collect();
         let task_id = uuid::Uuid::new_v4().simple().to_string();
         let Some(op) = self.state.claim(worker.id, &task_id, &runnable).await? else { return Ok(true) };

@@ -412,6 +412,11 @@ impl SchedulerState for MemoryState {
         Ok(st.queues.iter().map(record).collect())
     }
 
+    async fn fronts(&self) -> Result<Vec<(String, u64)>> {
+        let st = self.inner.lock();
+        Ok(st.queues.iter().filter_map(|(q, m)| m.first_key_value().map(|(seq, _)| (q.clone(), *seq))).collect())
+    }
+
     async fn counters(&self) -> Result<Counters> {
         Ok(self.inner.lock().counters)
     }

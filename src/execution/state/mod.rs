@@ -286,6 +286,9 @@ pub trait SchedulerState: Send + Sync + 'static {
     async fn workers(&self) -> Result<Vec<WorkerRecord>>;
     /// The non-empty queues.
     async fn queues(&self) -> Result<Vec<QueueRecord>>;
+    /// The front of every non-empty queue: (queue, seq of its oldest). What
+    /// dispatch reads, without copying whole queues.
+    async fn fronts(&self) -> Result<Vec<(String, u64)>>;
     async fn counters(&self) -> Result<Counters>;
 
     /// Says the replica is alive for `ttl` more.

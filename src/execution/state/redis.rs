@@ -380,6 +380,18 @@ return out
 );
 
 script!(
+    FRONTS,
+    r#"
+local out = {}
+for _, queue in ipairs(redis.call('SMEMBERS', k('queues'))) do
+  local front = redis.call('ZRANGE', k('q', queue), 0, 0, 'WITHSCORES')
+  if front[1] then table.insert(out, {queue, front[2]}) end
+end
+return out
+"#
+);
+
+script!(
     COUNTERS,
     r#"
 return redis.call('HGETALL', k('counters'))
@@ -824,6 +836,17 @@ impl SchedulerState for RedisState {
                     })
                     .collect();
                 Some(QueueRecord { queue: text(parts.first()?), entries })
+            })
+            .collect())
+    }
+
+    async fn fronts(&self) -> Result<Vec<(String, u64)>> {
+        let answer = self.run(&FRONTS, &[]).await?;
+        Ok(items(&answer)
+            .iter()
+            .filter_map(|f| {
+                let f = items(f);
+                Some((text(f.first()?), text(f.get(1)?).parse().ok()?))
             })
             .collect())
     }

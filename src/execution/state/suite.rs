@@ -111,6 +111,11 @@ async fn claim_takes_the_oldest_of_the_given_queues_within_the_slots() {
         let first = s.submit(op("linux", None, "o")).await.unwrap();
         let second = s.submit(op("mac", None, "o")).await.unwrap();
         let third = s.submit(op("linux", None, "o")).await.unwrap();
+        let mut fronts = s.fronts().await.unwrap();
+        fronts.sort();
+        let first_seq = s.get(first.name()).await.unwrap().unwrap().seq;
+        let second_seq = s.get(second.name()).await.unwrap().unwrap().seq;
+        assert_eq!(fronts, vec![("linux".to_string(), first_seq), ("mac".to_string(), second_seq)], "{name}");
         assert!(s.claim(w, "t0", &q(&["windows"])).await.unwrap().is_none(), "{name}");
         let got = s.claim(w, "t1", &q(&["mac", "linux"])).await.unwrap().unwrap();
         assert_eq!(got.name, first.name(), "{name}: oldest across queues");
