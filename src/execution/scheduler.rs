@@ -473,7 +473,7 @@ impl Scheduler {
         if !self.tell_worker(worker, WorkerCommand::Assign(Arc::new(task))) {
             // The connection is gone: its loss re-queues the action.
             self.local.lock().workers.remove(&worker);
-            Box::pin(self.drop_worker(worker, "its connection is gone")).await;
+            self.drop_worker(worker, "its connection is gone").await;
             return;
         }
         let metrics = self.local.lock().metrics.clone();

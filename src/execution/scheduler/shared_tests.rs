@@ -142,3 +142,31 @@ async fn a_replica_whose_lease_ends_has_its_workers_actions_requeued_by_another(
     let names: Vec<String> = b.status().await.unwrap().workers.into_iter().map(|w| w.info.name).collect();
     assert_eq!(names, vec!["on-b".to_string()], "A's worker is gone");
 }
+
+/// Scheduling overhead per action (submit, claim, started, finished), one
+/// replica on each state. A measurement, not a check: run with
+/// `cargo test --release --lib scheduling_overhead -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn scheduling_overhead() {
+    let Some(redis) = RedisServer::start() else { return };
+    let (on_redis, _) = replicas(&redis).await;
+    let cas = crate::store::cas(Arc::new(MemoryStore::new(1 << 20)));
+    let results = Arc::new(crate::ac::CompleteResults::new(Arc::new(MemoryAcStore::new(100)), cas.clone()));
+    let in_memory = Arc::new(Scheduler::new(results, cas, config()));
+    for (name, s) in [("memory", in_memory), ("redis", on_redis)] {
+        let (w, mut rx) = worker(&s, "w").await;
+        let n = 500;
+        let start = Instant::now();
+        for i in 0..n {
+            let mut watch = s.submit(submission(format!("{name}{i}").as_bytes())).await.unwrap();
+            let WorkerCommand::Assign(task) = next(&mut rx).await else { panic!("an assignment") };
+            s.started(w, &task.id);
+            s.finished(w, &task.id, ExecuteResponse { result: Some(ActionResult::default()), ..Default::default() })
+                .await;
+            done(&mut watch).await;
+        }
+        let per = start.elapsed() / n;
+        println!("{name}: {per:?} per action (submit, dispatch, started, finished), sequential");
+    }
+}
