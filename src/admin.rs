@@ -118,7 +118,7 @@ impl Admin for AdminService {
         request: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
         self.check(&request)?;
-        let workers = self.scheduler.status().workers.into_iter().map(worker_entry).collect();
+        let workers = self.scheduler.status().await?.workers.into_iter().map(worker_entry).collect();
         Ok(Response::new(ListWorkersResponse { workers }))
     }
 
@@ -128,8 +128,8 @@ impl Admin for AdminService {
     ) -> Result<Response<WorkerEntry>, Status> {
         self.check(&request)?;
         let SetWorkerDrainingRequest { name, draining } = request.into_inner();
-        self.scheduler.set_draining(&name, draining)?;
-        let worker = self.scheduler.status().workers.into_iter().find(|w| w.info.name == name);
+        self.scheduler.set_draining(&name, draining).await?;
+        let worker = self.scheduler.status().await?.workers.into_iter().find(|w| w.info.name == name);
         // Gone between the two calls: it takes no work either way.
         let entry = worker.map(worker_entry).unwrap_or(WorkerEntry { name, draining, ..Default::default() });
         Ok(Response::new(entry))
@@ -140,7 +140,7 @@ impl Admin for AdminService {
         request: Request<GetSchedulerStatusRequest>,
     ) -> Result<Response<SchedulerStatus>, Status> {
         self.check(&request)?;
-        let s = self.scheduler.status();
+        let s = self.scheduler.status().await?;
         let c = s.counters;
         Ok(Response::new(SchedulerStatus {
             queues: s.queues.iter().map(|(p, n)| QueueEntry { platform: p.to_string(), length: *n as u64 }).collect(),
@@ -177,5 +177,6 @@ fn worker_entry(w: crate::execution::scheduler::WorkerView) -> WorkerEntry {
         connected_secs: w.connected_for.as_secs(),
         sandbox: w.info.sandbox,
         draining: w.draining,
+        replica: w.replica,
     }
 }

@@ -60,12 +60,42 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct SchedulerSection {
     pub addr: String,
+    /// Where operations, queues and workers are kept: `"memory"` (one
+    /// server) or `{ redis = "redis://...", prefix = "..." }` (replicas
+    /// sharing one queue).
+    pub state: StateSection,
 }
 
 impl Default for SchedulerSection {
     fn default() -> Self {
-        SchedulerSection { addr: DEFAULT_ADDR.to_string() }
+        SchedulerSection { addr: DEFAULT_ADDR.to_string(), state: StateSection::default() }
     }
+}
+
+/// `[scheduler] state`: a word for the built-in state, a table for Redis.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(untagged)]
+pub enum StateSection {
+    #[default]
+    #[serde(skip)]
+    Default,
+    Memory(MemoryWord),
+    Redis(crate::execution::state::RedisStateConfig),
+}
+
+/// The one word `state` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryWord {
+    Memory,
+}
+
+/// The scheduler state the server runs on.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SchedulerState {
+    #[default]
+    Memory,
+    Redis(crate::execution::state::RedisStateConfig),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -508,6 +538,8 @@ pub struct Config {
     /// `[instances]`, resolved: settings per instance name.
     pub instances: std::sync::Arc<Instances>,
     pub asset: AssetConfig,
+    /// `[scheduler] state`.
+    pub scheduler_state: SchedulerState,
 }
 
 impl FileConfig {
@@ -627,6 +659,11 @@ impl FileConfig {
             http: self.server.http()?,
             instances: std::sync::Arc::new(Instances::resolve(&self.instances)?),
             asset: self.asset.resolve()?,
+            scheduler_state: match &self.scheduler.state {
+                StateSection::Default | StateSection::Memory(_) => SchedulerState::Memory,
+                StateSection::Redis(r) if r.redis.is_empty() => bail!("[scheduler] state: redis URL is empty"),
+                StateSection::Redis(r) => SchedulerState::Redis(r.clone()),
+            },
             data_dir,
         })
     }

@@ -56,9 +56,19 @@ pub async fn workers(server: &str, options: &ClientOptions) -> anyhow::Result<Ex
         .await
         .map_err(|s| rpc_error("ListWorkers", s))?
         .into_inner();
+    // A cluster of replicas names each worker's; one server shows no column.
+    let cluster = resp.workers.iter().any(|w| !w.replica.is_empty() && w.replica != "local");
+    let replica = |r: &str| if cluster { format!("{r:<40} ") } else { String::new() };
     println!(
-        "{:<40} {:<8} {:>5} {:>5} {:>8} {:<8} {:<44} PROPERTIES",
-        "NAME", "STATE", "SLOTS", "BUSY", "DONE", "KIND", "SANDBOX"
+        "{:<40} {:<8} {:>5} {:>5} {:>8} {:<8} {:<44} {}PROPERTIES",
+        "NAME",
+        "STATE",
+        "SLOTS",
+        "BUSY",
+        "DONE",
+        "KIND",
+        "SANDBOX",
+        replica("REPLICA")
     );
     for w in &resp.workers {
         let props: Vec<String> = w.properties.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
@@ -66,7 +76,11 @@ pub async fn workers(server: &str, options: &ClientOptions) -> anyhow::Result<Ex
         let sandbox = if w.sandbox.is_empty() { "(not reported)" } else { w.sandbox.as_str() };
         let state = if w.draining { "draining" } else { "active" };
         let (name, slots, busy, done) = (&w.name, w.slots, w.busy, w.done);
-        println!("{name:<40} {state:<8} {slots:>5} {busy:>5} {done:>8} {kind:<8} {sandbox:<44} {}", props.join(","));
+        let at = replica(&w.replica);
+        println!(
+            "{name:<40} {state:<8} {slots:>5} {busy:>5} {done:>8} {kind:<8} {sandbox:<44} {at}{}",
+            props.join(",")
+        );
     }
     if resp.workers.is_empty() {
         println!("(no workers connected)");

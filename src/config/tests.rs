@@ -128,3 +128,16 @@ fn deploy_examples_parse() {
     crate::auth::tokens::Policy::load(&tokens, crate::auth::GrantSet::NONE).unwrap_or_else(|e| panic!("{e:#}"));
     assert!(seen >= 2, "expected example configs in {}", dir.display());
 }
+
+#[test]
+fn scheduler_state_is_memory_by_default_or_redis() {
+    let state = |text: &str| FileConfig::parse(text).and_then(|f| f.resolve()).map(|c| c.scheduler_state);
+    assert_eq!(state("").unwrap(), SchedulerState::Memory);
+    assert_eq!(state("[scheduler]\nstate = \"memory\"").unwrap(), SchedulerState::Memory);
+    let redis = state("[scheduler]\nstate = { redis = \"redis://r:6379\", prefix = \"ci\" }").unwrap();
+    let want = crate::execution::state::RedisStateConfig { redis: "redis://r:6379".into(), prefix: Some("ci".into()) };
+    assert_eq!(redis, SchedulerState::Redis(want));
+    assert!(state("[scheduler]\nstate = \"postgres\"").is_err());
+    assert!(state("[scheduler]\nstate = { redis = \"redis://r\", ttl = 3 }").is_err(), "unknown keys refused");
+    assert!(state("[scheduler]\nstate = { redis = \"\" }").is_err());
+}

@@ -82,7 +82,7 @@ impl WorkerGateway for GatewayService {
         };
         let (tx, rx) = mpsc::unbounded_channel::<WorkerCommand>();
         // A name in use is refused: no connection evicts another worker.
-        let id = self.scheduler.register_worker(info, &hello.incarnation, tx)?;
+        let id = self.scheduler.register_worker(info, &hello.incarnation, tx).await?;
         let scheduler = self.scheduler.clone();
         let closing = self.closing.clone();
         tokio::spawn(async move {
@@ -93,7 +93,7 @@ impl WorkerGateway for GatewayService {
                 };
                 match next {
                     Ok(Some(msg)) => {
-                        scheduler.worker_alive(id);
+                        scheduler.worker_alive(id).await;
                         if let Err(e) = handle(&scheduler, id, &name, msg).await {
                             break e;
                         }
@@ -102,7 +102,7 @@ impl WorkerGateway for GatewayService {
                     Err(e) => break format!("stream error: {}", e.message()),
                 }
             };
-            scheduler.worker_lost(id, &reason);
+            scheduler.worker_lost(id, &reason).await;
         });
         let welcome = SchedulerMessage {
             message: Some(scheduler_message::Message::Welcome(proto::Welcome {
@@ -116,7 +116,7 @@ impl WorkerGateway for GatewayService {
     }
 }
 
-async fn handle(scheduler: &Scheduler, id: u64, name: &str, msg: WorkerMessage) -> Result<(), String> {
+async fn handle(scheduler: &Arc<Scheduler>, id: u64, name: &str, msg: WorkerMessage) -> Result<(), String> {
     match msg.message {
         Some(worker_message::Message::Keepalive(_)) => {}
         Some(worker_message::Message::Started(s)) => scheduler.started(id, &s.task_id),
@@ -129,7 +129,7 @@ async fn handle(scheduler: &Scheduler, id: u64, name: &str, msg: WorkerMessage) 
         // its own while this stream lives (names are unique), so this
         // cannot touch another worker.
         Some(worker_message::Message::Drain(d)) => {
-            scheduler.set_draining(name, d.draining).map_err(|e| e.to_string())?;
+            scheduler.set_draining(name, d.draining).await.map_err(|e| e.to_string())?;
         }
         Some(worker_message::Message::Hello(_)) => return Err("a second Hello".into()),
         None => return Err("an empty message".into()),

@@ -7,6 +7,7 @@ pub mod gateway;
 pub mod platform;
 pub mod scheduler;
 pub mod service;
+pub mod state;
 pub mod validate;
 
 pub use failed::FailedRun;

@@ -83,17 +83,19 @@ impl ExecutionService {
             && !req.skip_cache_lookup
             && let Some(result) = self.results.lookup(&key, function).await?
         {
-            return Ok(self.scheduler.record_hit(instance, digest, result, principal));
+            return self.scheduler.record_hit(instance, digest, result, principal).await;
         }
         let checked =
             validate::check(&self.cas, &self.directories, digest, action, self.timeouts, &settings.platform).await?;
-        self.scheduler.submit(Submission {
-            instance,
-            action_digest: digest,
-            checked,
-            cache_key: cacheable.then_some(key),
-            owner: principal,
-        })
+        self.scheduler
+            .submit(Submission {
+                instance,
+                action_digest: digest,
+                checked,
+                cache_key: cacheable.then_some(key),
+                owner: principal,
+            })
+            .await
     }
 }
 
@@ -116,8 +118,8 @@ impl Execution for ExecutionService {
     ) -> Result<Response<OperationStream>, Status> {
         let caller = operations_caller(&self.auth, &request)?;
         let name = request.into_inner().name;
-        let visible = self.scheduler.get(&name).is_some_and(|v| may_see(&caller, &v));
-        let Some(watch) = self.scheduler.subscribe(&name).filter(|_| visible) else {
+        let visible = self.scheduler.get(&name).await?.is_some_and(|v| may_see(&caller, &v));
+        let Some(watch) = self.scheduler.subscribe(&name).await?.filter(|_| visible) else {
             return Err(
                 Error::not_found(format!("operation {} is unknown or expired; execute again", quote(&name))).into()
             );
@@ -223,8 +225,8 @@ impl OperationsService {
         OperationsService { auth, ..self }
     }
 
-    fn current(&self, caller: &Caller, name: &str) -> Result<Operation, Status> {
-        match self.scheduler.get(name).filter(|v| may_see(caller, v)) {
+    async fn current(&self, caller: &Caller, name: &str) -> Result<Operation, Status> {
+        match self.scheduler.get(name).await?.filter(|v| may_see(caller, v)) {
             Some(view) => Ok(to_operation(&view, view.stage(), true)),
             None => Err(unknown_operation(name).into()),
         }
@@ -232,8 +234,8 @@ impl OperationsService {
 
     /// Who `caller` acts as on operation `name`: `None` for an admin of its
     /// instance (acts on the operation itself), its principal for an owner.
-    fn acting_as(&self, caller: &Caller, name: &str) -> Result<Option<Principal>, Status> {
-        match self.scheduler.get(name).filter(|v| may_see(caller, v)) {
+    async fn acting_as(&self, caller: &Caller, name: &str) -> Result<Option<Principal>, Status> {
+        match self.scheduler.get(name).await?.filter(|v| may_see(caller, v)) {
             Some(view) if caller.allows(&view.instance, Grant::Admin) => Ok(None),
             Some(_) => Ok(Some(caller.principal.clone())),
             None => Err(unknown_operation(name).into()),
@@ -249,7 +251,7 @@ impl Operations for OperationsService {
     ) -> Result<Response<ListOperationsResponse>, Status> {
         let caller = operations_caller(&self.auth, &request)?;
         let req = request.into_inner();
-        let all: Vec<OpView> = self.scheduler.list().into_iter().filter(|v| may_see(&caller, v)).collect();
+        let all: Vec<OpView> = self.scheduler.list().await?.into_iter().filter(|v| may_see(&caller, v)).collect();
         let start = match req.page_token.as_str() {
             "" => 0,
             token => token.parse::<usize>().map_err(|_| Error::bad_field("page_token", "is not a token we issued"))?,
@@ -267,30 +269,30 @@ impl Operations for OperationsService {
 
     async fn get_operation(&self, request: Request<GetOperationRequest>) -> Result<Response<Operation>, Status> {
         let caller = operations_caller(&self.auth, &request)?;
-        self.current(&caller, &request.into_inner().name).map(Response::new)
+        self.current(&caller, &request.into_inner().name).await.map(Response::new)
     }
 
     async fn delete_operation(&self, request: Request<DeleteOperationRequest>) -> Result<Response<Empty>, Status> {
         let caller = operations_caller(&self.auth, &request)?;
         let name = request.into_inner().name;
-        let by = self.acting_as(&caller, &name)?;
-        self.scheduler.delete(&name, by.as_ref())?;
+        let by = self.acting_as(&caller, &name).await?;
+        self.scheduler.delete(&name, by.as_ref()).await?;
         Ok(Response::new(Empty {}))
     }
 
     async fn cancel_operation(&self, request: Request<CancelOperationRequest>) -> Result<Response<Empty>, Status> {
         let caller = operations_caller(&self.auth, &request)?;
         let name = request.into_inner().name;
-        let by = self.acting_as(&caller, &name)?;
-        self.scheduler.cancel(&name, by.as_ref())?;
+        let by = self.acting_as(&caller, &name).await?;
+        self.scheduler.cancel(&name, by.as_ref()).await?;
         Ok(Response::new(Empty {}))
     }
 
     async fn wait_operation(&self, request: Request<WaitOperationRequest>) -> Result<Response<Operation>, Status> {
         let caller = operations_caller(&self.auth, &request)?;
         let req = request.into_inner();
-        self.current(&caller, &req.name)?;
-        let Some(mut watch) = self.scheduler.subscribe(&req.name) else {
+        self.current(&caller, &req.name).await?;
+        let Some(mut watch) = self.scheduler.subscribe(&req.name).await? else {
             return Err(unknown_operation(&req.name).into());
         };
         let limit = req
@@ -299,6 +301,6 @@ impl Operations for OperationsService {
             .filter(|d| !d.is_zero())
             .unwrap_or(Duration::from_secs(60));
         let _ = tokio::time::timeout(limit, watch.wait_for(|v| v.done())).await;
-        self.current(&caller, &req.name).map(Response::new)
+        self.current(&caller, &req.name).await.map(Response::new)
     }
 }

@@ -169,7 +169,7 @@ async fn healthz() -> &'static str {
 
 /// Prometheus metrics (the `status` grant, like the pages).
 async fn metrics(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
-    crate::metrics::http::respond(state.metrics.as_deref(), &headers)
+    crate::metrics::http::respond(state.metrics.as_deref(), &headers).await
 }
 
 /// How long `/readyz` waits for the storage to answer.
@@ -188,7 +188,10 @@ async fn readyz(State(state): State<Arc<HttpState>>) -> Response {
         Ok(Err(e)) => return (StatusCode::SERVICE_UNAVAILABLE, format!("storage: {e}\n")).into_response(),
         Err(_) => return (StatusCode::SERVICE_UNAVAILABLE, "storage: no answer within 5s\n").into_response(),
     }
-    let status = state.scheduler.status();
+    let status = match state.scheduler.status().await {
+        Ok(status) => status,
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, format!("scheduler: {e}\n")).into_response(),
+    };
     format!("ok: {} workers, {} operations\n", status.workers.len(), status.operations).into_response()
 }
 

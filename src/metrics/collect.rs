@@ -115,8 +115,9 @@ fn stores(e: &mut DescriptorEncoder, sources: &Sources) -> fmt::Result {
 }
 
 fn execution(e: &mut DescriptorEncoder, scheduler: &Scheduler) -> fmt::Result {
-    let status = scheduler.status();
-    let queues = scheduler.queues();
+    // As of the last sweep: a scrape cannot wait for the state.
+    let snapshot = scheduler.snapshot();
+    let (status, queues) = (&snapshot.0, &snapshot.1);
     let queued: usize = queues.iter().map(|q| q.len).sum();
     let completed = status.operations.saturating_sub(queued + status.running);
     let stages = [("queued", queued), ("executing", status.running), ("completed", completed)];

@@ -18,10 +18,11 @@ use super::Metrics;
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The `/metrics` answer.
-pub fn respond(metrics: Option<&Metrics>, headers: &HeaderMap) -> Response {
+pub async fn respond(metrics: Option<&Metrics>, headers: &HeaderMap) -> Response {
     let Some(metrics) = metrics else {
         return (StatusCode::NOT_FOUND, "metrics are off ([server] metrics = false)\n").into_response();
     };
+    metrics.read_scheduler().await;
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
     let openmetrics = accept.contains("application/openmetrics-text");
     let content_type =
@@ -35,5 +36,5 @@ pub fn router(metrics: Option<Arc<Metrics>>) -> Router {
 }
 
 async fn serve(State(metrics): State<Option<Arc<Metrics>>>, headers: HeaderMap) -> Response {
-    respond(metrics.as_deref(), &headers)
+    respond(metrics.as_deref(), &headers).await
 }

@@ -92,6 +92,15 @@ impl Metrics {
         *self.sources.scheduler.lock() = Some(Arc::downgrade(scheduler));
     }
 
+    /// Reads the scheduler's state for the next [`Metrics::encode`] (which
+    /// cannot wait: the state may be remote).
+    pub async fn read_scheduler(&self) {
+        let scheduler = self.sources.scheduler.lock().as_ref().and_then(std::sync::Weak::upgrade);
+        if let Some(scheduler) = scheduler {
+            scheduler.take_snapshot().await;
+        }
+    }
+
     /// The text exposition: OpenMetrics when `openmetrics`, else the
     /// Prometheus text format 0.0.4 (what most tools parse).
     pub fn encode(&self, openmetrics: bool) -> String {

@@ -381,22 +381,21 @@ async fn start_execution(
     status_url: Option<String>,
 ) -> anyhow::Result<(Arc<Scheduler>, Option<tokio::task::JoinHandle<()>>)> {
     let e = &config.execution;
-    let scheduler = Arc::new(Scheduler::new(
-        results.clone(),
-        cas.clone(),
-        SchedulerConfig {
-            max_attempts: e.max_attempts,
-            keepalive_timeout: config.heartbeat_interval * 3,
-            numeric_properties: e.numeric_properties.clone(),
-            retention: e.operation_retention,
-            max_finished: e.max_finished_operations,
-            unmatched_timeout: e.unmatched_timeout,
-            status_url,
-            failed_retention: e.failed_retention,
-        },
-    ));
-    let sweeper = scheduler.clone();
-    crate::upkeep::every(Duration::from_secs(1), stop.clone(), move || sweeper.sweep());
+    let scheduler_config = SchedulerConfig {
+        max_attempts: e.max_attempts,
+        keepalive_timeout: config.heartbeat_interval * 3,
+        numeric_properties: e.numeric_properties.clone(),
+        retention: e.operation_retention,
+        max_finished: e.max_finished_operations,
+        unmatched_timeout: e.unmatched_timeout,
+        status_url,
+        failed_retention: e.failed_retention,
+    };
+    let scheduler = Arc::new(open_scheduler(config, results, cas, scheduler_config).await?);
+    if !matches!(config.scheduler_state, crate::config::SchedulerState::Memory) {
+        scheduler.follow(stop.clone());
+    }
+    spawn_sweeper(scheduler.clone(), stop.clone());
     if config.worker_capacity > 0 {
         let name = format!("builtin@{}", crate::worker::remote::default_name());
         // Actions see neither the stored blobs and results (of any local
@@ -419,12 +418,53 @@ async fn start_execution(
         tracing::info!(slots = info.slots, work_dir = %config.work_dir.display(), "built-in worker");
         let worker = tokio::spawn(builtin::run(scheduler.clone(), Arc::new(executor), info, stop.clone()));
         // Registered before the first request can arrive.
-        while scheduler.status().workers.is_empty() {
+        while !scheduler.status().await.is_ok_and(|s| s.workers.iter().any(|w| w.replica == scheduler.replica())) {
             tokio::task::yield_now().await;
         }
         return Ok((scheduler, Some(worker)));
     }
     Ok((scheduler, None))
+}
+
+/// The scheduler on the configured state: its own memory (one server) or
+/// Redis shared by replicas, each with an id of its own.
+async fn open_scheduler(
+    config: &Config,
+    results: &Arc<dyn ActionResults>,
+    cas: &Store,
+    scheduler_config: SchedulerConfig,
+) -> anyhow::Result<Scheduler> {
+    let (results, cas) = (results.clone(), cas.clone());
+    let redis = match &config.scheduler_state {
+        crate::config::SchedulerState::Memory => return Ok(Scheduler::new(results, cas, scheduler_config)),
+        crate::config::SchedulerState::Redis(redis) => redis,
+    };
+    let retention = crate::execution::state::Retention {
+        retention: scheduler_config.retention,
+        max_finished: scheduler_config.max_finished,
+    };
+    let state = crate::execution::state::RedisState::open(redis, retention)
+        .await
+        .map_err(|e| anyhow::anyhow!("[scheduler] state: {e}"))?;
+    let replica = format!("{}-{}", crate::worker::remote::default_name(), uuid::Uuid::new_v4().simple());
+    tracing::info!(replica, "scheduler state on redis");
+    Ok(Scheduler::with_state(Arc::new(state), replica, results, cas, scheduler_config))
+}
+
+/// The scheduler's upkeep every second; on stop, a clean goodbye (the lease
+/// ends, this replica's workers' actions go back to the shared queue).
+fn spawn_sweeper(scheduler: Arc<Scheduler>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => scheduler.sweep().await,
+                () = stop.cancelled() => break,
+            }
+        }
+        scheduler.shut_down().await;
+    });
 }
 
 /// A future that resolves on SIGINT or SIGTERM. The handlers are installed

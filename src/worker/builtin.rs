@@ -18,7 +18,7 @@ pub async fn run(scheduler: Arc<Scheduler>, executor: Arc<Executor>, info: Worke
     let (tx, mut rx) = mpsc::unbounded_channel();
     // The built-in worker registers first and never reconnects: it has no
     // incarnation, so no connection can take its name.
-    let id = match scheduler.register_worker(info, "", tx) {
+    let id = match scheduler.register_worker(info, "", tx).await {
         Ok(id) => id,
         Err(e) => {
             tracing::error!(error = %e, "the built-in worker could not register");
@@ -50,6 +50,6 @@ pub async fn run(scheduler: Arc<Scheduler>, executor: Arc<Executor>, info: Worke
             None => break,
         }
     }
-    scheduler.worker_lost(id, "the server is stopping");
+    scheduler.worker_lost(id, "the server is stopping").await;
     super::drain(&running).await;
 }

@@ -60,6 +60,33 @@ impl TestServer {
         TestServer { addr, channel, data_dir: dir.to_path_buf(), stop: Some(stop), handle: Some(handle), _dir: None }
     }
 
+    /// A server on storage the caller opened (replicas share one store).
+    pub async fn serve_stores(
+        dir: &Path,
+        stores: cargo_distbuild::server::Stores,
+        tweak: impl FnOnce(&mut FileConfig),
+    ) -> Self {
+        let mut file = FileConfig::default();
+        file.scheduler.addr = "127.0.0.1:0".into();
+        file.cas.root = Some(dir.to_path_buf());
+        file.cas.backend = Backend::Memory;
+        file.worker.action_init = Some(env!("CARGO_BIN_EXE_distbuild-action-init").into());
+        file.server.http_listen = Some(String::new());
+        tweak(&mut file);
+        let config = file.resolve().unwrap();
+        let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            cargo_distbuild::server::serve(listener, &config, stores, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        TestServer { addr, channel, data_dir: dir.to_path_buf(), stop: Some(stop), handle: Some(handle), _dir: None }
+    }
+
     pub fn url(&self) -> String {
         format!("grpc://{}", self.addr)
     }

@@ -28,6 +28,7 @@ mod legacy;
 mod logs;
 mod metrics;
 mod pages;
+mod replicas;
 mod sandbox;
 mod sandbox_files;
 mod server;

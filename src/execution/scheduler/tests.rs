@@ -27,7 +27,7 @@ fn scheduler_with(max_attempts: u32, unmatched_timeout: Duration) -> Scheduler {
     )
 }
 
-fn worker(
+async fn worker(
     s: &Scheduler,
     name: &str,
     slots: usize,
@@ -36,7 +36,7 @@ fn worker(
     let (tx, rx) = mpsc::unbounded_channel();
     let properties = Platform::new(props.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
     let info = WorkerInfo { name: name.into(), properties, slots, builtin: false, sandbox: "none".into() };
-    let id = s.register_worker(info, name, tx).unwrap();
+    let id = s.register_worker(info, name, tx).await.unwrap();
     (id, rx)
 }
 
@@ -67,45 +67,44 @@ fn assigned(rx: &mut mpsc::UnboundedReceiver<WorkerCommand>) -> Option<Arc<Task>
     }
 }
 
-#[test]
-fn finished_operations_are_capped_oldest_first() {
+#[tokio::test]
+async fn finished_operations_are_capped_oldest_first() {
     let s = scheduler(3);
-    let names: Vec<String> = (0..4u8)
-        .map(|i| {
-            let d = DigestFunction::Sha256.digest_of(&[i]);
-            s.record_hit(InstanceName::default(), d, ActionResult::default(), Principal::Anonymous)
-                .borrow()
-                .name
-                .clone()
-        })
-        .collect();
-    assert_eq!(s.list().len(), 4);
-    s.sweep();
-    let kept: Vec<String> = s.list().into_iter().map(|v| v.name).collect();
+    let mut names = Vec::new();
+    for i in 0..4u8 {
+        // Finished in the same millisecond is the same age.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        let d = DigestFunction::Sha256.digest_of(&[i]);
+        let hit = s.record_hit(InstanceName::default(), d, ActionResult::default(), Principal::Anonymous).await;
+        names.push(hit.unwrap().borrow().name.clone());
+    }
+    assert_eq!(s.list().await.unwrap().len(), 4);
+    s.sweep().await;
+    let kept: Vec<String> = s.list().await.unwrap().into_iter().map(|v| v.name).collect();
     assert_eq!(kept, names[2..], "the two newest stay");
-    assert!(s.get(&names[0]).is_none());
+    assert!(s.get(&names[0]).await.unwrap().is_none());
 }
 
-#[test]
-fn a_lost_worker_requeues_until_the_attempts_run_out() {
+#[tokio::test]
+async fn a_lost_worker_requeues_until_the_attempts_run_out() {
     let s = scheduler(2);
-    let (w1, mut rx1) = worker(&s, "w1", 1, &[]);
-    let watch = s.submit(submission(b"a", &[])).unwrap();
+    let (w1, mut rx1) = worker(&s, "w1", 1, &[]).await;
+    let watch = s.submit(submission(b"a", &[])).await.unwrap();
     assert!(assigned(&mut rx1).is_some());
-    let (w2, mut rx2) = worker(&s, "w2", 1, &[]);
-    s.worker_lost(w1, "test");
+    let (w2, mut rx2) = worker(&s, "w2", 1, &[]).await;
+    s.worker_lost(w1, "test").await;
     assert!(assigned(&mut rx2).is_some(), "re-queued to the other worker");
     assert_eq!(watch.borrow().stages, [Stage::Queued, Stage::Queued]);
-    s.worker_lost(w2, "test");
+    s.worker_lost(w2, "test").await;
     let view = watch.borrow().clone();
     let status = view.response.as_ref().unwrap().status.clone().unwrap();
     assert_eq!(status.code, tonic::Code::Unavailable as i32);
     assert!(status.message.contains("2 attempts"), "{}", status.message);
-    assert_eq!(s.status().counters.requeued, 1);
+    assert_eq!(s.status().await.unwrap().counters.requeued, 1);
 }
 
-#[test]
-fn a_live_name_is_refused_unless_the_same_worker_reconnects() {
+#[tokio::test]
+async fn a_live_name_is_refused_unless_the_same_worker_reconnects() {
     let s = scheduler(3);
     let info = |name: &str| WorkerInfo {
         name: name.into(),
@@ -115,46 +114,46 @@ fn a_live_name_is_refused_unless_the_same_worker_reconnects() {
         sandbox: "none".into(),
     };
     let (tx, mut first) = mpsc::unbounded_channel();
-    let id = s.register_worker(info("w"), "secret", tx).unwrap();
-    let watch = s.submit(submission(b"a", &[])).unwrap();
+    let id = s.register_worker(info("w"), "secret", tx).await.unwrap();
+    let watch = s.submit(submission(b"a", &[])).await.unwrap();
     assert!(assigned(&mut first).is_some());
     for impostor in ["", "guess"] {
         let (tx, _rx) = mpsc::unbounded_channel();
-        let err = s.register_worker(info("w"), impostor, tx).unwrap_err();
+        let err = s.register_worker(info("w"), impostor, tx).await.unwrap_err();
         assert_eq!(err.code, tonic::Code::AlreadyExists, "{err}");
     }
-    assert_eq!(s.status().workers.len(), 1);
+    assert_eq!(s.status().await.unwrap().workers.len(), 1);
     assert!(watch.borrow().response.is_none(), "the first worker keeps its action");
     // The same process reconnecting replaces its dead entry; its action
     // is handed out again.
     let (tx, mut again) = mpsc::unbounded_channel();
-    let new = s.register_worker(info("w"), "secret", tx).unwrap();
+    let new = s.register_worker(info("w"), "secret", tx).await.unwrap();
     assert_ne!(new, id);
     assert!(assigned(&mut again).is_some());
-    assert_eq!(s.status().workers.len(), 1);
+    assert_eq!(s.status().await.unwrap().workers.len(), 1);
 }
 
-#[test]
-fn oldest_first_least_loaded_worker_and_platform_routing() {
+#[tokio::test]
+async fn oldest_first_least_loaded_worker_and_platform_routing() {
     let s = scheduler(3);
-    let (_big, mut big) = worker(&s, "big", 2, &[("cpu-count", "8")]);
-    let (_small, mut small) = worker(&s, "small", 2, &[("cpu-count", "2")]);
+    let (_big, mut big) = worker(&s, "big", 2, &[("cpu-count", "8")]).await;
+    let (_small, mut small) = worker(&s, "small", 2, &[("cpu-count", "2")]).await;
     // Needs 4 CPUs: only "big" qualifies.
-    s.submit(submission(b"heavy", &[("cpu-count", "4")])).unwrap();
+    s.submit(submission(b"heavy", &[("cpu-count", "4")])).await.unwrap();
     assert!(assigned(&mut big).is_some());
     assert!(assigned(&mut small).is_none());
     // The next one goes to the idle worker.
-    s.submit(submission(b"light", &[])).unwrap();
+    s.submit(submission(b"light", &[])).await.unwrap();
     assert!(assigned(&mut small).is_some());
     // Fill everything, then check FIFO order of what waits.
-    s.submit(submission(b"x1", &[])).unwrap();
-    s.submit(submission(b"x2", &[])).unwrap();
+    s.submit(submission(b"x1", &[])).await.unwrap();
+    s.submit(submission(b"x2", &[])).await.unwrap();
     let _ = (assigned(&mut big), assigned(&mut small));
-    s.submit(submission(b"q1", &[])).unwrap();
-    s.submit(submission(b"q2", &[])).unwrap();
-    assert_eq!(s.status().queues.iter().map(|(_, n)| n).sum::<usize>(), 2);
+    s.submit(submission(b"q1", &[])).await.unwrap();
+    s.submit(submission(b"q2", &[])).await.unwrap();
+    assert_eq!(s.status().await.unwrap().queues.iter().map(|(_, n)| n).sum::<usize>(), 2);
     // A property nobody offers fails at once.
-    let err = s.submit(submission(b"gpu", &[("gpu", "1")])).map(|_| ()).unwrap_err();
+    let err = s.submit(submission(b"gpu", &[("gpu", "1")])).await.map(|_| ()).unwrap_err();
     assert_eq!(err.code, tonic::Code::FailedPrecondition);
     assert!(err.message.contains("gpu=1"), "{}", err.message);
 }
@@ -162,13 +161,13 @@ fn oldest_first_least_loaded_worker_and_platform_routing() {
 #[tokio::test]
 async fn duplicates_merge_and_late_answers_are_ignored() {
     let s = scheduler(3);
-    let (w, mut rx) = worker(&s, "w", 1, &[]);
-    let a = s.submit(submission(b"same", &[])).unwrap();
-    let b = s.submit(submission(b"same", &[])).unwrap();
+    let (w, mut rx) = worker(&s, "w", 1, &[]).await;
+    let a = s.submit(submission(b"same", &[])).await.unwrap();
+    let b = s.submit(submission(b"same", &[])).await.unwrap();
     assert_eq!(a.borrow().name, b.borrow().name);
     let task = assigned(&mut rx).unwrap();
     let name = a.borrow().name.clone(); // no watch guard held across the cancel
-    s.cancel(&name, None).unwrap();
+    s.cancel(&name, None).await.unwrap();
     assert!(b.borrow().done());
     assert!(matches!(rx.try_recv(), Ok(WorkerCommand::Cancel(id)) if id == task.id), "the worker is told");
     // The worker's answer for the cancelled task changes nothing.
@@ -176,33 +175,33 @@ async fn duplicates_merge_and_late_answers_are_ignored() {
     let status = b.borrow().response.as_ref().unwrap().status.clone().unwrap();
     assert_eq!(status.code, tonic::Code::Cancelled as i32);
     // The slot is free again.
-    s.submit(submission(b"next", &[])).unwrap();
+    s.submit(submission(b"next", &[])).await.unwrap();
     assert!(assigned(&mut rx).is_some());
 }
 
 #[tokio::test]
 async fn merged_principals_own_the_operation_and_cancel_only_detaches() {
     let s = scheduler(3);
-    let (_w, mut rx) = worker(&s, "w", 1, &[]);
-    let a = s.submit(owned(b"same", "alice")).unwrap();
-    let b = s.submit(owned(b"same", "bob")).unwrap();
+    let (_w, mut rx) = worker(&s, "w", 1, &[]).await;
+    let a = s.submit(owned(b"same", "alice")).await.unwrap();
+    let b = s.submit(owned(b"same", "bob")).await.unwrap();
     let name = a.borrow().name.clone();
     assert_eq!(b.borrow().name, name, "identical actions still merge across principals");
     let (alice, bob, eve) =
         (Principal::Token("alice".into()), Principal::Token("bob".into()), Principal::Token("eve".into()));
-    assert_eq!(s.get(&name).unwrap().owners, vec![alice.clone(), bob.clone()]);
+    assert_eq!(s.get(&name).await.unwrap().unwrap().owners, vec![alice.clone(), bob.clone()]);
     let task = assigned(&mut rx).unwrap();
     // Someone else's cancel or delete: as if the operation did not exist.
-    assert_eq!(s.cancel(&name, Some(&eve)).unwrap_err().code, tonic::Code::NotFound);
-    assert_eq!(s.delete(&name, Some(&eve)).unwrap_err().code, tonic::Code::NotFound);
+    assert_eq!(s.cancel(&name, Some(&eve)).await.unwrap_err().code, tonic::Code::NotFound);
+    assert_eq!(s.delete(&name, Some(&eve)).await.unwrap_err().code, tonic::Code::NotFound);
     // Bob cancels: he is detached, Alice's action keeps running.
-    s.cancel(&name, Some(&bob)).unwrap();
+    s.cancel(&name, Some(&bob)).await.unwrap();
     assert!(!a.borrow().done());
-    assert_eq!(s.get(&name).unwrap().owners, vec![alice.clone()]);
+    assert_eq!(s.get(&name).await.unwrap().unwrap().owners, vec![alice.clone()]);
     assert!(rx.try_recv().is_err(), "the worker is not told to cancel");
-    assert_eq!(s.cancel(&name, Some(&bob)).unwrap_err().code, tonic::Code::NotFound);
+    assert_eq!(s.cancel(&name, Some(&bob)).await.unwrap_err().code, tonic::Code::NotFound);
     // Alice, the last owner, really cancels.
-    s.cancel(&name, Some(&alice)).unwrap();
+    s.cancel(&name, Some(&alice)).await.unwrap();
     assert!(a.borrow().done());
     assert!(matches!(rx.try_recv(), Ok(WorkerCommand::Cancel(id)) if id == task.id));
 }
@@ -210,60 +209,60 @@ async fn merged_principals_own_the_operation_and_cancel_only_detaches() {
 #[tokio::test]
 async fn a_draining_worker_finishes_its_action_and_takes_nothing_new() {
     let s = scheduler(3);
-    let (a, mut rx_a) = worker(&s, "a", 2, &[]);
-    let first = s.submit(submission(b"first", &[])).unwrap();
+    let (a, mut rx_a) = worker(&s, "a", 2, &[]).await;
+    let first = s.submit(submission(b"first", &[])).await.unwrap();
     let task = assigned(&mut rx_a).unwrap();
-    s.set_draining("a", true).unwrap();
-    assert!(s.status().workers[0].draining);
+    s.set_draining("a", true).await.unwrap();
+    assert!(s.status().await.unwrap().workers[0].draining);
     // Accepted (the worker offers the platform), but not given to it
     // although it has a free slot.
-    let second = s.submit(submission(b"second", &[])).unwrap();
+    let second = s.submit(submission(b"second", &[])).await.unwrap();
     assert!(assigned(&mut rx_a).is_none(), "a draining worker takes nothing new");
     let done = ExecuteResponse { result: Some(ActionResult::default()), ..Default::default() };
     s.finished(a, &task.id, done).await;
     assert!(first.borrow().done(), "what it ran finishes");
     assert!(assigned(&mut rx_a).is_none(), "idle, still draining");
-    let (_b, mut rx_b) = worker(&s, "b", 1, &[]);
+    let (_b, mut rx_b) = worker(&s, "b", 1, &[]).await;
     assert!(assigned(&mut rx_b).is_some(), "the next action goes to another worker");
     assert_eq!(second.borrow().worker.as_deref(), Some("b"));
     // Undrained, it takes work again (b is busy).
-    s.set_draining("a", false).unwrap();
-    assert!(!s.status().workers[0].draining);
-    s.submit(submission(b"third", &[])).unwrap();
+    s.set_draining("a", false).await.unwrap();
+    assert!(!s.status().await.unwrap().workers[0].draining);
+    s.submit(submission(b"third", &[])).await.unwrap();
     assert!(assigned(&mut rx_a).is_some());
-    let err = s.set_draining("nobody", true).unwrap_err();
+    let err = s.set_draining("nobody", true).await.unwrap_err();
     assert_eq!(err.code, tonic::Code::NotFound);
     assert!(err.message.contains("nobody"), "{}", err.message);
 }
 
-#[test]
-fn draining_the_last_worker_of_a_platform_gives_its_queue_the_unmatched_wait() {
+#[tokio::test]
+async fn draining_the_last_worker_of_a_platform_gives_its_queue_the_unmatched_wait() {
     let timeout = Duration::from_millis(500);
     let s = scheduler_with(3, timeout);
-    let (_gpu, mut rx) = worker(&s, "gpu", 1, &[("gpu", "1")]);
-    let (_other, _rx_other) = worker(&s, "other", 1, &[]);
-    s.submit(submission(b"running", &[("gpu", "1")])).unwrap();
+    let (_gpu, mut rx) = worker(&s, "gpu", 1, &[("gpu", "1")]).await;
+    let (_other, _rx_other) = worker(&s, "other", 1, &[]).await;
+    s.submit(submission(b"running", &[("gpu", "1")])).await.unwrap();
     assert!(assigned(&mut rx).is_some());
     // Waits behind the busy worker for longer than unmatched_timeout:
     // matched all along, so it does not fail.
-    let waiting = s.submit(submission(b"waiting", &[("gpu", "1")])).unwrap();
+    let waiting = s.submit(submission(b"waiting", &[("gpu", "1")])).await.unwrap();
     std::thread::sleep(timeout + Duration::from_millis(100));
-    s.sweep();
+    s.sweep().await;
     assert!(!waiting.borrow().done());
     // Its only worker drains: new actions are still accepted, and the
     // queue gets a whole unmatched_timeout from now.
-    s.set_draining("gpu", true).unwrap();
-    let late = s.submit(submission(b"late", &[("gpu", "1")])).unwrap();
-    s.sweep();
+    s.set_draining("gpu", true).await.unwrap();
+    let late = s.submit(submission(b"late", &[("gpu", "1")])).await.unwrap();
+    s.sweep().await;
     assert!(!waiting.borrow().done(), "not failed at once");
     std::thread::sleep(timeout + Duration::from_millis(100));
-    s.sweep();
+    s.sweep().await;
     for op in [&waiting, &late] {
         let status = op.borrow().response.as_ref().expect("failed as unmatched").status.clone().unwrap();
         assert_eq!(status.code, tonic::Code::FailedPrecondition as i32, "{}", status.message);
     }
     // With no worker offering the platform at all, as before: refused.
-    let err = s.submit(submission(b"tpu", &[("tpu", "1")])).map(|_| ()).unwrap_err();
+    let err = s.submit(submission(b"tpu", &[("tpu", "1")])).await.map(|_| ()).unwrap_err();
     assert_eq!(err.code, tonic::Code::FailedPrecondition);
 }
 
@@ -271,8 +270,8 @@ fn draining_the_last_worker_of_a_platform_gives_its_queue_the_unmatched_wait() {
 async fn a_failed_run_is_kept_in_the_cas_and_its_message_links_the_action_page() {
     let mut s = scheduler(3);
     s.config.status_url = Some("http://status.test:8981".into());
-    let (w, mut rx) = worker(&s, "a", 1, &[]);
-    let failing = s.submit(submission(b"fails", &[])).unwrap();
+    let (w, mut rx) = worker(&s, "a", 1, &[]).await;
+    let failing = s.submit(submission(b"fails", &[])).await.unwrap();
     let task = assigned(&mut rx).unwrap();
     let result = ActionResult { exit_code: 3, stderr_raw: b"boom\n".to_vec(), ..Default::default() };
     let response =
@@ -294,7 +293,7 @@ async fn a_failed_run_is_kept_in_the_cas_and_its_message_links_the_action_page()
     assert!(s.results.lookup(&key, DigestFunction::Sha256).await.unwrap().is_none());
 
     // A success keeps nothing and says nothing.
-    let ok = s.submit(submission(b"works", &[])).unwrap();
+    let ok = s.submit(submission(b"works", &[])).await.unwrap();
     let task = assigned(&mut rx).unwrap();
     s.finished(w, &task.id, ExecuteResponse { result: Some(ActionResult::default()), ..Default::default() }).await;
     let view = ok.borrow().clone();
@@ -305,8 +304,8 @@ async fn a_failed_run_is_kept_in_the_cas_and_its_message_links_the_action_page()
 #[tokio::test]
 async fn without_a_status_url_a_failure_is_kept_but_carries_no_link() {
     let s = scheduler(3);
-    let (w, mut rx) = worker(&s, "a", 1, &[]);
-    let op = s.submit(submission(b"times out", &[])).unwrap();
+    let (w, mut rx) = worker(&s, "a", 1, &[]).await;
+    let op = s.submit(submission(b"times out", &[])).await.unwrap();
     let task = assigned(&mut rx).unwrap();
     let status = remote_apis::rpc::Status { code: tonic::Code::DeadlineExceeded as i32, ..Default::default() };
     let response =

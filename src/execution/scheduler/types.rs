@@ -56,6 +56,8 @@ pub struct WorkerView {
     pub connected_for: Duration,
     /// Takes no new actions; finishes what it runs (see [`Scheduler::set_draining`]).
     pub draining: bool,
+    /// The server replica the worker is connected to.
+    pub replica: String,
 }
 
 /// One operation as clients see it. `stages` only grows (a lost worker adds
@@ -84,19 +86,10 @@ impl OpView {
     }
 }
 
-/// Counters for `scheduler status`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Counters {
-    pub cache_hits: u64,
-    pub cache_misses: u64,
-    pub merged: u64,
-    pub executed: u64,
-    pub failed: u64,
-    pub requeued: u64,
-    pub cancelled: u64,
-}
+/// Counters for `scheduler status` (the whole cluster's).
+pub use crate::execution::state::Counters;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Status {
     pub queues: Vec<(Platform, usize)>,
     pub running: usize,

@@ -45,7 +45,7 @@ pub async fn page(
     Query(q): Query<ActionQuery>,
 ) -> PageResult {
     let digest = parse_digest(&function, &hash, &size)?;
-    let instance = instance_of(&state, &digest, q.instance.as_deref())?;
+    let instance = instance_of(&state, &digest, q.instance.as_deref()).await?;
     // An evicted Action still leaves its result worth showing.
     let action = match read_proto::<Action>(&state, &digest, "Action").await {
         Err(e) if e.status != axum::http::StatusCode::NOT_FOUND => return Err(e),
@@ -78,11 +78,11 @@ pub async fn page(
 
 /// The instance whose ActionCache entry to show: as asked, else that of
 /// the newest operation of the action, else the default one.
-fn instance_of(state: &HttpState, digest: &Digest, asked: Option<&str>) -> Result<InstanceName, PageError> {
+async fn instance_of(state: &HttpState, digest: &Digest, asked: Option<&str>) -> Result<InstanceName, PageError> {
     if let Some(name) = asked {
         return InstanceName::new(name).map_err(|e| PageError::bad_request(e.0));
     }
-    let newest = state.scheduler.list().into_iter().rev().find(|op| op.action_digest == *digest);
+    let newest = state.scheduler.list().await?.into_iter().rev().find(|op| op.action_digest == *digest);
     Ok(newest.map(|op| op.instance).unwrap_or_default())
 }
 
@@ -115,6 +115,7 @@ async fn find_result(
     let newest = state
         .scheduler
         .list()
+        .await?
         .into_iter()
         .rev()
         .find(|op| op.action_digest == *digest && op.response.as_ref().is_some_and(|r| r.result.is_some()));

@@ -20,6 +20,7 @@ pub async fn page(State(state): State<Arc<HttpState>>, Path(id): Path<String>) -
     let op = state
         .scheduler
         .get(&name)
+        .await?
         .ok_or_else(|| PageError::not_found(format!("operation {name} is unknown or has expired")))?;
     let mut body = String::new();
     let (class, summary) = if op.done() { outcome(&op) } else { ("", "in progress".to_string()) };

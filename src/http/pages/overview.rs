@@ -39,12 +39,21 @@ pub async fn page(
     Extension(viewer): Extension<Viewer>,
     Query(q): Query<OverviewQuery>,
 ) -> Response {
-    let status = state.scheduler.status();
-    let ops = state.scheduler.list();
+    let read = async {
+        Ok::<_, crate::error::Error>((
+            state.scheduler.status().await?,
+            state.scheduler.list().await?,
+            state.scheduler.queues().await?,
+        ))
+    };
+    let (status, ops, queue_views) = match read.await {
+        Ok(read) => read,
+        Err(e) => return super::PageError::from(e).into_response(),
+    };
     let mut body = String::new();
     summary(&state, &status.counters, &mut body);
     workers(&status.workers, viewer, &mut body);
-    queues(&state, &mut body);
+    queues(queue_views, &mut body);
     running(&ops, &mut body);
     recent(&ops, &mut body);
     let refresh = q.refresh.unwrap_or(DEFAULT_REFRESH);
@@ -143,9 +152,8 @@ fn workers(list: &[WorkerView], viewer: Viewer, out: &mut String) {
     out.push_str("</table>");
 }
 
-fn queues(state: &HttpState, out: &mut String) {
+fn queues(queues: Vec<crate::execution::scheduler::QueueView>, out: &mut String) {
     out.push_str("<h2>Queues</h2>");
-    let queues = state.scheduler.queues();
     if queues.is_empty() {
         out.push_str("<p class=\"muted\" id=\"no-queues\">Nothing is queued.</p>");
         return;
@@ -230,15 +238,15 @@ pub fn outcome(op: &OpView) -> (&'static str, String) {
 }
 
 pub async fn drain(State(state): State<Arc<HttpState>>, Path(name): Path<String>) -> PageResult {
-    set_draining(&state, &name, true)
+    set_draining(&state, &name, true).await
 }
 
 pub async fn undrain(State(state): State<Arc<HttpState>>, Path(name): Path<String>) -> PageResult {
-    set_draining(&state, &name, false)
+    set_draining(&state, &name, false).await
 }
 
 /// The authentication layer has checked the admin grant and the origin.
-fn set_draining(state: &HttpState, name: &str, draining: bool) -> PageResult {
-    state.scheduler.set_draining(name, draining)?;
+async fn set_draining(state: &HttpState, name: &str, draining: bool) -> PageResult {
+    state.scheduler.set_draining(name, draining).await?;
     Ok(Redirect::to("/").into_response())
 }
