@@ -146,3 +146,45 @@ async fn a_queued_action_survives_restarting_every_replica() {
     assert_eq!(done.result.unwrap().exit_code, 0);
     c.stop().await.unwrap();
 }
+
+/// A `cargo-distbuild worker` process connected to `server`.
+fn remote_worker(server: &TestServer, name: &str, dir: &Path) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_cargo-distbuild"))
+        .args(["worker", "--scheduler", &server.url(), "--name", name, "--slots", "1", "--work-dir"])
+        .arg(dir)
+        .env("DISTBUILD_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_on_b_has_its_action_rerun_by_a_worker_on_a() {
+    let Some(shared) = Shared::start().await else { return };
+    let a = shared.replica(0).await;
+    let b = shared.replica(0).await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut doomed = remote_worker(&b, "doomed", dirs.0.path());
+    let act = Act { do_not_cache: true, output_paths: vec!["out"], ..Act::sh("sleep 2; echo finished > out") };
+    let digest = act.upload(&a).await;
+    let mut stream = execution(&a).execute(request(digest)).await.unwrap().into_inner();
+    loop {
+        let op = tokio::time::timeout(Duration::from_secs(30), stream.message()).await.unwrap().unwrap().unwrap();
+        if stage(&op) == Stage::Executing {
+            break;
+        }
+    }
+    let _survivor = remote_worker(&a, "survivor", dirs.1.path());
+    doomed.start_kill().unwrap(); // SIGKILL: B sees its stream end
+    let mut last = None;
+    while let Some(op) = tokio::time::timeout(Duration::from_secs(60), stream.message()).await.unwrap().unwrap() {
+        last = Some(op);
+    }
+    let r = response(&last.unwrap());
+    let result = r.result.as_ref().unwrap_or_else(|| panic!("no result: {:?}", r.status));
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(result.execution_metadata.as_ref().unwrap().worker, "survivor");
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
