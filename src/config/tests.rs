@@ -109,6 +109,11 @@ fn deploy_examples_parse() {
                 assert!(matches!(&g.stores["bucket"], StoreSpec::S3(s) if s.path_style && s.prefix == "distbuild/"));
                 assert_eq!(g.max_blob(), 200 << 30, "the disk tier's budget bounds a blob");
             }
+            if path.ends_with("ha-pair.toml") {
+                assert!(matches!(&c.scheduler_state, SchedulerState::Redis(r) if r.redis.starts_with("redis://")));
+                assert_eq!((c.stores.cas.as_str(), c.stores.ac.as_str()), ("cache", "bucket"));
+                assert_eq!(c.worker_capacity, 0, "the replicas' actions run on remote workers");
+            }
             if path.ends_with("tls-farm.toml") {
                 let tls = c.tls.as_ref().expect("tls-farm.toml turns TLS on");
                 assert!(tls.client_ca.is_some() && c.worker_listen.is_some(), "{}", path.display());
@@ -140,4 +145,28 @@ fn scheduler_state_is_memory_by_default_or_redis() {
     assert!(state("[scheduler]\nstate = \"postgres\"").is_err());
     assert!(state("[scheduler]\nstate = { redis = \"redis://r\", ttl = 3 }").is_err(), "unknown keys refused");
     assert!(state("[scheduler]\nstate = { redis = \"\" }").is_err());
+}
+
+/// The configs the Kubernetes manifests embed (`config.toml: |` in each
+/// ConfigMap) parse and resolve like the files under deploy/config.
+#[test]
+fn kubernetes_configmaps_hold_valid_configs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let mut seen = 0;
+    for dir in [root.clone(), root.join("ha")] {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let Some(at) = text.find("config.toml: |\n") else { continue };
+            let body: String = text[at..]
+                .lines()
+                .skip(1)
+                .take_while(|l| l.is_empty() || l.starts_with("    "))
+                .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+                .collect();
+            FileConfig::parse(&body).and_then(|f| f.resolve()).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 3, "expected the server, worker and HA ConfigMaps, found {seen}");
 }

@@ -87,6 +87,13 @@ impl TestServer {
         TestServer { addr, channel, data_dir: dir.to_path_buf(), stop: Some(stop), handle: Some(handle), _dir: None }
     }
 
+    /// A handle on a server this test did not start in-process (a
+    /// `cargo-distbuild server` child process): a channel, nothing to stop.
+    pub fn connect(addr: SocketAddr) -> Self {
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        TestServer { addr, channel, data_dir: PathBuf::new(), stop: None, handle: None, _dir: None }
+    }
+
     pub fn url(&self) -> String {
         format!("grpc://{}", self.addr)
     }

@@ -7,6 +7,7 @@ mod asset_names;
 mod auth;
 mod bazel;
 mod bazel_asset;
+mod bazel_replicas;
 mod bazel_tls;
 mod browser;
 mod buck2;
