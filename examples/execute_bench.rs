@@ -24,6 +24,15 @@
 //! expected); the first wrong one aborts the benchmark with its reason.
 //!
 //! Usage: execute_bench SERVER_BINARY [ITERATIONS=500] [CONCURRENCY=64]
+//!        execute_bench SERVER_BINARY --replicas [CONCURRENCY=64]
+//!
+//! `--replicas` measures throughput through two server replicas sharing one
+//! scheduler state on Redis (clients alternate between them) against one
+//! server with the in-memory state, with the same workers in all (two slots
+//! in all: one per replica, or two on the single server) and the same
+//! storage (a Redis store, shared by the replicas), so the difference is the
+//! shared state. It starts its own `redis-server`. The issue's target: two
+//! replicas at least 0.8x of one.
 
 #[path = "support/server.rs"]
 mod support;
@@ -44,7 +53,8 @@ use tonic::transport::Channel;
 
 use support::{Server, start_server};
 
-const USAGE: &str = "usage: execute_bench SERVER_BINARY [ITERATIONS=500] [CONCURRENCY=64]";
+const USAGE: &str =
+    "usage: execute_bench SERVER_BINARY [ITERATIONS=500] [CONCURRENCY=64] | SERVER_BINARY --replicas [CONCURRENCY=64]";
 
 /// Unmeasured Executes before the sequential latency runs.
 const WARMUP: usize = 10;
@@ -353,6 +363,10 @@ fn print_report(r: &Report) {
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let binary = args.get(1).expect(USAGE);
+    if args.get(2).is_some_and(|a| a == "--replicas") {
+        let concurrency: usize = args.get(3).map_or(64, |s| s.parse().expect(USAGE));
+        return replicas_comparison(binary, concurrency).await;
+    }
     let iterations: usize = args.get(2).map_or(500, |s| s.parse().expect(USAGE));
     let concurrency: usize = args.get(3).map_or(64, |s| s.parse().expect(USAGE));
     assert!(iterations > 0 && concurrency > 0, "{USAGE}");
@@ -422,4 +436,58 @@ async fn metrics_comparison(binary: &str, iterations: usize) {
         "control: metrics off against off",
         off_p50 / control_p50
     );
+}
+
+/// A config file for one server of the replicas comparison: storage in
+/// Redis under `store_prefix` (shared by servers that name the same one),
+/// the scheduler state in memory or on Redis, `slots` built-in slots.
+fn replica_config(dir: &std::path::Path, name: &str, redis: &str, store_prefix: &str, shared: bool) -> String {
+    let state = if shared { format!("{{ redis = \"{redis}\", prefix = \"bench\" }}") } else { "\"memory\"".into() };
+    let text = format!(
+        "[scheduler]\nstate = {state}\n[server]\nhttp_listen = \"\"\nmetrics = false\n\
+         [stores.shared]\ntype = \"redis\"\nurl = \"{redis}\"\nprefix = \"{store_prefix}:\"\nmax_blob_size = \"64MiB\"\n\
+         [cas]\nstore = \"shared\"\n"
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// Uncached and cached throughput through one server (memory state) and
+/// through two replicas sharing a Redis state, same workers, same storage.
+async fn replicas_comparison(binary: &str, concurrency: usize) {
+    let redis = cargo_distbuild::testing::redis::RedisServer::start().expect("redis-server is not installed");
+    let dir = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let single = replica_config(dir.path(), "single", &url, "one", false);
+    let shared = replica_config(dir.path(), "replica", &url, "two", true);
+    let mut one = start_server(binary, &["--workers", "2", "--config", &single]);
+    let mut fixtures = Vec::new();
+    let channel = wait_for_server(&mut one).await;
+    for _ in 0..CHANNELS {
+        fixtures.push(Fixture::new(channel.clone()).await);
+    }
+    let (one_uncached, one_cached) = throughputs(&fixtures, concurrency).await;
+    drop(one);
+    let mut a = start_server(binary, &["--workers", "1", "--config", &shared]);
+    let mut b = start_server(binary, &["--workers", "1", "--config", &shared]);
+    let (ca, cb) = (wait_for_server(&mut a).await, wait_for_server(&mut b).await);
+    let mut fixtures = Vec::new();
+    for i in 0..CHANNELS {
+        fixtures.push(Fixture::new(if i % 2 == 0 { ca.clone() } else { cb.clone() }).await);
+    }
+    let (two_uncached, two_cached) = throughputs(&fixtures, concurrency).await;
+    drop((a, b));
+    println!(
+        "replicas: {concurrency} clients, 2 worker slots in all, storage on one Redis ({} cores)",
+        std::thread::available_parallelism().unwrap()
+    );
+    println!("{:<44} {:>12} {:>12} {:>8}  target", "actions/s", "1 (memory)", "2 (redis)", "2/1");
+    let row = |what: &str, one: f64, two: f64| {
+        let ratio = two / one;
+        let verdict = if ratio >= 0.8 { "met" } else { "MISSED" };
+        println!("{what:<44} {one:>12.0} {two:>12.0} {ratio:>8.2}  >= 0.8 ({verdict})");
+    };
+    row(&format!("Execute, uncached ({UNCACHED_TOTAL} actions)"), one_uncached, two_uncached);
+    row(&format!("Execute, cached ({CACHED_TOTAL} hits)"), one_cached, two_cached);
 }
