@@ -442,11 +442,13 @@ async fn metrics_comparison(binary: &str, iterations: usize) {
 /// Redis under `store_prefix` (shared by servers that name the same one),
 /// the scheduler state in memory or on Redis, `slots` built-in slots.
 fn replica_config(dir: &std::path::Path, name: &str, redis: &str, store_prefix: &str, shared: bool) -> String {
+    std::fs::create_dir_all(dir.join(format!("{name}-work"))).unwrap();
     let state = if shared { format!("{{ redis = \"{redis}\", prefix = \"bench\" }}") } else { "\"memory\"".into() };
     let text = format!(
         "[scheduler]\nstate = {state}\n[server]\nhttp_listen = \"\"\nmetrics = false\n\
          [stores.shared]\ntype = \"redis\"\nurl = \"{redis}\"\nprefix = \"{store_prefix}:\"\nmax_blob_size = \"64MiB\"\n\
-         [cas]\nstore = \"shared\"\n"
+         [cas]\nstore = \"shared\"\n[worker]\nwork_dir = \"{work}\"\n",
+        work = dir.join(format!("{name}-work")).display()
     );
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
@@ -460,8 +462,9 @@ async fn replicas_comparison(binary: &str, concurrency: usize) {
     let dir = tempfile::tempdir().unwrap();
     let url = redis.url();
     let single = replica_config(dir.path(), "single", &url, "one", false);
-    let shared = replica_config(dir.path(), "replica", &url, "two", true);
-    let mut one = start_server(binary, &["--workers", "2", "--config", &single]);
+    let (replica_a, replica_b) =
+        (replica_config(dir.path(), "a", &url, "two", true), replica_config(dir.path(), "b", &url, "two", true));
+    let mut one = support::start_configured_server(binary, &["--workers", "2", "--config", &single]);
     let mut fixtures = Vec::new();
     let channel = wait_for_server(&mut one).await;
     for _ in 0..CHANNELS {
@@ -469,8 +472,8 @@ async fn replicas_comparison(binary: &str, concurrency: usize) {
     }
     let (one_uncached, one_cached) = throughputs(&fixtures, concurrency).await;
     drop(one);
-    let mut a = start_server(binary, &["--workers", "1", "--config", &shared]);
-    let mut b = start_server(binary, &["--workers", "1", "--config", &shared]);
+    let mut a = support::start_configured_server(binary, &["--workers", "1", "--config", &replica_a]);
+    let mut b = support::start_configured_server(binary, &["--workers", "1", "--config", &replica_b]);
     let (ca, cb) = (wait_for_server(&mut a).await, wait_for_server(&mut b).await);
     let mut fixtures = Vec::new();
     for i in 0..CHANNELS {

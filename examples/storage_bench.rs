@@ -10,6 +10,7 @@
 //! Usage: storage_bench SERVER_BINARY [BLOB_MIB] [SMALL_BLOBS]
 
 #[path = "support/server.rs"]
+#[allow(dead_code)] // the execution benchmark's helpers
 mod support;
 
 use std::io::{Read, Write};

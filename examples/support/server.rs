@@ -33,6 +33,23 @@ pub fn start_server(binary: &str, extra: &[&str]) -> Server {
     Server { child, _dir: dir, url: format!("grpc://127.0.0.1:{port}") }
 }
 
+/// Starts `binary server` on a free port with `extra` arguments and no
+/// `--data-dir`: for configs whose `[cas] store` says where blobs go (the
+/// temporary directory is still the process's working directory).
+pub fn start_configured_server(binary: &str, extra: &[&str]) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(binary)
+        .args(["server", "--listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
+        .current_dir(dir.path())
+        .env("DISTBUILD_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting the server binary");
+    Server { child, _dir: dir, url: format!("grpc://127.0.0.1:{port}") }
+}
+
 /// A config file turning metrics on (with an HTTP listener on a free port,
 /// so they are recorded) or off, and the directory holding it.
 pub fn metrics_config(on: bool) -> (tempfile::TempDir, String) {

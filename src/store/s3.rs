@@ -142,7 +142,14 @@ fn builder(config: &S3Config) -> Result<AmazonS3Builder> {
 }
 
 fn client(builder: &AmazonS3Builder, config: &S3Config, options: ClientOptions, names: &Names) -> Result<AmazonS3> {
-    let options = options.with_connect_timeout(config.timeout).with_allow_http(config.allows_http());
+    // A plain-HTTP endpoint needs no certificates, and the platform
+    // verifier refuses to build a client on a machine that has none (slim
+    // container images without ca-certificates).
+    let plain = config.endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
+    let options = options
+        .with_connect_timeout(config.timeout)
+        .with_allow_http(config.allows_http())
+        .with_no_system_certificates(plain);
     let retry = RetryConfig { max_retries: MAX_RETRIES, retry_timeout: config.timeout, ..Default::default() };
     builder
         .clone()

@@ -43,6 +43,15 @@ pub fn free_port(with_bus: bool) -> u16 {
     }
 }
 
+/// SIGKILLs an engine's process and reaps it (an engine that goes away, not
+/// a clean shutdown); its data directory stays for a restart.
+pub(crate) fn kill(child: &mut Option<std::process::Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// Waits until something accepts connections on `port`.
 pub(crate) fn wait_for_port(port: u16, within: Duration) -> bool {
     let deadline = Instant::now() + within;

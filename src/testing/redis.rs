@@ -82,10 +82,7 @@ impl RedisServer {
     /// Kills the server (SIGKILL: an engine that goes away, not a clean
     /// shutdown). Its data stays for [`RedisServer::restart`].
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        super::kill(&mut self.child);
     }
 
     /// Starts it again on the same port and directory.

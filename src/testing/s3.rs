@@ -60,10 +60,7 @@ impl S3Server {
 
     /// Kills the server; its data stays for [`S3Server::restart`].
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        super::kill(&mut self.child);
     }
 
     /// Starts it again on the same port and root.

@@ -53,6 +53,16 @@ fn classify(e: &object_store::Error) -> (Code, &'static str) {
         E::NotFound { .. } => (Code::NotFound, ""),
         E::PermissionDenied { .. } | E::Unauthenticated { .. } => CREDENTIALS,
         E::Generic { .. } | E::JoinError { .. } => {
+            let text = e.to_string();
+            if text.contains("builder error") {
+                // reqwest could not make its client: on Linux, almost always
+                // no CA certificates for an https endpoint.
+                return (
+                    Code::FailedPrecondition,
+                    "cannot make an HTTPS client (an https endpoint needs the system's CA certificates: \
+                     install ca-certificates): ",
+                );
+            }
             let mut source = e.source();
             while let Some(s) = source {
                 // No answer: refused, reset, timed out.
@@ -61,7 +71,7 @@ fn classify(e: &object_store::Error) -> (Code, &'static str) {
                 }
                 source = s.source();
             }
-            classify_answer(&e.to_string(), CREDENTIALS)
+            classify_answer(&text, CREDENTIALS)
         }
         _ => (Code::Internal, ""),
     }
