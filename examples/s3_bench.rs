@@ -10,6 +10,9 @@
 //! Usage: s3_bench ENDPOINT BUCKET [BLOB_MIB=256]
 //! (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)
 
+#[path = "support/sink.rs"]
+mod sink;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,38 +26,11 @@ use object_store::path::Path;
 use object_store::{ClientOptions, ObjectStoreExt, WriteMultipart};
 use remote_apis::client::{CasClient, ClientOptions as CasOptions};
 use remote_apis::{Digest, DigestFunction};
-use tokio::io::AsyncWrite;
 
 const ROUNDS: usize = 3;
 
 /// Parts the direct client keeps in flight (object_store's BufWriter default).
 const DIRECT_PARTS_IN_FLIGHT: usize = 8;
-
-/// Counts what it is given and keeps nothing.
-struct Sink(u64);
-
-impl AsyncWrite for Sink {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.0 += buf.len() as u64;
-        std::task::Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-}
 
 fn random_bytes(len: usize, seed: u64) -> Bytes {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -125,7 +101,7 @@ async fn through_server(client: &CasClient, data: Bytes) -> (f64, f64) {
     client.upload_blobs(vec![(digest, data)]).await.unwrap();
     let up = mib_per_s(len, started.elapsed());
     let started = Instant::now();
-    let mut sink = Sink(0);
+    let mut sink = sink::Sink(0);
     client.download(digest, &mut sink).await.unwrap();
     assert_eq!(sink.0, len as u64);
     (up, mib_per_s(len, started.elapsed()))

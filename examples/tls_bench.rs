@@ -8,6 +8,9 @@
 //!
 //! Usage: tls_bench [BLOB_MIB=256]
 
+#[path = "support/sink.rs"]
+mod sink;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,35 +18,8 @@ use cargo_distbuild::config::{Backend, FileConfig};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use remote_apis::client::{CasClient, ClientOptions, ClientTls};
 use remote_apis::{Digest, DigestFunction};
-use tokio::io::AsyncWrite;
 
 const ROUNDS: usize = 5;
-
-/// Counts what it is given and keeps nothing.
-struct Sink(u64);
-
-impl AsyncWrite for Sink {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.0 += buf.len() as u64;
-        std::task::Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-}
 
 /// A CA, and a server certificate for localhost signed by it, as files.
 fn certificates(dir: &std::path::Path) {
@@ -103,7 +79,7 @@ async fn round(client: &CasClient, blob_mib: u64, seed: u8) -> (f64, f64) {
     client.upload_blobs(vec![(digest, data)]).await.unwrap();
     let up = len as f64 / started.elapsed().as_secs_f64() / 1e6;
     let started = Instant::now();
-    let mut sink = Sink(0);
+    let mut sink = sink::Sink(0);
     client.download(digest, &mut sink).await.unwrap();
     assert_eq!(sink.0, len as u64);
     (up, len as f64 / started.elapsed().as_secs_f64() / 1e6)
