@@ -3,6 +3,7 @@
 //! records it leaves (`settings::Record`).
 
 pub mod args;
+pub mod cc;
 pub mod compile;
 pub mod depinfo;
 pub mod hashcache;

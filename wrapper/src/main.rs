@@ -53,6 +53,7 @@ fn main() -> ExitCode {
             ms: started.elapsed().as_millis() as u64,
             saved_ms: outcome.saved_ms,
             exit: outcome.code,
+            tool: String::new(),
         },
     );
     ExitCode::from(outcome.code.clamp(0, 255) as u8)

@@ -19,6 +19,9 @@ pub const TOOLCHAIN: &str = "toolchain";
 pub const CARGO_HOME: &str = "cargo-home";
 pub const TARGET: &str = "target";
 pub const WORKSPACE: &str = "ws";
+/// For C compiles: everything outside the other roots, at its absolute
+/// path (`/usr/include/stdio.h` is `sys/usr/include/stdio.h`).
+pub const SYSTEM: &str = "sys";
 
 #[derive(Debug, Clone)]
 pub struct Roots {
@@ -45,6 +48,26 @@ impl Roots {
             roots.push((cwd.clone(), WORKSPACE));
         }
         roots.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+        let mut r = Roots { roots, cwd: cwd.clone(), cwd_mapped: String::new() };
+        r.cwd_mapped = r.map_abs(&cwd).unwrap_or_default();
+        r
+    }
+
+    /// The roots of a C compile a build script runs: `CARGO_HOME`, the
+    /// target directory and the workspace as for rustc, and `/` as
+    /// [`SYSTEM`], so system headers and the compiler's own files map too.
+    /// `cwd` (the package directory) need not be a root.
+    pub fn for_cc(cargo_home: Option<&Path>, target_dir: Option<&Path>, workspace: &Path, cwd: &Path) -> Roots {
+        let mut roots: Vec<(PathBuf, &'static str)> =
+            vec![(PathBuf::from("/"), SYSTEM), (normalize(workspace), WORKSPACE)];
+        if let Some(h) = cargo_home {
+            roots.push((normalize(h), CARGO_HOME));
+        }
+        if let Some(t) = target_dir {
+            roots.push((normalize(t), TARGET));
+        }
+        roots.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+        let cwd = normalize(cwd);
         let mut r = Roots { roots, cwd: cwd.clone(), cwd_mapped: String::new() };
         r.cwd_mapped = r.map_abs(&cwd).unwrap_or_default();
         r

@@ -214,6 +214,10 @@ pub struct Record {
     #[serde(default)]
     pub saved_ms: i64,
     pub exit: i32,
+    /// Which wrapper wrote it: "" for rustc (`distbuild-rustc`), "cc" for a
+    /// C/C++ compiler invocation (`distbuild-cc`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tool: String,
 }
 
 /// Appends `record` (one `write` of one line, so concurrent wrappers do not
