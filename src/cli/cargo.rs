@@ -47,8 +47,20 @@ pub async fn cargo(command: &str, args: Vec<String>, ctx: Session) -> anyhow::Re
     if let Some(out) = sysroot.filter(|o| o.status.success()) {
         cmd.env("DISTBUILD_SYSROOT", String::from_utf8_lossy(&out.stdout).trim());
     }
-    for (var, value) in c_prefix_maps(&cargo) {
+    let workspace = workspace_dir(&cargo);
+    for (var, value) in c_prefix_maps(workspace.as_deref()) {
         cmd.env(var, value);
+    }
+    if let Some(ws) = &workspace {
+        cmd.env("DISTBUILD_WORKSPACE", ws);
+    }
+    match cc_wrapper_path(&wrapper) {
+        Some(cc) => {
+            for (var, value) in cc_env(&cc, std::env::vars()) {
+                cmd.env(var, value);
+            }
+        }
+        None => eprintln!("warning: distbuild: no distbuild-cc beside {}; C compiles run locally", wrapper.display()),
     }
     // C compilers honour it for __DATE__ and __TIME__ (mimalloc embeds
     // them), as do build scripts that stamp a build time: without it their
@@ -93,20 +105,13 @@ fn client_env(cmd: &mut std::process::Command, client: &super::Client, remote: b
 /// the workspace: C that build scripts compile (cc-rs reads these) then
 /// embeds the same paths in every checkout, so the static libraries it
 /// bundles into rlibs, and the rlibs' cache keys, are the same too.
-fn c_prefix_maps(cargo: &std::ffi::OsStr) -> Vec<(&'static str, String)> {
+fn c_prefix_maps(workspace: Option<&Path>) -> Vec<(&'static str, String)> {
     let mut maps = Vec::new();
     let cargo_home = distbuild_rustc::settings::cargo_home();
     if let Some(h) = cargo_home {
         maps.push(format!("-ffile-prefix-map={}=cargo-home", h.display()));
     }
-    let ws = std::process::Command::new(cargo)
-        .args(["locate-project", "--workspace", "--message-format", "plain"])
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
-    if let Some(dir) = ws.as_deref().and_then(Path::parent) {
+    if let Some(dir) = workspace {
         maps.push(format!("-ffile-prefix-map={}=ws", dir.display()));
     }
     ["CFLAGS", "CXXFLAGS"]
@@ -122,6 +127,55 @@ fn c_prefix_maps(cargo: &std::ffi::OsStr) -> Vec<(&'static str, String)> {
             (var, flags)
         })
         .collect()
+}
+
+/// The workspace root, as `cargo locate-project --workspace` says.
+fn workspace_dir(cargo: &std::ffi::OsStr) -> Option<PathBuf> {
+    let manifest = std::process::Command::new(cargo)
+        .args(["locate-project", "--workspace", "--message-format", "plain"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))?;
+    manifest.parent().map(Path::to_path_buf)
+}
+
+/// `distbuild-cc`, beside the rustc wrapper; `None` when missing or when
+/// its path has whitespace (cc-rs splits `CC` on whitespace).
+fn cc_wrapper_path(rustc_wrapper: &Path) -> Option<PathBuf> {
+    let cc = rustc_wrapper.with_file_name("distbuild-cc");
+    (cc.is_file() && !cc.to_string_lossy().contains(char::is_whitespace)).then_some(cc)
+}
+
+/// The compiler variables that route C and C++ through `distbuild-cc`,
+/// keeping the user's compiler: `CC` and `CXX` (default `cc`, `c++`), and
+/// the forms the cc crate reads first when the user set them (`CC_<target>`
+/// in both spellings, `TARGET_CC`, `HOST_CC`, the same for `CXX`);
+/// `CC_KNOWN_WRAPPER_CUSTOM` tells cc-rs the first word is a wrapper (as
+/// with `CC="sccache cc"`), so it still sees which compiler it uses.
+fn cc_env(cc: &Path, env: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
+    let wrap = |v: &str| format!("{} {}", cc.display(), v.trim());
+    let env: Vec<(String, String)> = env.collect();
+    let get = |n: &str| env.iter().find(|(k, v)| k == n && !v.trim().is_empty()).map(|(_, v)| v.as_str());
+    let mut out = vec![
+        ("CC".to_string(), wrap(get("CC").unwrap_or("cc"))),
+        ("CXX".to_string(), wrap(get("CXX").unwrap_or("c++"))),
+    ];
+    let wrapped = cc.to_string_lossy().to_string();
+    for (k, v) in &env {
+        let per_target = ["CC_", "CXX_"]
+            .iter()
+            .any(|p| k.strip_prefix(p).is_some_and(|t| t.chars().any(|c| c.is_ascii_lowercase())));
+        let named = matches!(k.as_str(), "TARGET_CC" | "HOST_CC" | "TARGET_CXX" | "HOST_CXX");
+        if (per_target || named) && !v.trim().is_empty() && !v.starts_with(&wrapped) {
+            out.push((k.clone(), wrap(v)));
+        }
+    }
+    if get("CC_KNOWN_WRAPPER_CUSTOM").is_none() {
+        out.push(("CC_KNOWN_WRAPPER_CUSTOM".to_string(), "distbuild-cc".to_string()));
+    }
+    out
 }
 
 /// `distbuild-rustc`: beside this binary (how `cargo install` and
@@ -154,9 +208,10 @@ struct Totals {
     reasons: std::collections::BTreeMap<String, usize>,
 }
 
-fn totals(records: &[Record]) -> Totals {
+/// rustc's compiles (`tool` ""), or the C compiler's (`tool` "cc").
+fn totals(records: &[Record], tool: &str) -> Totals {
     let mut t = Totals::default();
-    for r in records.iter().filter(|r| !r.krate.is_empty()) {
+    for r in records.iter().filter(|r| !r.krate.is_empty() && r.tool == tool) {
         t.compiles += 1;
         if r.exit != 0 {
             t.failed += 1;
@@ -178,19 +233,24 @@ fn totals(records: &[Record]) -> Totals {
     t
 }
 
-fn summary_line(records: &[Record], took: Duration) -> String {
-    let t = totals(records);
+/// "2 cache hits, 1 remote, 1 local (1 no worker available), 1 failed"
+fn counts(t: &Totals) -> String {
     let reasons: Vec<String> = t.reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
     let why = if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) };
     let failed = if t.failed == 0 { String::new() } else { format!(", {} failed", t.failed) };
+    format!("{} cache hits, {} remote, {} local{why}{failed}", t.hits, t.remote, t.local)
+}
+
+fn summary_line(records: &[Record], took: Duration) -> String {
+    let t = totals(records, "");
+    let c = totals(records, "cc");
+    let cc = if c.compiles == 0 { String::new() } else { format!("; {} C compiles: {}", c.compiles, counts(&c)) };
     format!(
-        "distbuild: {} rustc invocations in {:.1}s: {} cache hits, {} remote, {} local{why}{failed}; {:.1}s of compiling saved",
+        "distbuild: {} rustc invocations in {:.1}s: {}{cc}; {:.1}s of compiling saved",
         t.compiles,
         took.as_secs_f64(),
-        t.hits,
-        t.remote,
-        t.local,
-        t.saved_ms as f64 / 1000.0
+        counts(&t),
+        (t.saved_ms + c.saved_ms) as f64 / 1000.0
     )
 }
 
@@ -206,10 +266,11 @@ pub fn stats(reset: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let records = read_records(&file, 0);
-    let t = totals(&records);
+    let t = totals(&records, "");
     let pct = |n: usize| if t.compiles == 0 { 0.0 } else { n as f64 * 100.0 / t.compiles as f64 };
+    let rustc_records = records.iter().filter(|r| r.tool.is_empty()).count();
     println!("stats file          {}", file.display());
-    println!("rustc invocations   {} compiles, {} queries", t.compiles, records.len() - t.compiles);
+    println!("rustc invocations   {} compiles, {} queries", t.compiles, rustc_records - t.compiles);
     println!("cache hits          {} ({:.1}%)", t.hits, pct(t.hits));
     println!("remote executions   {} ({:.1}%)", t.remote, pct(t.remote));
     println!("local executions    {} ({:.1}%), {} of them stored in the cache", t.local, pct(t.local), t.stored);
@@ -221,6 +282,13 @@ pub fn stats(reset: bool) -> anyhow::Result<ExitCode> {
         "time saved          {:.1}s (what the cached executions took, minus fetching them)",
         t.saved_ms as f64 / 1000.0
     );
+    let c = totals(&records, "cc");
+    let others = records.iter().filter(|r| r.tool == "cc").count() - c.compiles;
+    println!("C/C++ compiles      {} (and {others} other compiler runs: preprocessing, probes, links)", c.compiles);
+    println!("  {}", counts(&c));
+    for (reason, n) in &c.reasons {
+        println!("  {n:>6}  {reason}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -324,6 +392,7 @@ mod tests {
             ms: 1,
             saved_ms: saved,
             exit: 0,
+            tool: String::new(),
         }
     }
 
@@ -342,6 +411,49 @@ mod tests {
             line,
             "distbuild: 5 rustc invocations in 2.5s: 2 cache hits, 1 remote, 1 local (1 no worker with a linker), 1 failed; 1.5s of compiling saved"
         );
-        assert_eq!(totals(&records).stored, 1);
+        assert_eq!(totals(&records, "").stored, 1);
+    }
+
+    #[test]
+    fn c_compiles_are_counted_apart() {
+        let cc = |krate: &str, outcome: &str, reason: Option<&str>| Record {
+            tool: "cc".into(),
+            ..rec(krate, outcome, reason, 0)
+        };
+        let records = vec![
+            rec("a", "hit", None, 1000),
+            cc("", "local", Some("not a compile-only invocation (-E)")),
+            cc("answer.c", "hit", None),
+            cc("zstd.c", "remote", None),
+            cc("x.c", "local", Some("unknown flag -Q")),
+        ];
+        let line = summary_line(&records, Duration::from_millis(1000));
+        assert_eq!(
+            line,
+            "distbuild: 1 rustc invocations in 1.0s: 1 cache hits, 0 remote, 0 local; 3 C compiles: 1 cache hits, 1 remote, 1 local (1 unknown flag -Q); 1.0s of compiling saved"
+        );
+    }
+
+    #[test]
+    fn compiler_variables_keep_the_users_compiler() {
+        let env = [
+            ("CC", "clang -m64"),
+            ("CC_x86_64-unknown-linux-gnu", "gcc-12"),
+            ("CC_ENABLE_DEBUG_OUTPUT", "1"),
+            ("HOST_CXX", "g++"),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let mut got = cc_env(Path::new("/b/distbuild-cc"), env.into_iter());
+        got.sort();
+        let want = [
+            ("CC", "/b/distbuild-cc clang -m64"),
+            ("CC_KNOWN_WRAPPER_CUSTOM", "distbuild-cc"),
+            ("CC_x86_64-unknown-linux-gnu", "/b/distbuild-cc gcc-12"),
+            ("CXX", "/b/distbuild-cc c++"),
+            ("HOST_CXX", "/b/distbuild-cc g++"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        assert_eq!(got, want);
     }
 }
