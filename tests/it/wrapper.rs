@@ -1,7 +1,8 @@
-//! The rustc wrapper end to end: real cargo builds of a workspace with
-//! crates.io dependencies (`tests/fixtures/cargo-ws`: serde_derive as a
-//! proc-macro, build scripts, a member with its own build script, a binary,
-//! tests) through `cargo distbuild` against an in-process server.
+//! The rustc and C wrappers end to end: real cargo builds of a workspace
+//! with crates.io dependencies (`tests/fixtures/cargo-ws`: serde_derive as a
+//! proc-macro, build scripts, a member with its own build script, a member
+//! whose build script compiles C through the cc crate, a binary, tests)
+//! through `cargo distbuild` against an in-process server.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -35,6 +36,8 @@ fn copy_tree(from: &Path, to: &Path) {
 fn wrapper_binary() -> PathBuf {
     let p = Path::new(env!("CARGO_BIN_EXE_cargo-distbuild")).with_file_name("distbuild-rustc");
     assert!(p.is_file(), "{} is missing: run the tests with `cargo test --workspace`", p.display());
+    let cc = p.with_file_name("distbuild-cc");
+    assert!(cc.is_file(), "{} is missing: run the tests with `cargo test --workspace`", cc.display());
     p
 }
 
@@ -97,8 +100,9 @@ fn ok(what: &str, out: &Output) {
     assert!(out.status.success(), "{what} failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
 }
 
-/// The compiles of one build (queries such as `-vV` left out), and the
-/// failed probes build scripts run on purpose.
+/// The compiles of one build, rustc's and the C compiler's (queries such as
+/// `-vV` and preprocessing left out), and the failed probes build scripts
+/// run on purpose.
 fn compiles(records: &[Record]) -> (Vec<&Record>, usize) {
     let all: Vec<&Record> = records.iter().filter(|r| !r.krate.is_empty()).collect();
     let probes = all.iter().filter(|r| r.exit != 0).count();
@@ -140,14 +144,13 @@ async fn cargo_builds_are_cached_executed_and_location_independent() {
     for r in &cold {
         assert_eq!(r.outcome, "remote", "{} ran {} ({:?})", r.krate, r.outcome, r.reason);
     }
+    let c_compiles: Vec<&&Record> = cold.iter().filter(|r| r.tool == "cc").collect();
+    assert_eq!(c_compiles.len(), 1, "cnative's answer.c: {c_compiles:?}");
+    assert_eq!(c_compiles[0].krate, "answer.c");
     let summary = text(&out.stderr);
-    assert!(
-        summary.contains(&format!(
-            "distbuild: {} rustc invocations",
-            records.iter().filter(|r| !r.krate.is_empty()).count()
-        )),
-        "{summary}"
-    );
+    let rustc_count = records.iter().filter(|r| !r.krate.is_empty() && r.tool.is_empty()).count();
+    assert!(summary.contains(&format!("distbuild: {rustc_count} rustc invocations")), "{summary}");
+    assert!(summary.contains("; 1 C compiles: 0 cache hits, 1 remote, 0 local;"), "{summary}");
 
     // Tests build (test harnesses link) and pass.
     let out = a.distbuild(&a_dir, &["test"], Some(&url)).await;
@@ -171,7 +174,20 @@ async fn cargo_builds_are_cached_executed_and_location_independent() {
         assert_eq!(r.outcome, "hit", "{} was not served from the cache: {} ({:?})", r.krate, r.outcome, r.reason);
     }
     assert!(probes <= 2, "{probes} failed compiles");
+    assert!(warm.iter().any(|r| r.tool == "cc"), "the C compile is among the hits");
     assert_eq!(app_output(&b, &b_dir).await, reference);
+
+    // A C compile error fails the build with the compiler's message.
+    let answer = b_dir.join("cnative/csrc/answer.c");
+    let source = std::fs::read_to_string(&answer).unwrap();
+    std::fs::write(&answer, source.replace("return ANSWER_BASE", "return ANSWER_BASE +* ;")).unwrap();
+    let out = b.distbuild(&b_dir, &["build"], Some(&url)).await;
+    assert!(!out.status.success(), "a broken C file built");
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("answer.c") && stderr.contains("error: expected expression"), "{stderr}");
+    let records = read_records(&b.stats(), 0);
+    let failed = records.iter().rev().find(|r| r.tool == "cc" && !r.krate.is_empty()).unwrap();
+    assert_eq!((failed.exit, failed.reason.as_deref()), (1, Some("compile failed")), "{failed:?}");
 
     // The server unreachable: the build still succeeds, with one warning.
     ok("cargo clean (A)", &a.cargo(&a_dir, &["clean"]).await);
@@ -186,6 +202,7 @@ async fn cargo_builds_are_cached_executed_and_location_independent() {
     let stats = text(&out.stdout);
     assert!(stats.contains("server unavailable"), "{stats}");
     assert!(stats.contains("remote executions"), "{stats}");
+    assert!(stats.contains("C/C++ compiles"), "{stats}");
     server.stop().await.unwrap();
 }
 
