@@ -39,7 +39,7 @@ pub fn listing(
     let files = parse_make(&text);
     let mut digests = Vec::new();
     for f in &files {
-        let m = roots.map(f).ok_or_else(|| CcReason::PrePassFailed)?;
+        let m = roots.map(f).ok_or(CcReason::PrePassFailed)?;
         let d = caches.digest(&roots.absolute(f)).map_err(|_| CcReason::PrePassFailed)?;
         digests.push((m, d.digest.to_string()));
     }

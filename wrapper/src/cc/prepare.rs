@@ -123,12 +123,12 @@ pub fn map_args(c: &CcCompile, roots: &Roots) -> Result<(Vec<String>, Vec<String
             Arg::Source(s) => out.push(map(s)?),
             Arg::Path { flag, path, glued } => {
                 let rel = map(path)?;
-                if flag.starts_with("-I") || matches!(flag.as_str(), "-isystem" | "-iquote" | "-idirafter") {
-                    if roots.absolute(path).is_dir()
-                        && let Some(m) = roots.map(path)
-                    {
-                        dirs.push(m);
-                    }
+                let include = flag.starts_with("-I") || matches!(flag.as_str(), "-isystem" | "-iquote" | "-idirafter");
+                if include
+                    && roots.absolute(path).is_dir()
+                    && let Some(m) = roots.map(path)
+                {
+                    dirs.push(m);
                 }
                 out.extend(Arg::Path { flag: flag.clone(), path: rel, glued: *glued }.words());
             }
