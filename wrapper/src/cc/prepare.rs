@@ -60,6 +60,8 @@ pub struct Prepared {
     pub output: PathBuf,
     /// The object in the input root.
     pub output_mapped: String,
+    /// Every input file: (path in the input root, local path).
+    pub inputs: Vec<(String, PathBuf)>,
 }
 
 pub fn prepare(
@@ -107,7 +109,8 @@ pub fn prepare(
         output: &output_mapped,
     };
     let built = action::build(caches.function(), &inputs).map_err(|_| CcReason::PrePassFailed)?;
-    Ok(Prepared { roots, built, files: listing, output, output_mapped })
+    let inputs = files.into_iter().map(|(m, _, _, l)| (m, l)).collect();
+    Ok(Prepared { roots, built, files: listing, output, output_mapped, inputs })
 }
 
 /// The arguments with every path mapped and made relative to the mapped
@@ -200,7 +203,7 @@ mod tests {
         Checkout { _dir: dir, ws, home }
     }
 
-    fn key_of(co: &Checkout) -> Digest {
+    fn prepared(co: &Checkout) -> Prepared {
         let cache = tempfile::tempdir().unwrap();
         let caches = Caches::new(cache.path().to_path_buf(), DigestFunction::Sha256);
         let line = format!(
@@ -218,7 +221,48 @@ mod tests {
         let p = prepare(&caches, cache.path(), Path::new("gcc"), &c, &place).unwrap();
         assert!(p.files.iter().any(|f| f.ends_with("answer.h")), "{:?}", p.files);
         assert!(p.files.iter().any(|f| f.ends_with("stddef.h")), "system headers are inputs: {:?}", p.files);
-        p.built.action_digest
+        p
+    }
+
+    fn key_of(co: &Checkout) -> Digest {
+        prepared(co).built.action_digest
+    }
+
+    /// The Action's inputs are enough: its command, run in a directory
+    /// holding only them, with no compiler on PATH, compiles the object
+    /// (headers come from the input root's `sys/`, through `--sysroot`).
+    #[test]
+    fn the_action_compiles_from_its_inputs_alone() {
+        if toolchain::which(Path::new("gcc")).is_none() {
+            return;
+        }
+        let co = checkout("#define ANSWER 42\n");
+        let p = prepared(&co);
+        let root = tempfile::tempdir().unwrap();
+        for (m, local) in &p.inputs {
+            let dest = root.path().join(m);
+            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            std::fs::copy(local, &dest).unwrap();
+        }
+        let args = &p.built.command.arguments;
+        let cwd = root.path().join(&args[4]);
+        std::fs::create_dir_all(&cwd).unwrap();
+        std::fs::create_dir_all(root.path().join(&p.output_mapped).parent().unwrap()).unwrap();
+        let out = std::process::Command::new(&args[0])
+            .args(&args[1..])
+            .current_dir(root.path())
+            .env_clear()
+            .env("PATH", "/nonexistent")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let object = std::fs::read(root.path().join(&p.output_mapped)).unwrap();
+        assert!(object.starts_with(b"\x7fELF"));
+        let root_path = root.path().to_string_lossy().to_string();
+        assert!(
+            !object.windows(root_path.len()).any(|w| w == root_path.as_bytes()),
+            "the exec root is remapped out of the object"
+        );
     }
 
     /// The key: a header's change changes it; the checkout's and
