@@ -73,9 +73,14 @@ fn main() {
         let counts = counts.clone();
         std::thread::spawn(move || write_stats(&path, &counts));
     }
+    serve(&listener, &upstream, delay, &counts);
+}
+
+/// Accepts connections for ever, each joined to a new one to `upstream`.
+fn serve(listener: &TcpListener, upstream: &str, delay: Duration, counts: &Arc<Counts>) {
     for client in listener.incoming() {
         let Ok(client) = client else { continue };
-        let (upstream, counts) = (upstream.clone(), counts.clone());
+        let (upstream, counts) = (upstream.to_string(), counts.clone());
         std::thread::spawn(move || {
             if let Err(e) = connect(client, &upstream, delay, &counts) {
                 eprintln!("delay_proxy: {upstream}: {e}");
@@ -164,5 +169,47 @@ fn write_stats(path: &PathBuf, counts: &Counts) {
             last = now;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes pass unchanged and in order both ways, are counted, and a
+    /// half-close reaches the other side (`cargo test --example delay_proxy`).
+    #[test]
+    fn forwards_every_byte_both_ways_and_the_half_close() {
+        let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+        let upstream = echo.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (mut c, _) = echo.accept().unwrap();
+            let mut back = c.try_clone().unwrap();
+            std::io::copy(&mut c, &mut back).unwrap();
+            back.shutdown(Shutdown::Write).unwrap();
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counts = Arc::new(Counts::default());
+        let c2 = counts.clone();
+        std::thread::spawn(move || serve(&listener, &upstream, Duration::from_micros(200), &c2));
+
+        let sent: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut client = TcpStream::connect(addr).unwrap();
+        let mut writer = client.try_clone().unwrap();
+        let to_send = sent.clone();
+        let w = std::thread::spawn(move || {
+            writer.write_all(&to_send).unwrap();
+            writer.shutdown(Shutdown::Write).unwrap();
+        });
+        let mut got = Vec::new();
+        // Ends only if the half-close went through the proxy, to the echo
+        // and back.
+        client.read_to_end(&mut got).unwrap();
+        w.join().unwrap();
+        assert!(got == sent, "{} bytes back of {}", got.len(), sent.len());
+        assert_eq!(counts.to_upstream.load(Ordering::Relaxed), sent.len() as u64);
+        assert_eq!(counts.from_upstream.load(Ordering::Relaxed), sent.len() as u64);
+        assert_eq!(counts.connections.load(Ordering::Relaxed), 1);
     }
 }
