@@ -679,7 +679,7 @@ impl FileConfig {
 }
 
 fn default_data_dir() -> PathBuf {
-    distbuild_rustc::settings::default_cache_dir()
+    remote_apis::wrapper_state::default_cache_dir()
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use distbuild_rustc::settings::{Record, default_state_dir, lock_file, read_records, stats_file};
+use remote_apis::wrapper_state::{Record, default_state_dir, lock_file, read_records, stats_file};
 
 use super::Session;
 use crate::config::WrapperMode;
@@ -95,7 +95,7 @@ fn client_env(cmd: &mut std::process::Command, client: &super::Client, remote: b
 /// bundles into rlibs, and the rlibs' cache keys, are the same too.
 fn c_prefix_maps(cargo: &std::ffi::OsStr) -> Vec<(&'static str, String)> {
     let mut maps = Vec::new();
-    let cargo_home = distbuild_rustc::settings::cargo_home();
+    let cargo_home = remote_apis::wrapper_state::cargo_home();
     if let Some(h) = cargo_home {
         maps.push(format!("-ffile-prefix-map={}=cargo-home", h.display()));
     }
@@ -317,6 +317,9 @@ mod tests {
     fn rec(krate: &str, outcome: &str, reason: Option<&str>, saved: i64) -> Record {
         Record {
             t: 0,
+            start_us: 0,
+            end_us: 0,
+            tool: String::new(),
             krate: krate.into(),
             outcome: outcome.into(),
             reason: reason.map(str::to_string),

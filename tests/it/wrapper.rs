@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use cargo_distbuild::config::Backend;
-use distbuild_rustc::settings::{Record, read_records};
+use remote_apis::wrapper_state::{Record, read_records};
 
 use crate::common::TestServer;
 
