@@ -140,4 +140,3 @@ fn age(path: &Path) -> Option<Duration> {
     let m = std::fs::metadata(path).ok()?.modified().ok()?;
     Some(SystemTime::now().duration_since(m).unwrap_or_default())
 }
-
