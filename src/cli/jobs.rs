@@ -26,9 +26,9 @@ pub enum Jobs {
 
 /// Whether cargo's arguments (before a `--`) set the job count.
 pub fn user_set_jobs(args: &[String]) -> bool {
-    args.iter().take_while(|a| *a != "--").any(|a| {
-        a == "-j" || a == "--jobs" || a.starts_with("--jobs=") || (a.starts_with("-j") && a.len() > 2)
-    })
+    args.iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "-j" || a == "--jobs" || a.starts_with("--jobs=") || (a.starts_with("-j") && a.len() > 2))
 }
 
 /// The job count for `free` free slots on the farm.

@@ -306,7 +306,7 @@ impl Job<'_> {
                 if !skipping {
                     self.console.stderr(line.bytes);
                     if line.metadata {
-                        pipeline::test_pause();
+                        pipeline::test_pause(&self.c.crate_name);
                     }
                 }
                 skipping &= !line.metadata;

@@ -15,6 +15,9 @@ use crate::hashcache::Caches;
 use crate::local;
 use crate::roots::Roots;
 
+/// One input file: (path in the input root, digest, executable, local path).
+pub type InputFile = (String, Digest, bool, PathBuf);
+
 /// The arguments with every path mapped, and what they name.
 #[derive(Debug, Default)]
 pub struct MappedArgs {
@@ -26,8 +29,8 @@ pub struct MappedArgs {
     pub native_dirs: Vec<(String, PathBuf)>,
 }
 
-/// 3. Maps every path in the arguments into the input root, relative to
-/// the mapped working directory.
+/// Item 3: maps every path in the arguments into the input root, relative
+/// to the mapped working directory.
 pub fn map_args(roots: &Roots, c: &Compile) -> Result<MappedArgs, LocalReason> {
     let mut m = MappedArgs::default();
     let local_path = |p: &str| LocalReason::LocalPath(p.to_string());
@@ -67,7 +70,7 @@ pub fn map_args(roots: &Roots, c: &Compile) -> Result<MappedArgs, LocalReason> {
     Ok(m)
 }
 
-/// 5. The variables in the key: those dep-info lists (with `OUT_DIR`
+/// Item 5, the variables in the key: those dep-info lists (with `OUT_DIR`
 /// mapped; any other holding a local path keeps the compile here), every
 /// package variable for registry crates (`immutable`), `RUSTC_BOOTSTRAP`.
 pub fn key_env(roots: &Roots, info: &DepInfo, immutable: bool) -> Result<Vec<(String, String)>, LocalReason> {
@@ -89,12 +92,12 @@ pub fn key_env(roots: &Roots, info: &DepInfo, immutable: bool) -> Result<Vec<(St
     Ok(env)
 }
 
-/// 6. Input files as the key takes them: (mapped path, digest,
+/// Item 6, the input files as the key takes them: (mapped path, digest,
 /// executable, local path), sorted and unique by mapped path.
 pub struct Files<'a> {
     caches: &'a Caches,
     roots: &'a Roots,
-    pub list: Vec<(String, Digest, bool, PathBuf)>,
+    pub list: Vec<InputFile>,
     /// Directories that must exist in the input root.
     pub dirs: Vec<String>,
 }
@@ -188,14 +191,14 @@ impl<'a> Files<'a> {
     }
 
     /// The list, sorted and without duplicates, as the key wants it.
-    pub fn finish(mut self) -> (Vec<(String, Digest, bool, PathBuf)>, Vec<String>) {
+    pub fn finish(mut self) -> (Vec<InputFile>, Vec<String>) {
         self.list.sort_by(|a, b| a.0.cmp(&b.0));
         self.list.dedup_by(|a, b| a.0 == b.0);
         (self.list, self.dirs)
     }
 }
 
-/// 7. The outputs, mapped.
+/// Item 7, the outputs, mapped.
 pub fn outputs(roots: &Roots, c: &Compile, out_dir: &Path) -> Result<Vec<String>, LocalReason> {
     let out_mapped = roots.map(&out_dir.to_string_lossy()).ok_or_else(|| LocalReason::LocalPath(c.out_dir.clone()))?;
     Ok(c.output_names().iter().map(|n| format!("{out_mapped}/{n}")).collect())

@@ -98,12 +98,16 @@ pub fn rmeta_of(outputs: &[PathBuf]) -> Option<&Path> {
     outputs.iter().map(PathBuf::as_path).find(|o| o.extension().is_some_and(|e| e == "rmeta"))
 }
 
-/// For tests of pipelining only: with `DISTBUILD_TEST_PAUSE_AFTER_RMETA_MS`
-/// set, the wrapper waits that long after handing cargo the metadata
-/// notification, so that a test sees a dependent start while this compile
-/// is still running (ordering, not timing, is asserted).
-pub fn test_pause() {
-    if let Some(ms) = std::env::var("DISTBUILD_TEST_PAUSE_AFTER_RMETA_MS").ok().and_then(|v| v.parse().ok()) {
+/// For tests of pipelining only: with `DISTBUILD_TEST_PAUSE_AFTER_RMETA=
+/// CRATE=MS`, the compile of CRATE waits MS milliseconds after handing
+/// cargo the metadata notification, so that a test sees a dependent start
+/// while this compile still runs (ordering, not timing, is asserted).
+pub fn test_pause(crate_name: &str) {
+    let Ok(v) = std::env::var("DISTBUILD_TEST_PAUSE_AFTER_RMETA") else { return };
+    if let Some((name, ms)) = v.split_once('=')
+        && name == crate_name
+        && let Ok(ms) = ms.parse()
+    {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
@@ -151,7 +155,8 @@ mod tests {
 
     #[test]
     fn artifact_lines_are_told_from_diagnostics() {
-        let cases: [(&[u8], Option<(&str, &str)>); 5] = [
+        type Case<'a> = (&'a [u8], Option<(&'a str, &'a str)>);
+        let cases: [Case; 5] = [
             (META, Some(("/w/a/target/debug/deps/libx-1.rmeta", "metadata"))),
             (
                 b"{\"$message_type\":\"artifact\",\"artifact\":\"t/libx-1.rlib\",\"emit\":\"link\"}",

@@ -76,7 +76,7 @@ pub(super) async fn materialize<S: Server>(
         caches.record(&o.dest, o.digest);
         inputs::write_sidecar(c, &p.out_dir, &p.closure);
         console.stderr(&stderr[..head]);
-        pipeline::test_pause();
+        pipeline::test_pause(&c.crate_name);
     }
     let head = if rmeta.is_some() { head } else { 0 };
     let rest = async {
