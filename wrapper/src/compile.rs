@@ -314,8 +314,13 @@ impl Job<'_> {
         });
         match ran {
             Ok(out) => {
-                // A last line without a newline.
-                if !skipping && out.stderr.len() > live.passed {
+                if skipping {
+                    // The run never reached the notification (it failed
+                    // earlier): its errors must be seen, even if some
+                    // lines were printed before.
+                    self.console.stderr(&out.stderr);
+                } else if out.stderr.len() > live.passed {
+                    // A last line without a newline.
                     self.console.stderr(&out.stderr[live.passed..]);
                 }
                 self.console.stdout(&out.stdout);

@@ -457,3 +457,23 @@ async fn a_local_run_hands_cargo_the_notification_after_the_sidecar() {
     assert_eq!((o.code, o.stored), (0, true));
     assert_eq!(*watch.2.lock().unwrap(), vec![false, true, true], "line by line, the sidecar before the notification");
 }
+
+#[tokio::test]
+async fn a_hit_that_fails_after_the_rmeta_is_finished_here_without_repeating_it() {
+    let f = fixture("half");
+    let server = Memory::default();
+    let here = metadata_line(&f.rmeta.to_string_lossy());
+    let stderr = [WARNING, &metadata_line("/elsewhere/libhalf-1.rmeta"), WARNING].concat();
+    let result = f.remote_result(&server, &stderr);
+    // The rlib's blob is gone from the CAS: the download fails after the
+    // .rmeta and its notification reached cargo.
+    let rlib = Digest::from_proto(F, result.output_files[0].digest.as_ref().unwrap()).unwrap();
+    server.cas.lock().unwrap().remove(&rlib);
+    server.ac.lock().unwrap().insert(f.key(), result);
+    let (script, console) = (f.script(0, &[WARNING, &here, WARNING].concat()), f.console());
+    let o = f.serve(&server, &script, &console).await;
+    assert_eq!((o.code, o.outcome, o.reason), (0, "local", Some(LocalReason::RemoteFailed)));
+    assert_eq!(script.runs.lock().unwrap().len(), 1);
+    assert_eq!(console.stderr_bytes(), [WARNING, &here, WARNING].concat(), "the notification reaches cargo once");
+    assert_eq!(std::fs::read(&f.rlib).unwrap(), format!("compiled {}", f.rlib.display()).as_bytes());
+}
