@@ -141,3 +141,37 @@ pub fn now_us() -> u64 {
 fn is_zero(v: &u64) -> bool {
     *v == 0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_older_lines_still_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("stats.jsonl");
+        let old = r#"{"t":5,"krate":"a","outcome":"hit","stored":false,"ms":3,"saved_ms":1,"exit":0}"#;
+        std::fs::write(&file, format!("{old}\n")).unwrap();
+        let offset = std::fs::metadata(&file).unwrap().len();
+        let new = Record {
+            t: 9,
+            start_us: 7_000,
+            end_us: 9_000,
+            tool: "cc".into(),
+            krate: "b".into(),
+            outcome: "hit".into(),
+            reason: None,
+            stored: false,
+            ms: 2,
+            saved_ms: 0,
+            exit: 1,
+        };
+        append(&file, &new);
+        let all = read_records(&file, 0);
+        assert_eq!(all.len(), 2);
+        assert_eq!((all[0].start_us, all[0].tool.as_str()), (0, ""), "older records default the new fields");
+        assert_eq!(read_records(&file, offset), vec![new]);
+        let rustc = serde_json::to_string(&Record { tool: String::new(), start_us: 0, end_us: 0, ..all[0].clone() });
+        assert!(!rustc.unwrap().contains("tool"), "rustc records leave `tool` out");
+    }
+}
