@@ -369,7 +369,7 @@ impl Default for ExecutionSection {
 }
 
 /// `[wrapper]`: what `cargo distbuild build` gives the rustc wrapper.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WrapperSection {
     /// The server builds use. Unset (and no `--server` or
@@ -379,6 +379,19 @@ pub struct WrapperSection {
     /// up, compile locally on a miss and store the result: CI runners) or
     /// `off`.
     pub mode: WrapperMode,
+    /// With a remote server, `cargo distbuild` runs as many cargo jobs as
+    /// the farm has free slots, at most this many (unless `-j` is given).
+    pub max_jobs: u32,
+}
+
+fn default_max_jobs() -> u32 {
+    64
+}
+
+impl Default for WrapperSection {
+    fn default() -> WrapperSection {
+        WrapperSection { server: None, mode: WrapperMode::default(), max_jobs: default_max_jobs() }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -679,7 +692,7 @@ impl FileConfig {
 }
 
 fn default_data_dir() -> PathBuf {
-    distbuild_rustc::settings::default_cache_dir()
+    remote_apis::wrapper_state::default_cache_dir()
 }
 
 #[cfg(test)]

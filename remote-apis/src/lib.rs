@@ -11,6 +11,7 @@ pub mod client;
 pub mod digest;
 pub mod merkle;
 pub mod resource;
+pub mod wrapper_state;
 
 pub use digest::{Digest, DigestFunction, Hasher, ParseError};
 pub use resource::{Compressor, InstanceName, ReadResource, WriteResource};

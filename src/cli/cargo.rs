@@ -7,9 +7,10 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use distbuild_rustc::settings::{Record, default_state_dir, lock_file, read_records, stats_file};
+use remote_apis::wrapper_state::{Record, default_state_dir, lock_file, read_records, stats_file};
 
 use super::Session;
+use super::jobs::Jobs;
 use crate::config::WrapperMode;
 
 pub async fn cargo(command: &str, args: Vec<String>, ctx: Session) -> anyhow::Result<ExitCode> {
@@ -29,9 +30,28 @@ pub async fn cargo(command: &str, args: Vec<String>, ctx: Session) -> anyhow::Re
     let stats = stats_file();
     let offset = std::fs::metadata(&stats).map(|m| m.len()).unwrap_or(0);
 
+    // The local server started on demand is plaintext on loopback.
+    let remote = ctx.explicit_server.is_some() || ctx.file.wrapper.server.is_some();
+    let farm = remote && mode == WrapperMode::Remote;
+    let env_jobs = std::env::var("CARGO_BUILD_JOBS").ok();
+    let jobs = super::jobs::decide(&args, env_jobs.as_deref(), farm, ctx.file.wrapper.max_jobs, || {
+        super::jobs::free_slots(&server, &ctx.client.options)
+    })
+    .await;
+    let mut job_args = Vec::new();
+    match jobs {
+        Jobs::Leave => {}
+        Jobs::Set { jobs, free } => {
+            eprintln!("distbuild: -j {jobs} ({free} free execution slots on {server})");
+            job_args = vec!["-j".to_string(), jobs.to_string()];
+        }
+        Jobs::Unknown(e) => eprintln!("distbuild: the farm's free slots are unknown ({e}); cargo picks its job count"),
+    }
+
     let started = Instant::now();
     let mut cmd = std::process::Command::new(&cargo);
     cmd.arg(command)
+        .args(&job_args)
         .args(&args)
         .env("RUSTC_WRAPPER", &wrapper)
         // The incremental cache is local state no Action can carry; with it
@@ -41,8 +61,6 @@ pub async fn cargo(command: &str, args: Vec<String>, ctx: Session) -> anyhow::Re
         .env("DISTBUILD_INSTANCE", &ctx.instance)
         .env("DISTBUILD_MODE", mode.as_env())
         .env("DISTBUILD_STATS", &stats);
-    // The local server started on demand is plaintext on loopback.
-    let remote = ctx.explicit_server.is_some() || ctx.file.wrapper.server.is_some();
     client_env(&mut cmd, &ctx.client, remote)?;
     if let Some(out) = sysroot.filter(|o| o.status.success()) {
         cmd.env("DISTBUILD_SYSROOT", String::from_utf8_lossy(&out.stdout).trim());
@@ -107,7 +125,7 @@ fn client_env(cmd: &mut std::process::Command, client: &super::Client, remote: b
 /// bundles into rlibs, and the rlibs' cache keys, are the same too.
 fn c_prefix_maps(workspace: Option<&Path>) -> Vec<(&'static str, String)> {
     let mut maps = Vec::new();
-    let cargo_home = distbuild_rustc::settings::cargo_home();
+    let cargo_home = remote_apis::wrapper_state::cargo_home();
     if let Some(h) = cargo_home {
         maps.push(format!("-ffile-prefix-map={}=cargo-home", h.display()));
     }
@@ -200,6 +218,8 @@ struct Totals {
     compiles: usize,
     /// Compiles that failed (errors, or build-script probes meant to fail).
     failed: usize,
+    /// Of those, failures replayed from the cache (remembered probes).
+    failed_cached: usize,
     hits: usize,
     remote: usize,
     local: usize,
@@ -215,6 +235,7 @@ fn totals(records: &[Record], tool: &str) -> Totals {
         t.compiles += 1;
         if r.exit != 0 {
             t.failed += 1;
+            t.failed_cached += usize::from(r.outcome == "hit");
             continue;
         }
         match r.outcome.as_str() {
@@ -237,7 +258,11 @@ fn totals(records: &[Record], tool: &str) -> Totals {
 fn counts(t: &Totals) -> String {
     let reasons: Vec<String> = t.reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
     let why = if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) };
-    let failed = if t.failed == 0 { String::new() } else { format!(", {} failed", t.failed) };
+    let failed = match (t.failed, t.failed_cached) {
+        (0, _) => String::new(),
+        (n, 0) => format!(", {n} failed"),
+        (n, c) => format!(", {n} failed ({c} remembered)"),
+    };
     format!("{} cache hits, {} remote, {} local{why}{failed}", t.hits, t.remote, t.local)
 }
 
@@ -277,7 +302,10 @@ pub fn stats(reset: bool) -> anyhow::Result<ExitCode> {
     for (reason, n) in &t.reasons {
         println!("  {n:>6}  {reason}");
     }
-    println!("failed compiles     {} (compile errors, and build-script probes meant to fail)", t.failed);
+    println!(
+        "failed compiles     {} (compile errors, and build-script probes meant to fail), {} of them replayed from the cache",
+        t.failed, t.failed_cached
+    );
     println!(
         "time saved          {:.1}s (what the cached executions took, minus fetching them)",
         t.saved_ms as f64 / 1000.0
@@ -385,6 +413,9 @@ mod tests {
     fn rec(krate: &str, outcome: &str, reason: Option<&str>, saved: i64) -> Record {
         Record {
             t: 0,
+            start_us: 0,
+            end_us: 0,
+            tool: String::new(),
             krate: krate.into(),
             outcome: outcome.into(),
             reason: reason.map(str::to_string),
@@ -405,11 +436,12 @@ mod tests {
             rec("c", "remote", None, 0),
             rec("d", "local", Some("no worker with a linker"), 0),
             Record { exit: 1, ..rec("e", "local", Some("compile failed"), 0) },
+            Record { exit: 1, ..rec("f", "hit", None, 0) },
         ];
         let line = summary_line(&records, Duration::from_millis(2500));
         assert_eq!(
             line,
-            "distbuild: 5 rustc invocations in 2.5s: 2 cache hits, 1 remote, 1 local (1 no worker with a linker), 1 failed; 1.5s of compiling saved"
+            "distbuild: 6 rustc invocations in 2.5s: 2 cache hits, 1 remote, 1 local (1 no worker with a linker), 2 failed (1 remembered); 1.5s of compiling saved"
         );
         assert_eq!(totals(&records, "").stored, 1);
     }

@@ -5,6 +5,7 @@ mod asset;
 mod cargo;
 mod cas;
 mod exec;
+mod jobs;
 mod legacy;
 mod logging;
 mod repl;

@@ -136,7 +136,7 @@ pub fn parse_property(s: &str) -> Result<(String, String), String> {
 
 /// What a worker on this machine offers by default: the OS, the CPU
 /// architecture (names from the REAPI platform lexicon) and its CPU count.
-use distbuild_rustc::key::LINKER_PROPERTY;
+use remote_apis::wrapper_state::LINKER_PROPERTY;
 
 pub fn host_properties() -> Vec<(String, String)> {
     let isa = match std::env::consts::ARCH {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use cargo_distbuild::config::Backend;
-use distbuild_rustc::settings::{Record, read_records};
+use remote_apis::wrapper_state::{Record, read_records};
 
 use crate::common::TestServer;
 
@@ -45,13 +45,14 @@ fn wrapper_binary() -> PathBuf {
 struct Machine {
     home: PathBuf,
     cargo_home: Option<PathBuf>,
+    env: Vec<(String, String)>,
 }
 
 impl Machine {
     fn new(root: &Path, name: &str, cargo_home: Option<PathBuf>) -> Machine {
         let home = root.join(name);
         std::fs::create_dir_all(&home).unwrap();
-        Machine { home, cargo_home }
+        Machine { home, cargo_home, env: Vec::new() }
     }
 
     fn stats(&self) -> PathBuf {
@@ -77,6 +78,7 @@ impl Machine {
         if let Some(h) = &self.cargo_home {
             cmd.env("CARGO_HOME", h);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.output().await.unwrap()
     }
 
@@ -173,7 +175,7 @@ async fn cargo_builds_are_cached_executed_and_location_independent() {
     for r in &warm {
         assert_eq!(r.outcome, "hit", "{} was not served from the cache: {} ({:?})", r.krate, r.outcome, r.reason);
     }
-    assert!(probes <= 2, "{probes} failed compiles");
+    assert!(probes <= 3, "{probes} failed compiles");
     assert!(warm.iter().any(|r| r.tool == "cc"), "the C compile is among the hits");
     assert_eq!(app_output(&b, &b_dir).await, reference);
 
@@ -241,5 +243,110 @@ async fn cache_only_mode_stores_local_results() {
     let (second, _) = compiles(&dev_records);
     assert_eq!(second.len(), first.len());
     assert!(second.iter().all(|r| r.outcome == "hit"), "{second:?}");
+    server.stop().await.unwrap();
+}
+
+async fn probe_output(m: &Machine, dir: &Path) -> String {
+    let out = m.run(dir, &dir.join("target/debug/probe"), &[], None).await;
+    ok("the probe binary", &out);
+    text(&out.stdout)
+}
+
+/// The records of one crate's compiles.
+fn of<'a>(records: &'a [Record], krate: &str) -> Vec<&'a Record> {
+    records.iter().filter(|r| r.krate == krate).collect()
+}
+
+/// A build script's probe meant to fail (`probe/build/build.rs` compiles
+/// `build/probe.rs` through `$RUSTC_WRAPPER $RUSTC`, as anyhow does) fails
+/// once; the next build, after `cargo clean`, replays the failure from the
+/// cache: no local and no remote run of it, and the same cfg outcome as a
+/// plain build.
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_probes_are_remembered() {
+    wrapper_binary();
+    let root = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(Backend::Filesystem, |_| {}).await;
+    let url = server.url();
+
+    let plain = Machine::new(root.path(), "plain", None);
+    let p_dir = root.path().join("plain-ws");
+    copy_tree(&fixture(), &p_dir);
+    ok("plain cargo build", &plain.cargo(&p_dir, &["build", "-p", "probe"]).await);
+    let reference = probe_output(&plain, &p_dir).await;
+    assert_eq!(reference, "nightly features: false\n", "the fixture assumes a stable rustc");
+
+    let a = Machine::new(root.path(), "a", None);
+    let dir = root.path().join("ws");
+    copy_tree(&fixture(), &dir);
+    ok("cold build", &a.distbuild(&dir, &["build", "-p", "probe"], Some(&url)).await);
+    let cold = read_records(&a.stats(), 0);
+    let first = of(&cold, "probe_build_probe");
+    assert_eq!(first.len(), 1, "{cold:?}");
+    assert_eq!((first[0].exit, first[0].outcome.as_str()), (1, "remote"), "trusted at once: {:?}", first[0]);
+    assert!(first[0].stored, "remembered: {:?}", first[0]);
+    assert_eq!(probe_output(&a, &dir).await, reference);
+
+    ok("cargo clean", &a.cargo(&dir, &["clean"]).await);
+    let offset = std::fs::metadata(a.stats()).unwrap().len();
+    let out = a.distbuild(&dir, &["build", "-p", "probe"], Some(&url)).await;
+    ok("warm build", &out);
+    let warm = read_records(&a.stats(), offset);
+    let again = of(&warm, "probe_build_probe");
+    assert_eq!(again.len(), 1, "{warm:?}");
+    assert_eq!((again[0].exit, again[0].outcome.as_str()), (1, "hit"), "replayed: {:?}", again[0]);
+    assert!(text(&out.stderr).contains("(1 remembered)"), "{}", text(&out.stderr));
+    assert_eq!(probe_output(&a, &dir).await, reference, "the same cfg as a plain build");
+    server.stop().await.unwrap();
+}
+
+/// cargo's pipelining survives the wrapper: serde_json (a library that
+/// needs only serde's `.rmeta`) starts while serde's compile still runs,
+/// both when serde compiles here (its stderr streamed to cargo) and when
+/// it is a cache hit (`.rmeta` delivered first). The wrapper holds serde's
+/// compile open after the notification (a test hook), so the order does
+/// not depend on how fast anything is.
+#[tokio::test(flavor = "multi_thread")]
+async fn dependents_start_at_the_rmeta() {
+    wrapper_binary();
+    let root = tempfile::tempdir().unwrap();
+    // No workers: every compile runs here (cache-only), then hits.
+    let server = TestServer::start_with(Backend::Filesystem, |f| {
+        f.worker.capacity = Some(0);
+        f.execution.unmatched_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let url = server.url();
+    let pause = ("DISTBUILD_TEST_PAUSE_AFTER_RMETA".to_string(), "serde=4000".to_string());
+    let started_before_end = |records: &[Record]| {
+        let serde: Vec<&Record> = of(records, "serde").into_iter().filter(|r| r.exit == 0).collect();
+        let json = of(records, "serde_json");
+        assert!(!serde.is_empty() && !json.is_empty(), "{records:?}");
+        let serde_end = serde.iter().map(|r| r.end_us).max().unwrap();
+        let json_start = json.iter().map(|r| r.start_us).min().unwrap();
+        assert!(json_start > 0 && serde_end > 0);
+        (json_start < serde_end, serde.iter().map(|r| r.outcome.clone()).collect::<Vec<_>>())
+    };
+
+    let mut ci = Machine::new(root.path(), "ci", None);
+    ci.env.push(pause.clone());
+    std::fs::create_dir_all(ci.home.join("config/cargo-distbuild")).unwrap();
+    std::fs::write(ci.home.join("config/cargo-distbuild/config.toml"), "[wrapper]\nmode = \"cache-only\"\n").unwrap();
+    let dir = root.path().join("ci-ws");
+    copy_tree(&fixture(), &dir);
+    ok("cargo fetch", &ci.cargo(&dir, &["fetch"]).await);
+    ok("local build", &ci.distbuild(&dir, &["build", "-p", "app"], Some(&url)).await);
+    let (overlap, outcomes) = started_before_end(&read_records(&ci.stats(), 0));
+    assert!(outcomes.iter().all(|o| o == "local"), "{outcomes:?}");
+    assert!(overlap, "serde_json started only after serde's local compile ended");
+
+    let mut dev = Machine::new(root.path(), "dev", None);
+    dev.env.push(pause);
+    let dir2 = root.path().join("dev-ws");
+    copy_tree(&fixture(), &dir2);
+    ok("warm build", &dev.distbuild(&dir2, &["build", "-p", "app"], Some(&url)).await);
+    let (overlap, outcomes) = started_before_end(&read_records(&dev.stats(), 0));
+    assert!(outcomes.iter().all(|o| o == "hit"), "{outcomes:?}");
+    assert!(overlap, "serde_json started only after serde's cache hit was delivered");
     server.stop().await.unwrap();
 }

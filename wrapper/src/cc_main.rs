@@ -15,6 +15,7 @@ use distbuild_rustc::settings::{self, Record, Settings};
 
 fn main() -> ExitCode {
     let started = Instant::now();
+    let start_us = settings::now_us();
     let mut argv = std::env::args_os().skip(1);
     let Some(compiler) = argv.next().map(PathBuf::from) else {
         eprintln!("usage: distbuild-cc <compiler> <args...>  (as CC; see `cargo distbuild --help`)");
@@ -47,6 +48,8 @@ fn main() -> ExitCode {
         &settings.stats_file,
         &Record {
             t: settings::now_ms(),
+            start_us,
+            end_us: settings::now_us(),
             krate: source,
             outcome: outcome.outcome.to_string(),
             reason: outcome.reason.map(|r| r.to_string()),

@@ -1,21 +1,31 @@
 //! One compile, from cargo's command line to outputs where cargo expects
-//! them: map, find inputs, build the Action, then hit, execute or run here.
+//! them: prepare the Action (`inputs.rs` chooses what enters the key), then
+//! decide: replay a hit (or a remembered failure, `negative.rs`), execute
+//! remotely, or run here (and store the result for everyone else).
+//!
+//! The decisions are written against three seams so that they are tested
+//! without a compiler or a server (`compile/tests.rs`): [`Spawner`] starts
+//! rustc, [`Console`] is where cargo reads its output, [`Server`] is the
+//! REAPI side.
+
+mod deliver;
+#[cfg(test)]
+mod tests;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use remote_apis::Digest;
 use remote_apis::merkle::BuiltTree;
-use remote_apis::reapi::{ActionResult, ExecutedActionMetadata, OutputFile};
 
 use crate::args::{Compile, LocalReason};
 use crate::hashcache::{Caches, DepInfoEntry, depinfo_key};
+use crate::inputs::{self, Files};
 use crate::key::{self, BuiltAction, KEY_VERSION, KeyInputs};
-use crate::local;
-use crate::remote::Remote;
+use crate::local::{Console, Processes, Spawner, Terminal};
+use crate::remote::{Remote, Server};
 use crate::roots::{self, Roots};
 use crate::settings::{Mode, Settings};
-use crate::{depinfo, settings};
+use crate::{depinfo, negative, pipeline};
 
 /// With `DISTBUILD_TRACE=FILE`, each phase of an invocation appends its
 /// time to FILE (where the time of a build goes).
@@ -37,6 +47,7 @@ impl Trace {
 }
 
 /// How an invocation ended, for the stats file.
+#[derive(Debug)]
 pub struct Outcome {
     pub code: i32,
     pub outcome: &'static str,
@@ -51,7 +62,8 @@ impl Outcome {
     }
 }
 
-/// One invocation: what cargo asked and what the wrapper was told.
+/// One invocation: what cargo asked, what the wrapper was told, and the
+/// seams it runs rustc and prints through.
 struct Job<'a> {
     settings: &'a Settings,
     caches: Caches,
@@ -59,12 +71,8 @@ struct Job<'a> {
     words: &'a [String],
     c: &'a Compile,
     trace: Trace,
-}
-
-impl Job<'_> {
-    fn plain(&self, reason: LocalReason) -> Outcome {
-        Outcome::local(local::run_plain(self.rustc, self.words), reason)
-    }
+    spawner: &'a dyn Spawner,
+    console: &'a dyn Console,
 }
 
 /// Everything known about a compile before talking to the server.
@@ -87,14 +95,15 @@ struct Prepared {
     inputs: std::collections::HashSet<String>,
 }
 
+impl Prepared {
+    /// Where cargo expects the outputs (dep-info left out).
+    fn local_outputs(&self, c: &Compile) -> Vec<PathBuf> {
+        c.output_names().iter().filter(|n| **n != self.depinfo_name).map(|n| self.out_dir.join(n)).collect()
+    }
+}
+
 pub fn run(settings: &Settings, rustc: &Path, words: &[String], c: &Compile) -> Outcome {
     let started = Instant::now();
-    if settings.mode == Mode::Off {
-        return Outcome::local(local::run_plain(rustc, words), LocalReason::Off);
-    }
-    if settings.mode == Mode::Remote && settings.recently_down() {
-        return Outcome::local(local::run_plain(rustc, words), LocalReason::ServerUnavailable);
-    }
     let job = Job {
         settings,
         caches: Caches::new(settings.cache_dir.clone(), remote_apis::DigestFunction::Sha256),
@@ -102,71 +111,79 @@ pub fn run(settings: &Settings, rustc: &Path, words: &[String], c: &Compile) -> 
         words,
         c,
         trace: Trace::new(),
+        spawner: &Processes,
+        console: &Terminal,
     };
+    if settings.mode == Mode::Off {
+        return job.here(None, LocalReason::Off);
+    }
+    if settings.mode == Mode::Remote && settings.recently_down() {
+        return job.here(None, LocalReason::ServerUnavailable);
+    }
     let prepared = match prepare(&job) {
         Ok(p) => p,
-        Err(reason) => return job.plain(reason),
+        Err(reason) => return job.here(None, reason),
     };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
-        Err(_) => return job.plain(LocalReason::ServerUnavailable),
+        Err(_) => return job.here(Some(&prepared), LocalReason::ServerUnavailable),
     };
-    rt.block_on(serve(&job, &prepared, started))
+    rt.block_on(async {
+        let remote =
+            Remote::connect(&settings.server, &settings.instance, settings.connect_timeout, &settings.client).await;
+        match remote {
+            Ok(remote) => serve(&job, &prepared, &remote, started).await,
+            Err(e) => unavailable(&job, &prepared, &e),
+        }
+    })
 }
 
-async fn serve(job: &Job<'_>, p: &Prepared, started: Instant) -> Outcome {
+/// The decisions, once the Action is built and a server connected.
+async fn serve<S: Server>(job: &Job<'_>, p: &Prepared, remote: &S, started: Instant) -> Outcome {
     let Job { settings, trace, .. } = job;
-    let remote =
-        match Remote::connect(&settings.server, &settings.instance, settings.connect_timeout, &settings.client).await {
-            Ok(r) => r,
-            Err(e) => return unavailable(job, &e),
-        };
     trace.phase("connected");
     let digest = p.built.action_digest;
     let found = remote.lookup(digest).await;
     trace.phase("looked up");
     match found {
-        Ok(Some(result)) if result.exit_code == 0 => {
-            if let Ok(code) = materialize(&remote, job, p, &result).await {
+        Ok(Some(result)) if result.exit_code == 0 => match deliver::materialize(remote, job, p, &result).await {
+            Ok(code) => {
                 settings.mark_up();
-                let saved = original_ms(&result) - started.elapsed().as_millis() as i64;
+                let saved = deliver::original_ms(&result) - started.elapsed().as_millis() as i64;
                 return Outcome { code, outcome: "hit", reason: None, stored: false, saved_ms: saved };
+            }
+            // Part of the result reached cargo (the `.rmeta` and its
+            // notification): only a local run can finish it now.
+            Err(deliver::Failed::AfterHead) => return job.finish_here(p, LocalReason::RemoteFailed),
+            Err(deliver::Failed::Before(e)) => job.trace.phase(&format!("result refused: {}", e.message())),
+        },
+        Ok(Some(result)) if negative::is_negative(&result) => {
+            if let Ok((stdout, stderr)) = remote.streams(&result).await {
+                settings.mark_up();
+                job.console.stdout(&stdout);
+                job.console.stderr(&stderr);
+                return Outcome { code: result.exit_code, outcome: "hit", reason: None, stored: false, saved_ms: 0 };
             }
         }
         Ok(_) => {}
-        Err(e) => return unavailable(job, &e),
+        Err(e) => return unavailable(job, p, &e),
     }
     settings.mark_up();
     if settings.mode == Mode::CacheOnly {
-        return run_and_store(&remote, job, p, LocalReason::Off).await;
+        return run_and_store(remote, job, p, LocalReason::Off).await;
     }
     if settings.recently_without_workers(p.links) {
         let reason = if p.links { LocalReason::NoLinker } else { LocalReason::NoWorker };
-        return run_and_store(&remote, job, p, reason).await;
+        return run_and_store(remote, job, p, reason).await;
     }
     if let Err(e) = remote.upload(&p.built, &p.toolchain).await {
-        return unavailable(job, &e);
+        return unavailable(job, p, &e);
     }
     trace.phase("uploaded");
     let executed = remote.execute(digest, settings.queue_timeout).await;
     trace.phase("executed");
     match executed {
-        Ok(resp) => {
-            let result = resp.result.unwrap_or_default();
-            if result.exit_code != 0 {
-                // The worker may lack what this machine has (a system
-                // library, a tool): the local run is the verdict.
-                let code = local::run_plain(job.rustc, job.words);
-                let reason = if code == 0 { LocalReason::RemoteFailed } else { LocalReason::CompileFailed };
-                return Outcome::local(code, reason);
-            }
-            let written = materialize(&remote, job, p, &result).await;
-            trace.phase("materialized");
-            match written {
-                Ok(code) => Outcome { code, outcome: "remote", reason: None, stored: false, saved_ms: 0 },
-                Err(_) => job.plain(LocalReason::RemoteFailed),
-            }
-        }
+        Ok(resp) => executed_here(remote, job, p, resp.result.unwrap_or_default()).await,
         // No worker can run it (none offers the platform, none connected,
         // or the queue is too long): compile here and share the result.
         Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::DeadlineExceeded) => {
@@ -176,202 +193,150 @@ async fn serve(job: &Job<'_>, p: &Prepared, started: Instant) -> Outcome {
             } else {
                 LocalReason::NoWorker
             };
-            run_and_store(&remote, job, p, reason).await
+            run_and_store(remote, job, p, reason).await
         }
-        Err(e) => unavailable(job, &e),
+        Err(e) => unavailable(job, p, &e),
     }
 }
 
-/// The server failed: one warning per build, then plain local runs.
-fn unavailable(job: &Job<'_>, e: &tonic::Status) -> Outcome {
-    let settings = job.settings;
-    if settings.mark_down() {
-        eprintln!(
-            "warning: distbuild: {} is unavailable ({}: {}); compiling locally",
-            settings.server,
-            e.code(),
-            e.message()
-        );
-    }
-    job.plain(LocalReason::ServerUnavailable)
-}
-
-/// How long the execution that produced `result` took.
-fn original_ms(result: &ActionResult) -> i64 {
-    let m = result.execution_metadata.as_ref();
-    let ms =
-        |t: Option<&remote_apis::protobuf::Timestamp>| t.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
-    match (
-        ms(m.and_then(|m| m.worker_start_timestamp.as_ref())),
-        ms(m.and_then(|m| m.worker_completed_timestamp.as_ref())),
-    ) {
-        (Some(a), Some(b)) if b >= a => b - a,
-        _ => 0,
-    }
-}
-
-/// Writes a result's outputs where cargo expects them and replays rustc's
-/// output. Fails (nothing replayed) if an expected output is missing.
-async fn materialize(
-    remote: &Remote,
+/// A completed remote execution: its outputs to cargo, its failure
+/// trusted and remembered, or (a failure that may be the worker's) the
+/// compile run here as the verdict.
+async fn executed_here<S: Server>(
+    remote: &S,
     job: &Job<'_>,
     p: &Prepared,
-    result: &ActionResult,
-) -> Result<i32, tonic::Status> {
-    let Job { caches, c, .. } = job;
-    let (stdout, stderr) = remote.streams(result).await?;
-    let mut have: Vec<String> = Vec::new();
-    let mut depinfo = p.depinfo_text.clone();
-    for f in &result.output_files {
-        let name = f.path.rsplit('/').next().unwrap_or_default().to_string();
-        have.push(name.clone());
-        if name == p.depinfo_name {
-            if depinfo.is_none() {
-                depinfo = Some(remote_depinfo(remote, caches.function(), c, p, f).await?);
-            }
-            continue;
+    result: remote_apis::reapi::ActionResult,
+) -> Outcome {
+    if result.exit_code != 0 {
+        if let Ok((stdout, stderr)) = remote.streams(&result).await
+            && negative::trusted(result.exit_code, &stderr, p.links)
+        {
+            let stored = deliver::store_negative(remote, p, result.exit_code, &stdout, &stderr).await.is_ok();
+            job.console.stdout(&stdout);
+            job.console.stderr(&stderr);
+            return Outcome { code: result.exit_code, outcome: "remote", reason: None, stored, saved_ms: 0 };
         }
-        let dest = p
-            .roots
-            .unmap(&f.path)
-            .ok_or_else(|| tonic::Status::data_loss(format!("output {} outside the roots", f.path)))?;
-        let digest = Digest::from_field(caches.function(), f.digest.as_ref(), "digest")
-            .map_err(|e| tonic::Status::data_loss(e.0))?;
-        remote.download_to(digest, &dest, f.is_executable).await?;
-        caches.record(&dest, digest);
+        // The worker may lack what this machine has (a system library, a
+        // tool): the local run is the verdict, and is shared.
+        return run_and_store(remote, job, p, LocalReason::RemoteFailed).await;
     }
-    for name in c.output_names() {
-        if name != p.depinfo_name && !have.contains(&name) {
-            return Err(tonic::Status::data_loss(format!("the result lacks {name}")));
+    let written = deliver::materialize(remote, job, p, &result).await;
+    job.trace.phase("materialized");
+    match written {
+        Ok(code) => Outcome { code, outcome: "remote", reason: None, stored: false, saved_ms: 0 },
+        Err(deliver::Failed::AfterHead) => job.finish_here(p, LocalReason::RemoteFailed),
+        Err(deliver::Failed::Before(e)) => {
+            job.trace.phase(&format!("result refused: {}", e.message()));
+            job.here(Some(p), LocalReason::RemoteFailed)
         }
     }
-    if c.emit.iter().any(|e| e == "dep-info") {
-        let text = depinfo.ok_or_else(|| tonic::Status::data_loss("the result lacks the dep-info"))?;
-        local::write_atomic(&p.out_dir.join(&p.depinfo_name), text.as_bytes())
-            .map_err(|e| tonic::Status::internal(e.to_string()))?;
-    }
-    write_sidecar(c, p);
-    local::replay(&stdout, &stderr);
-    Ok(result.exit_code)
 }
 
-/// A registry crate's dep-info from its result, with this machine's paths.
-/// Refused (so the result is not used) when the crate read a variable whose
-/// value here differs from the one it saw.
-async fn remote_depinfo(
-    remote: &Remote,
-    function: remote_apis::DigestFunction,
-    c: &Compile,
-    p: &Prepared,
-    f: &remote_apis::reapi::OutputFile,
-) -> Result<String, tonic::Status> {
-    let digest =
-        Digest::from_field(function, f.digest.as_ref(), "digest").map_err(|e| tonic::Status::data_loss(e.0))?;
-    let text = String::from_utf8_lossy(&remote.read_blob(digest).await?).into_owned();
-    let info = depinfo::parse(&text);
-    if !crate::immutable::env_agrees(&info, &p.env) {
-        return Err(tonic::Status::failed_precondition("the crate read a variable whose value differs here"));
+/// The server failed: one warning per build, then local runs.
+fn unavailable(job: &Job<'_>, p: &Prepared, e: &tonic::Status) -> Outcome {
+    let settings = job.settings;
+    if settings.mark_down() {
+        job.console.stderr(
+            format!(
+                "warning: distbuild: {} is unavailable ({}: {}); compiling locally\n",
+                settings.server,
+                e.code(),
+                e.message()
+            )
+            .as_bytes(),
+        );
     }
-    if let Some(f) = crate::immutable::unkeyed_file(&info, &p.roots, &p.env, &p.inputs) {
-        return Err(tonic::Status::failed_precondition(format!("the crate read {f}, which is not in its key")));
-    }
-    let outputs: Vec<PathBuf> =
-        c.output_names().iter().filter(|n| **n != p.depinfo_name).map(|n| p.out_dir.join(n)).collect();
-    Ok(crate::immutable::local_depinfo(&text, &p.roots, &p.env, &outputs))
+    job.here(Some(p), LocalReason::ServerUnavailable)
 }
 
-/// Runs the Action's compile here and stores the result for everyone else.
-async fn run_and_store(remote: &Remote, job: &Job<'_>, p: &Prepared, reason: LocalReason) -> Outcome {
-    let Job { caches, rustc, words, c, .. } = job;
-    let mut local_words = words.to_vec();
-    local_words.extend(p.roots.remap_args());
-    let start = settings::now_ms();
-    let out = match local::run_captured(rustc, &local_words) {
-        Ok(o) => o,
-        Err(_) => return job.plain(reason),
+/// Runs the Action's compile here and stores the result for everyone
+/// else: a success, or a failure that is rustc's verdict on the code.
+async fn run_and_store<S: Server>(remote: &S, job: &Job<'_>, p: &Prepared, reason: LocalReason) -> Outcome {
+    let start = crate::settings::now_ms();
+    let Some(out) = job.compile_here(Some(p), false) else {
+        return Outcome::local(127, reason);
     };
-    let end = settings::now_ms();
+    let end = crate::settings::now_ms();
     if out.code != 0 {
-        local::replay(&out.stdout, &out.stderr);
-        return Outcome::local(out.code, reason);
+        let stored = negative::trusted(out.code, &out.stderr, p.links)
+            && deliver::store_negative(remote, p, out.code, &out.stdout, &out.stderr).await.is_ok();
+        let reason = if reason == LocalReason::RemoteFailed { LocalReason::CompileFailed } else { reason };
+        return Outcome { stored, ..Outcome::local(out.code, reason) };
     }
-    write_sidecar(c, p);
-    let stored = store(remote, caches, p, &out, start, end).await.is_ok();
-    local::replay(&out.stdout, &out.stderr);
+    let stored = deliver::store(remote, &job.caches, p, &out, start, end).await.is_ok();
     Outcome { code: 0, outcome: "local", reason: Some(reason), stored, saved_ms: 0 }
 }
 
-async fn store(
-    remote: &Remote,
-    caches: &Caches,
-    p: &Prepared,
-    out: &local::Captured,
-    start: u64,
-    end: u64,
-) -> Result<(), tonic::Status> {
-    let mut files = Vec::new();
-    let mut blobs = Vec::new();
-    let mut output_files = Vec::new();
-    let outputs = &p.built.command.output_paths;
-    for path in outputs {
-        let Some(local) = p.roots.unmap(path) else { continue };
-        let (digest, executable) = if path.ends_with(&format!("/{}", p.depinfo_name)) {
-            // Stored as a worker would have written it: this machine's
-            // paths mean nothing to the next one.
-            let Ok(text) = std::fs::read_to_string(&local) else { continue };
-            let targets: Vec<String> = outputs.iter().filter(|o| *o != path).cloned().collect();
-            let stored = crate::immutable::worker_depinfo(&text, &p.roots, &targets);
-            let digest = caches.function().digest_of(stored.as_bytes());
-            blobs.push((digest, bytes::Bytes::from(stored)));
-            (digest, false)
-        } else {
-            let Ok(d) = caches.digest(&local) else { continue };
-            caches.record(&local, d.digest);
-            files.push((d.digest, local));
-            (d.digest, d.executable)
-        };
-        output_files.push(OutputFile {
-            path: path.clone(),
-            digest: Some(digest.to_proto()),
-            is_executable: executable,
-            ..Default::default()
-        });
+impl Job<'_> {
+    /// Compiles here, rustc's stderr streamed to cargo as it comes.
+    fn here(&self, p: Option<&Prepared>, reason: LocalReason) -> Outcome {
+        let code = self.compile_here(p, false).map(|o| o.code).unwrap_or(127);
+        let reason = if code != 0 && reason == LocalReason::RemoteFailed { LocalReason::CompileFailed } else { reason };
+        Outcome::local(code, reason)
     }
-    remote.upload_files(&files).await?;
-    remote.upload_blobs(blobs).await?;
-    let f = caches.function();
-    let (so, se) = (f.digest_of(&out.stdout), f.digest_of(&out.stderr));
-    remote.upload_blobs(vec![(so, out.stdout.clone().into()), (se, out.stderr.clone().into())]).await?;
-    let ts = |ms: u64| remote_apis::protobuf::Timestamp {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    };
-    let result = ActionResult {
-        output_files,
-        exit_code: 0,
-        stdout_digest: Some(so.to_proto()),
-        stderr_digest: Some(se.to_proto()),
-        execution_metadata: Some(ExecutedActionMetadata {
-            worker: "distbuild-rustc (local)".into(),
-            worker_start_timestamp: Some(ts(start)),
-            worker_completed_timestamp: Some(ts(end)),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    remote.store_result(p.built.action_digest, result).await
-}
 
-/// The sidecar a library leaves next to its outputs: the stems of every
-/// library it depends on, so a dependent can send them along (rustc needs
-/// the whole graph, cargo passes only direct `--extern`s).
-fn sidecar_path(stem: &str) -> PathBuf {
-    PathBuf::from(format!("{stem}.dbdeps"))
-}
+    /// Compiles here after a hit or a remote result delivered its `.rmeta`
+    /// and stderr up to the notification: that part is not printed again.
+    fn finish_here(&self, p: &Prepared, reason: LocalReason) -> Outcome {
+        let code = self.compile_here(Some(p), true).map(|o| o.code).unwrap_or(127);
+        Outcome::local(code, reason)
+    }
 
-fn write_sidecar(c: &Compile, p: &Prepared) {
-    let stem = p.out_dir.join(format!("lib{}{}", c.crate_name, c.extra_filename));
-    let _ = local::write_atomic(&sidecar_path(&stem.to_string_lossy()), p.closure.join("\n").as_bytes());
+    /// Runs rustc here in one of this machine's slots (`slots.rs`),
+    /// streaming its stderr to cargo. With `p`, paths are remapped as in
+    /// the Action and the sidecar is written before the metadata
+    /// notification reaches cargo. `None` if rustc cannot be started (the
+    /// reason is printed).
+    fn compile_here(&self, p: Option<&Prepared>, skip_head: bool) -> Option<crate::local::Captured> {
+        let _slot = crate::slots::acquire(&self.settings.cache_dir.join("slots"), crate::slots::local_slots()).ok();
+        let mut words = self.words.to_vec();
+        if let Some(p) = p {
+            words.extend(p.roots.remap_args());
+        }
+        let mut live = pipeline::LiveLines::default();
+        let mut skipping = skip_head;
+        let ran = self.spawner.run(self.rustc, &words, &mut |chunk| {
+            live.feed(chunk, &mut |line| {
+                if line.metadata
+                    && let Some(p) = p
+                {
+                    inputs::write_sidecar(self.c, &p.out_dir, &p.closure);
+                }
+                if !skipping {
+                    self.console.stderr(line.bytes);
+                    if line.metadata {
+                        pipeline::test_pause(&self.c.crate_name);
+                    }
+                }
+                skipping &= !line.metadata;
+            })
+        });
+        match ran {
+            Ok(out) => {
+                if skipping {
+                    // The run never reached the notification (it failed
+                    // earlier): its errors must be seen, even if some
+                    // lines were printed before.
+                    self.console.stderr(&out.stderr);
+                } else if out.stderr.len() > live.passed {
+                    // A last line without a newline.
+                    self.console.stderr(&out.stderr[live.passed..]);
+                }
+                self.console.stdout(&out.stdout);
+                if out.code == 0
+                    && let Some(p) = p
+                {
+                    inputs::write_sidecar(self.c, &p.out_dir, &p.closure);
+                }
+                Some(out)
+            }
+            Err(e) => {
+                self.console.stderr(format!("distbuild-rustc: cannot run {}: {e}\n", self.rustc.display()).as_bytes());
+                None
+            }
+        }
+    }
 }
 
 /// Maps, hashes and assembles everything; an error is the reason to run
@@ -387,47 +352,8 @@ fn prepare(job: &Job<'_>) -> Result<Prepared, LocalReason> {
     let out_dir = roots::normalize(&cwd.join(&c.out_dir));
     let target_dir = roots::find_target_dir(&out_dir);
     let roots = Roots::new(&sysroot, cargo_home.as_deref(), target_dir.as_deref(), &cwd);
-
     let links = c.links();
-    let mut mapped = Vec::new();
-    let mut externs = Vec::new();
-    let mut native_dirs = Vec::new();
-    for a in &c.args {
-        let mut words = a.words();
-        match (a.flag.as_deref(), a.value.as_deref()) {
-            (None, Some(v)) | (Some("--out-dir"), Some(v)) => {
-                let m = roots.map(v).ok_or_else(|| LocalReason::LocalPath(v.to_string()))?;
-                *words.last_mut().unwrap() = roots.relative_to_cwd(&m);
-            }
-            (Some("-L"), Some(v)) => {
-                let (kind, path) = v.split_once('=').unwrap_or(("all", v));
-                match roots.map(path) {
-                    Some(m) => {
-                        if kind != "dependency" {
-                            native_dirs.push((m.clone(), roots.absolute(path)));
-                        }
-                        words[1] = format!("{kind}={}", roots.relative_to_cwd(&m));
-                    }
-                    None if Path::new(path).is_absolute() && roots.mentioned_in(path).is_none() => {}
-                    None => return Err(LocalReason::LocalPath(path.to_string())),
-                }
-            }
-            (Some("--extern"), Some(v)) => {
-                if let Some((name, path)) = v.split_once('=') {
-                    let m = roots.map(path).ok_or_else(|| LocalReason::LocalPath(path.to_string()))?;
-                    externs.push((
-                        name.rsplit(':').next().unwrap_or(name).to_string(),
-                        roots.absolute(path),
-                        m.clone(),
-                    ));
-                    words[1] = format!("{name}={}", roots.relative_to_cwd(&m));
-                }
-            }
-            (_, Some(v)) if roots.mentioned_in(v).is_some() => return Err(LocalReason::LocalPath(v.to_string())),
-            _ => {}
-        }
-        mapped.extend(words);
-    }
+    let mapped = inputs::map_args(&roots, c)?;
 
     let lock = settings.cache_dir.join("toolchain.lock");
     let toolchain = crate::toolchain::tree_locked(caches, &sysroot, &lock)
@@ -437,103 +363,25 @@ fn prepare(job: &Job<'_>) -> Result<Prepared, LocalReason> {
     let (depinfo_text, info) = if immutable {
         (None, depinfo::DepInfo::default())
     } else {
-        let (text, info) = dep_info(job, &roots, &mapped, &toolchain, &out_dir)?;
+        let (text, info) = dep_info(job, &roots, &mapped.words, &toolchain, &out_dir)?;
         (Some(text), info)
     };
     trace.phase("dep-info");
 
-    // 5. Variables the crate reads.
-    let mut env = Vec::new();
+    let env = inputs::key_env(&roots, &info, immutable)?;
+    let mut files = Files::new(caches, &roots);
+    files.sources(&info)?;
     if immutable {
-        env = crate::immutable::package_env(&roots);
+        files.package()?;
     }
-    for (name, value) in &info.env {
-        let Some(v) = value else { continue };
-        if name == "OUT_DIR" {
-            let m = roots.map(v).ok_or_else(|| LocalReason::EnvPath(name.clone()))?;
-            env.push((name.clone(), m));
-        } else if roots.mentioned_in(v).is_some() {
-            return Err(LocalReason::EnvPath(name.clone()));
-        } else {
-            env.push((name.clone(), v.clone()));
-        }
-    }
-    if let Ok(v) = std::env::var("RUSTC_BOOTSTRAP") {
-        env.push(("RUSTC_BOOTSTRAP".into(), v));
-    }
-
-    // 6. Input files.
-    let mut files = Vec::new();
-    let mut add = |mapped: String, local: PathBuf| -> Result<(), LocalReason> {
-        let d = caches.digest(&local).map_err(|_| LocalReason::LocalPath(local.display().to_string()))?;
-        files.push((mapped, d.digest, d.executable, local));
-        Ok(())
-    };
-    let mut dirs = Vec::new();
-    for f in &info.files {
-        let m = roots.map(f).ok_or_else(|| LocalReason::LocalPath(f.clone()))?;
-        add(m, roots.absolute(f))?;
-        dirs.extend(climbed_dirs(&roots, f));
-    }
-    if immutable {
-        let out = std::env::var("OUT_DIR").ok().filter(|o| roots.map(o).is_some()).map(PathBuf::from);
-        let package = crate::immutable::files_below(roots.cwd())
-            .map_err(|_| LocalReason::LocalPath(roots.cwd().display().to_string()))?;
-        let generated = match &out {
-            Some(dir) => {
-                crate::immutable::files_below(dir).map_err(|_| LocalReason::LocalPath(dir.display().to_string()))?
-            }
-            None => Vec::new(),
-        };
-        let generated = generated.into_iter().filter(|f| crate::immutable::may_be_read(f));
-        for local in package.into_iter().chain(generated) {
-            let m = roots
-                .map(&local.to_string_lossy())
-                .ok_or_else(|| LocalReason::LocalPath(local.display().to_string()))?;
-            add(m, local)?;
-        }
-    }
-    let mut closure: Vec<String> = Vec::new();
-    for (name, local, m) in &externs {
-        add(m.clone(), local.clone())?;
-        let stem = local.with_extension("").to_string_lossy().to_string();
-        let deps =
-            std::fs::read_to_string(sidecar_path(&stem)).map_err(|_| LocalReason::UnknownDependency(name.clone()))?;
-        closure.push(stem);
-        closure.extend(deps.lines().filter(|l| !l.is_empty()).map(str::to_string));
-    }
-    closure.sort();
-    closure.dedup();
-    let preference: &[&str] = if links { &["rlib", "rmeta"] } else { &["rmeta", "rlib"] };
-    for stem in &closure {
-        let chosen = preference.iter().map(|ext| PathBuf::from(format!("{stem}.{ext}"))).find(|p| p.is_file());
-        let so = PathBuf::from(format!("{stem}.so"));
-        for local in chosen.into_iter().chain(so.is_file().then_some(so)) {
-            let m = roots
-                .map(&local.to_string_lossy())
-                .ok_or_else(|| LocalReason::LocalPath(local.display().to_string()))?;
-            add(m, local)?;
-        }
-    }
-    for (m, dir) in &native_dirs {
-        let entries = std::fs::read_dir(dir).map_err(|_| LocalReason::LocalPath(dir.display().to_string()))?;
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if is_library(&name) && e.file_type().is_ok_and(|t| t.is_file()) {
-                add(format!("{m}/{name}"), e.path())?;
-            }
-        }
-    }
-    files.sort_by(|a, b| a.0.cmp(&b.0));
-    files.dedup_by(|a, b| a.0 == b.0);
-
-    // 7. Outputs.
-    let out_mapped = roots.map(&out_dir.to_string_lossy()).ok_or_else(|| LocalReason::LocalPath(c.out_dir.clone()))?;
-    let outputs: Vec<String> = c.output_names().iter().map(|n| format!("{out_mapped}/{n}")).collect();
+    let closure = files.externs(&mapped.externs, links)?;
+    files.native(&mapped.native_dirs)?;
+    let (files, dirs) = files.finish();
+    let outputs = inputs::outputs(&roots, c, &out_dir)?;
 
     let inputs = KeyInputs {
         toolchain: toolchain.root_digest,
-        args: &mapped,
+        args: &mapped.words,
         cwd: roots.cwd_mapped(),
         env: &env,
         files: &files,
@@ -557,35 +405,6 @@ fn prepare(job: &Job<'_>) -> Result<Prepared, LocalReason> {
     })
 }
 
-/// What rustc and the linker look for in `-L native=` directories: libraries
-/// by name. A build script's `OUT_DIR` also holds objects and probe
-/// programs (cc-rs's `flag_check`) whose bytes vary between runs; they are
-/// never read and would only make the key unstable.
-fn is_library(name: &str) -> bool {
-    name.ends_with(".a")
-        || name.ends_with(".so")
-        || name.contains(".so.")
-        || name.ends_with(".rlib")
-        || name.ends_with(".rmeta")
-}
-
-/// The directories `path` (as rustc wrote it) climbs out of with `..`,
-/// mapped: `src/a/b/../c.rs` needs `src/a/b` to exist even when nothing in
-/// it is read (libc's `#[path]` modules do this).
-fn climbed_dirs(roots: &Roots, path: &str) -> Vec<String> {
-    let mut prefix = PathBuf::new();
-    let mut out = Vec::new();
-    for comp in Path::new(path).components() {
-        if comp == std::path::Component::ParentDir
-            && let Some(m) = prefix.to_str().and_then(|p| roots.map(p))
-        {
-            out.push(m);
-        }
-        prefix.push(comp);
-    }
-    out
-}
-
 /// The crate's dep-info: remembered (when every file and variable it lists
 /// is unchanged) or from a `--emit=dep-info` pre-pass of rustc.
 fn dep_info(
@@ -595,7 +414,7 @@ fn dep_info(
     toolchain: &BuiltTree,
     out_dir: &Path,
 ) -> Result<(String, depinfo::DepInfo), LocalReason> {
-    let Job { caches, rustc, words, c, .. } = job;
+    let Job { caches, rustc, words, c, spawner, .. } = job;
     let toolchain_digest = toolchain.root_digest.to_string();
     let args = mapped.join("\0");
     let key = depinfo_key(&[KEY_VERSION, &toolchain_digest, roots.cwd_mapped(), &args]);
@@ -620,7 +439,9 @@ fn dep_info(
     pre.push("--out-dir".into());
     pre.push(tmp.to_string_lossy().to_string());
     let _ = std::fs::create_dir_all(&tmp);
-    let result = local::run_captured(rustc, &pre);
+    // Not in a local slot: the pre-pass stops before type checking, and
+    // every compile needs one, remote or not.
+    let result = spawner.run(rustc, &pre, &mut |_| {});
     let file = tmp.join(format!("{}{}.d", c.crate_name, c.extra_filename));
     let text = std::fs::read_to_string(&file);
     let _ = std::fs::remove_dir_all(&tmp);
@@ -646,35 +467,4 @@ fn entry_is_current(caches: &Caches, roots: &Roots, entry: &DepInfoEntry) -> boo
     });
     let env_ok = entry.env.iter().all(|(n, v)| std::env::var(n).ok().map(|now| roots.abstract_text(&now)) == *v);
     files_ok && env_ok
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_libraries_are_taken_from_native_directories() {
-        for (name, want) in [
-            ("libzstd.a", true),
-            ("libssl.so", true),
-            ("libssl.so.3", true),
-            ("93acce08ba6f4ffe-static.o", false),
-            ("flag_check", false),
-            ("flag_check.c", false),
-            ("generated.rs", false),
-        ] {
-            assert_eq!(is_library(name), want, "{name}");
-        }
-    }
-
-    #[test]
-    fn directories_climbed_out_of_are_kept() {
-        let roots = Roots::new(Path::new("/t"), Some(Path::new("/h")), None, Path::new("/w"));
-        assert_eq!(climbed_dirs(&roots, "src/lib.rs"), Vec::<String>::new());
-        assert_eq!(
-            climbed_dirs(&roots, "src/new/glibc/sysdeps/nptl/bits/../../x86/nptl/bits/m.rs"),
-            vec!["ws/src/new/glibc/sysdeps/nptl/bits", "ws/src/new/glibc/sysdeps/nptl"]
-        );
-        assert_eq!(climbed_dirs(&roots, "/h/registry/src/x/a/../b.rs"), vec!["cargo-home/registry/src/x/a"]);
-    }
 }

@@ -45,8 +45,7 @@ pub const KEY_VERSION: &str = "distbuild-rustc-key/2";
 /// The fixed `PATH` actions run with: rustc finds `cc` there when it links.
 pub const ACTION_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
-/// The platform property a worker advertises when it can link (`cc` on its PATH).
-pub const LINKER_PROPERTY: (&str, &str) = ("c-linker", "cc");
+pub use remote_apis::wrapper_state::LINKER_PROPERTY;
 
 /// The script that starts rustc in the worker's input root: it `cd`s into
 /// the mapped working directory, makes the path variables absolute

@@ -14,6 +14,7 @@ use distbuild_rustc::settings::{self, Record, Settings};
 
 fn main() -> ExitCode {
     let started = Instant::now();
+    let start_us = settings::now_us();
     let mut argv = std::env::args_os().skip(1);
     let Some(rustc) = argv.next().map(PathBuf::from) else {
         eprintln!("usage: distbuild-rustc <rustc> <args...>  (as RUSTC_WRAPPER; see `cargo distbuild --help`)");
@@ -46,6 +47,9 @@ fn main() -> ExitCode {
         &settings.stats_file,
         &Record {
             t: settings::now_ms(),
+            start_us,
+            end_us: settings::now_us(),
+            tool: String::new(),
             krate,
             outcome: outcome.outcome.to_string(),
             reason: outcome.reason.map(|r| r.to_string()),
@@ -53,7 +57,6 @@ fn main() -> ExitCode {
             ms: started.elapsed().as_millis() as u64,
             saved_ms: outcome.saved_ms,
             exit: outcome.code,
-            tool: String::new(),
         },
     );
     ExitCode::from(outcome.code.clamp(0, 255) as u8)

@@ -25,6 +25,28 @@ use crate::key::BuiltAction;
 /// Blobs up to this size are read into memory and sent in batches.
 const SMALL_FILE: u64 = 1 << 20;
 
+/// The REAPI calls one compile makes. A trait so that the wrapper's
+/// decisions (`compile.rs`) are tested against an in-memory server that
+/// scripts Execute's answers and failures; [`Remote`] is the real one.
+/// Generic, not `dyn`: each caller uses one implementation.
+#[allow(async_fn_in_trait)]
+pub trait Server {
+    /// The ActionCache entry of `action`, `None` if there is none.
+    async fn lookup(&self, action: Digest) -> Result<Option<ActionResult>, Status>;
+    /// Uploads what executing the Action needs and the server lacks.
+    async fn upload(&self, built: &BuiltAction, toolchain: &BuiltTree) -> Result<(), Status>;
+    /// Executes and waits; a non-OK status of the response is an error.
+    async fn execute(&self, action: Digest, queue_timeout: Duration) -> Result<ExecuteResponse, Status>;
+    async fn read_blob(&self, digest: Digest) -> Result<Bytes, Status>;
+    /// stdout and stderr of a result, inlined or fetched.
+    async fn streams(&self, result: &ActionResult) -> Result<(Bytes, Bytes), Status>;
+    /// Writes a blob to `dest` atomically.
+    async fn download_to(&self, digest: Digest, dest: &Path, executable: bool) -> Result<(), Status>;
+    async fn upload_files(&self, files: &[(Digest, PathBuf)]) -> Result<(), Status>;
+    async fn upload_blobs(&self, blobs: Vec<(Digest, Bytes)>) -> Result<(), Status>;
+    async fn store_result(&self, action: Digest, result: ActionResult) -> Result<(), Status>;
+}
+
 #[derive(Clone)]
 pub struct Remote {
     channel: Transport,
@@ -53,8 +75,10 @@ impl Remote {
         let cas = CasClient::new(channel.clone(), instance.clone()).with_digest_function(function);
         Ok(Remote { channel, cas, instance, function })
     }
+}
 
-    pub async fn lookup(&self, action: Digest) -> Result<Option<ActionResult>, Status> {
+impl Server for Remote {
+    async fn lookup(&self, action: Digest) -> Result<Option<ActionResult>, Status> {
         let req = GetActionResultRequest {
             instance_name: self.instance.to_string(),
             action_digest: Some(action.to_proto()),
@@ -74,7 +98,7 @@ impl Remote {
 
     /// Uploads the Action, its Command, the input root and the toolchain
     /// tree: only the blobs the server reports missing.
-    pub async fn upload(&self, built: &BuiltAction, toolchain: &BuiltTree) -> Result<(), Status> {
+    async fn upload(&self, built: &BuiltAction, toolchain: &BuiltTree) -> Result<(), Status> {
         let mut memory: Vec<(Digest, Bytes)> = vec![
             remote_apis::merkle::encode(self.function, &built.action),
             remote_apis::merkle::encode(self.function, &built.command),
@@ -115,7 +139,7 @@ impl Remote {
 
     /// Executes the Action and waits for its result. `queue_timeout` bounds
     /// how long it may wait for a worker before the caller runs it locally.
-    pub async fn execute(&self, action: Digest, queue_timeout: Duration) -> Result<ExecuteResponse, Status> {
+    async fn execute(&self, action: Digest, queue_timeout: Duration) -> Result<ExecuteResponse, Status> {
         let req = ExecuteRequest {
             instance_name: self.instance.to_string(),
             action_digest: Some(action.to_proto()),
@@ -167,12 +191,12 @@ impl Remote {
     }
 
     /// A small blob, whole.
-    pub async fn read_blob(&self, digest: Digest) -> Result<Bytes, Status> {
+    async fn read_blob(&self, digest: Digest) -> Result<Bytes, Status> {
         self.cas.read_blob(digest).await
     }
 
     /// stdout and stderr of a result, inlined or fetched.
-    pub async fn streams(&self, result: &ActionResult) -> Result<(Bytes, Bytes), Status> {
+    async fn streams(&self, result: &ActionResult) -> Result<(Bytes, Bytes), Status> {
         let fetch = |raw: &Vec<u8>, digest: &Option<remote_apis::reapi::Digest>| {
             let raw = Bytes::from(raw.clone());
             let digest = digest.clone();
@@ -193,7 +217,7 @@ impl Remote {
 
     /// Downloads `digest` to `dest` through a temporary file and a rename,
     /// so cargo never sees half a library.
-    pub async fn download_to(&self, digest: Digest, dest: &Path, executable: bool) -> Result<(), Status> {
+    async fn download_to(&self, digest: Digest, dest: &Path, executable: bool) -> Result<(), Status> {
         let io = |e: std::io::Error| Status::internal(format!("{}: {e}", dest.display()));
         let dir = dest.parent().ok_or_else(|| Status::internal("output without a directory"))?;
         tokio::fs::create_dir_all(dir).await.map_err(io)?;
@@ -215,7 +239,7 @@ impl Remote {
     }
 
     /// Uploads local files (outputs of a local run).
-    pub async fn upload_files(&self, files: &[(Digest, PathBuf)]) -> Result<(), Status> {
+    async fn upload_files(&self, files: &[(Digest, PathBuf)]) -> Result<(), Status> {
         let digests: Vec<Digest> = files.iter().map(|(d, _)| *d).collect();
         let missing: std::collections::HashSet<Digest> = self.cas.find_missing(&digests).await?.into_iter().collect();
         for (digest, path) in files {
@@ -229,11 +253,11 @@ impl Remote {
         Ok(())
     }
 
-    pub async fn upload_blobs(&self, blobs: Vec<(Digest, Bytes)>) -> Result<(), Status> {
+    async fn upload_blobs(&self, blobs: Vec<(Digest, Bytes)>) -> Result<(), Status> {
         self.cas.upload_blobs(blobs).await
     }
 
-    pub async fn store_result(&self, action: Digest, result: ActionResult) -> Result<(), Status> {
+    async fn store_result(&self, action: Digest, result: ActionResult) -> Result<(), Status> {
         let req = UpdateActionResultRequest {
             instance_name: self.instance.to_string(),
             action_digest: Some(action.to_proto()),

@@ -8,12 +8,14 @@
 //! `DISTBUILD_TOKEN_FILE` names a file holding a bearer token, else
 //! `DISTBUILD_TOKEN` holds the token itself.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use remote_apis::client::{ClientOptions, ClientTls, Token};
-use serde::{Deserialize, Serialize};
+pub use remote_apis::wrapper_state::{
+    Record, append, cargo_home, default_cache_dir, default_state_dir, lock_file, now_ms, now_us, read_records,
+    stats_file,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -37,60 +39,6 @@ pub struct Settings {
     pub queue_timeout: Duration,
     /// TLS files and the bearer token (its `Debug` hides it).
     pub client: ClientOptions,
-}
-
-/// `$VAR/cargo-distbuild`, else `~/<fallback>/cargo-distbuild`, else
-/// `./distbuild-data` (no home at all).
-fn xdg_dir(var: &str, fallback: &str) -> PathBuf {
-    let non_empty = |v: &str| std::env::var_os(v).filter(|d| !d.is_empty()).map(PathBuf::from);
-    match (non_empty(var), non_empty("HOME")) {
-        (Some(dir), _) => dir.join("cargo-distbuild"),
-        (None, Some(home)) => home.join(fallback).join("cargo-distbuild"),
-        (None, None) => PathBuf::from("distbuild-data"),
-    }
-}
-
-/// `$XDG_CACHE_HOME/cargo-distbuild` (or `~/.cache/...`): the server's
-/// default data directory, and the wrapper's caches below it.
-pub fn default_cache_dir() -> PathBuf {
-    xdg_dir("XDG_CACHE_HOME", ".cache")
-}
-
-/// `$XDG_STATE_HOME/cargo-distbuild` (or `~/.local/state/...`).
-pub fn default_state_dir() -> PathBuf {
-    xdg_dir("XDG_STATE_HOME", ".local/state")
-}
-
-/// Where invocations are recorded: `DISTBUILD_STATS`, else
-/// `<state dir>/stats.jsonl`.
-pub fn stats_file() -> PathBuf {
-    std::env::var_os("DISTBUILD_STATS")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| default_state_dir().join("stats.jsonl"))
-}
-
-/// cargo's home: `CARGO_HOME`, else `~/.cargo`.
-pub fn cargo_home() -> Option<PathBuf> {
-    std::env::var_os("CARGO_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-}
-
-/// Takes an exclusive lock on `path` (created if needed), held until the
-/// returned file is dropped.
-pub fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let file = std::fs::File::options().create(true).truncate(false).write(true).open(path)?;
-    // SAFETY: flock on a descriptor we own; released when `file` closes.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(file)
 }
 
 impl Settings {
@@ -191,63 +139,4 @@ impl Settings {
 fn age(path: &Path) -> Option<Duration> {
     let m = std::fs::metadata(path).ok()?.modified().ok()?;
     Some(SystemTime::now().duration_since(m).unwrap_or_default())
-}
-
-/// One line of the stats file.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Record {
-    /// Milliseconds since the epoch, when the invocation ended.
-    pub t: u64,
-    /// Crate name ("" for queries such as `-vV`).
-    pub krate: String,
-    /// `hit`, `remote`, `local`.
-    pub outcome: String,
-    /// Why it ran locally, if it did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// Whether a local run's result was stored in the cache.
-    #[serde(default)]
-    pub stored: bool,
-    /// Wall time of the invocation.
-    pub ms: u64,
-    /// For hits: what the original execution took, minus this invocation.
-    #[serde(default)]
-    pub saved_ms: i64,
-    pub exit: i32,
-    /// Which wrapper wrote it: "" for rustc (`distbuild-rustc`), "cc" for a
-    /// C/C++ compiler invocation (`distbuild-cc`).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub tool: String,
-}
-
-/// Appends `record` (one `write` of one line, so concurrent wrappers do not
-/// interleave).
-pub fn append(file: &Path, record: &Record) {
-    let Ok(mut line) = serde_json::to_vec(record) else { return };
-    line.push(b'\n');
-    if let Some(dir) = file.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    if let Ok(mut f) = std::fs::File::options().create(true).append(true).open(file) {
-        let _ = f.write_all(&line);
-    }
-}
-
-/// The records appended to `file` after byte `offset` (lines that do not
-/// parse, such as a torn last line, are skipped).
-pub fn read_records(file: &Path, offset: u64) -> Vec<Record> {
-    use std::io::{BufRead, Seek};
-    let Ok(mut f) = std::fs::File::open(file) else { return Vec::new() };
-    if f.seek(std::io::SeekFrom::Start(offset)).is_err() {
-        return Vec::new();
-    }
-    std::io::BufReader::new(f)
-        .lines()
-        .map_while(Result::ok)
-        .filter_map(|l| serde_json::from_str::<Record>(&l).ok())
-        .collect()
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

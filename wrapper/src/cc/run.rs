@@ -13,7 +13,7 @@ use super::deps;
 use super::prepare::{Place, Prepared, prepare};
 use crate::hashcache::Caches;
 use crate::local;
-use crate::remote::Remote;
+use crate::remote::{Remote, Server};
 use crate::settings::{self, Mode, Settings};
 
 /// How an invocation ended, for the stats file.
