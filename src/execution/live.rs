@@ -35,11 +35,10 @@ impl LiveReads {
     ) -> Result<BoxStream<'static, Result<Bytes>>> {
         match name {
             LiveName::Stream(stream) => {
-                let logs = self.scheduler.logs();
-                if !logs.has(&stream.id) {
-                    return Err(crate::error::Error::not_found(self.scheduler.stream_missing(&stream.id).await));
+                match self.scheduler.logs().read(stream, offset, limit)? {
+                    Some(s) => Ok(s),
+                    None => Err(crate::error::Error::not_found(self.scheduler.stream_missing(&stream.id).await)),
                 }
-                logs.read(stream, offset, limit, || "the live stream ended meanwhile".into())
             }
             LiveName::Output(output) => {
                 let digest = self.scheduler.running_output(&output.instance, &output.operation, &output.path).await?;

@@ -189,39 +189,29 @@ impl LogStreams {
         self.inner.lock().by_op.get(op).cloned()
     }
 
-    /// Whether streams of `task` are here (open or in their grace period).
-    pub fn has(&self, task: &str) -> bool {
-        let mut inner = self.inner.lock();
-        inner.expire(Instant::now(), self.grace);
-        inner.sets.contains_key(task)
-    }
-
     /// Reads `name` from `offset`: what exists, then what comes, until the
-    /// stream is finalized or `limit` bytes were sent. NOT_FOUND for a
-    /// stream that is not here (or of another instance); `missing` says why.
+    /// stream is finalized or `limit` bytes were sent. `None` for a stream
+    /// that is not here (or of another instance).
     pub fn read(
         &self,
         name: &StreamName,
         offset: u64,
         limit: Option<u64>,
-        missing: impl FnOnce() -> String,
-    ) -> Result<BoxStream<'static, Result<Bytes>>> {
+    ) -> Result<Option<BoxStream<'static, Result<Bytes>>>> {
         let stream = {
             let mut inner = self.inner.lock();
             inner.expire(Instant::now(), self.grace);
             match inner.sets.get(&name.id).filter(|s| s.instance == name.instance) {
                 Some(set) => set.stream(name.kind).clone(),
-                None => return Err(Error::not_found(missing())),
+                None => return Ok(None),
             }
         };
         // Checked now too, so a bad offset fails the call, not the stream.
-        if let Err(e) = stream.check(offset, self.window) {
-            return Err(e);
-        }
+        stream.check(offset, self.window)?;
         let window = self.window;
         let rx = stream.changed.subscribe();
         let reader = Reader { stream, rx, offset, remaining: limit, window, done: false };
-        Ok(Box::pin(futures::stream::unfold(reader, Reader::next)))
+        Ok(Some(Box::pin(futures::stream::unfold(reader, Reader::next))))
     }
 }
 
@@ -341,7 +331,7 @@ mod tests {
         let logs = Arc::new(LogStreams::new(1024, Duration::from_secs(60)));
         logs.open("t", &InstanceName::default(), 1, "operations/o");
         logs.append(1, "t", b"first\n", b"");
-        let mut s = logs.read(&name("t", StreamKind::Stdout), 0, None, String::new).unwrap();
+        let mut s = logs.read(&name("t", StreamKind::Stdout), 0, None).unwrap().unwrap();
         assert_eq!(s.next().await.unwrap().unwrap(), Bytes::from_static(b"first\n"));
         let rest = tokio::spawn(collect(s));
         // Another worker cannot write it.
@@ -349,11 +339,11 @@ mod tests {
         logs.append(1, "t", b"second\n", b"err\n");
         logs.finalize("t");
         assert_eq!(rest.await.unwrap().unwrap(), b"second\n");
-        let err = logs.read(&name("t", StreamKind::Stderr), 0, None, String::new).unwrap();
+        let err = logs.read(&name("t", StreamKind::Stderr), 0, None).unwrap().unwrap();
         assert_eq!(collect(err).await.unwrap(), b"err\n");
-        let mid = logs.read(&name("t", StreamKind::Stdout), 3, Some(5), String::new).unwrap();
+        let mid = logs.read(&name("t", StreamKind::Stdout), 3, Some(5)).unwrap().unwrap();
         assert_eq!(collect(mid).await.unwrap(), b"st\nse");
-        let past = logs.read(&name("t", StreamKind::Stdout), 100, None, String::new);
+        let past = logs.read(&name("t", StreamKind::Stdout), 100, None);
         assert_eq!(past.err().unwrap().code, Code::OutOfRange);
     }
 
@@ -364,14 +354,13 @@ mod tests {
         logs.open("t", &inst, 1, "operations/o");
         logs.append(1, "t", b"0123456789", b"");
         let stdout = StreamName { instance: inst.clone(), id: "t".into(), kind: StreamKind::Stdout };
-        let behind = logs.read(&stdout, 0, None, String::new);
+        let behind = logs.read(&stdout, 0, None);
         assert_eq!(behind.err().unwrap().code, Code::OutOfRange);
-        let other = logs.read(&name("t", StreamKind::Stdout), 6, None, || "elsewhere".into());
-        assert_eq!(other.err().unwrap().code, Code::NotFound);
+        let other = logs.read(&name("t", StreamKind::Stdout), 6, None);
+        assert!(other.unwrap().is_none(), "another instance's name");
         assert_eq!(logs.task_of("operations/o").as_deref(), Some("t"));
         logs.finalize("t");
-        let gone = logs.read(&stdout, 6, None, || "in the ActionResult".into()).err().unwrap();
-        assert_eq!((gone.code, gone.message.as_str()), (Code::NotFound, "in the ActionResult"));
+        assert!(logs.read(&stdout, 6, None).unwrap().is_none(), "gone after the grace period");
         assert_eq!(logs.task_of("operations/o"), None);
     }
 }
