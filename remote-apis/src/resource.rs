@@ -20,16 +20,8 @@ use crate::quote;
 
 /// Segments an instance name may not contain, because resource names use
 /// them as keywords.
-const RESERVED: [&str; 8] = [
-    "blobs",
-    "uploads",
-    "compressed-blobs",
-    "actions",
-    "actionResults",
-    "operations",
-    "capabilities",
-    "logstreams",
-];
+const RESERVED: [&str; 8] =
+    ["blobs", "uploads", "compressed-blobs", "actions", "actionResults", "operations", "capabilities", "logstreams"];
 
 /// An instance name: a namespace chosen by the client. It may be empty or
 /// contain slashes (`projects/p/instances/i`).

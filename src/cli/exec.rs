@@ -213,8 +213,7 @@ async fn execute_live(
 ) -> anyhow::Result<ExecuteResponse> {
     let mut stream = start_execute(channel.clone(), instance, action, skip_cache).await?;
     while let Some(op) = stream.message().await.map_err(|s| rpc_error("Execute", s))? {
-        if let Some(m) = op.metadata.as_ref().and_then(|m| ExecuteOperationMetadata::decode(m.value.as_slice()).ok())
-        {
+        if let Some(m) = op.metadata.as_ref().and_then(|m| ExecuteOperationMetadata::decode(m.value.as_slice()).ok()) {
             live[0].start(&channel, &m.stdout_stream_name);
             live[1].start(&channel, &m.stderr_stream_name);
         }

@@ -113,8 +113,7 @@ impl WorkerGateway for GatewayService {
                 keepalive_interval_ms: self.keepalive_interval.as_millis() as u64,
             })),
         };
-        let commands =
-            tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |c| Ok(to_proto(c, &pending)));
+        let commands = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |c| Ok(to_proto(c, &pending)));
         let closing = self.closing.clone().cancelled_owned();
         let stream = futures::stream::once(async { Ok(welcome) }).chain(commands).take_until(closing);
         Ok(Response::new(Box::pin(stream)))

@@ -34,12 +34,10 @@ impl LiveReads {
         limit: Option<u64>,
     ) -> Result<BoxStream<'static, Result<Bytes>>> {
         match name {
-            LiveName::Stream(stream) => {
-                match self.scheduler.logs().read(stream, offset, limit)? {
-                    Some(s) => Ok(s),
-                    None => Err(crate::error::Error::not_found(self.scheduler.stream_missing(&stream.id).await)),
-                }
-            }
+            LiveName::Stream(stream) => match self.scheduler.logs().read(stream, offset, limit)? {
+                Some(s) => Ok(s),
+                None => Err(crate::error::Error::not_found(self.scheduler.stream_missing(&stream.id).await)),
+            },
             LiveName::Output(output) => {
                 let digest = self.scheduler.running_output(&output.instance, &output.operation, &output.path).await?;
                 self.cas.get(&digest, offset, limit).await

@@ -27,8 +27,8 @@ use remote_apis::reapi::{ActionResult, ExecuteResponse};
 use remote_apis::{Digest, InstanceName, rpc};
 use tokio::sync::{mpsc, watch};
 
-use super::logstream::LogStreams;
 use super::failed::{FailedIndex, FailedRun, MAX_FAILED_RUNS};
+use super::logstream::LogStreams;
 use super::platform::Platform;
 use super::state::{self, Cancelled, Deleted, NewOp, Outcome, SchedulerState, Submitted, now_millis};
 use super::validate::Checked;

@@ -128,9 +128,8 @@ pub(super) async fn upload_output(cas: &dyn ExecCas, action: &RunningAction, pat
         ));
     }
     let (a, p) = (action.clone(), path.to_string());
-    let copy = tokio::task::spawn_blocking(move || snapshot(&a, &p))
-        .await
-        .map_err(|e| Error::internal(e.to_string()))??;
+    let copy =
+        tokio::task::spawn_blocking(move || snapshot(&a, &p)).await.map_err(|e| Error::internal(e.to_string()))??;
     let uploaded = async {
         let digest = {
             let (f, c) = (action.function, copy.clone());

@@ -55,7 +55,8 @@ fn read_req(name: &str, offset: i64, limit: i64) -> ReadRequest {
 }
 
 async fn read_all(server: &TestServer, name: &str, offset: i64, limit: i64) -> Result<Vec<u8>, tonic::Status> {
-    let mut stream = ByteStreamClient::new(server.channel.clone()).read(read_req(name, offset, limit)).await?.into_inner();
+    let mut stream =
+        ByteStreamClient::new(server.channel.clone()).read(read_req(name, offset, limit)).await?.into_inner();
     let mut out = Vec::new();
     while let Some(chunk) = stream.message().await? {
         out.extend_from_slice(&chunk.data);

@@ -105,8 +105,7 @@ pub fn declares(command: &remote_apis::reapi::Command, path: &str) -> bool {
 
 /// The output file `path` of a finished operation's result.
 fn finished_output(op: &state::OpRecord, path: &str) -> Result<Digest> {
-    let response: Option<ExecuteResponse> =
-        op.response.as_ref().and_then(|b| prost::Message::decode(b.as_ref()).ok());
+    let response: Option<ExecuteResponse> = op.response.as_ref().and_then(|b| prost::Message::decode(b.as_ref()).ok());
     let function = op.action_digest.parse::<Digest>().map(|d| d.function).ok();
     let file = response.and_then(|r| r.result).and_then(|r| r.output_files.into_iter().find(|f| f.path == path));
     match (file, function) {
