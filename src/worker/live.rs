@@ -112,7 +112,8 @@ pub(super) struct RunningAction {
     /// The action's directory (the worker's own; `root` is inside).
     pub dir: PathBuf,
     pub root: PathBuf,
-    pub working_dir: PathBuf,
+    /// The Command's working directory, relative to `root`.
+    pub working_directory: String,
     pub declared: Vec<String>,
 }
 
@@ -150,26 +151,62 @@ pub(super) async fn upload_output(cas: &dyn ExecCas, action: &RunningAction, pat
 
 /// Copies the output file to a private file beside the action's root.
 /// NOT_FOUND while it does not exist; FAILED_PRECONDITION for what is not a
-/// regular file inside the input root.
+/// regular file, or is reached through a symlink (the command could point
+/// one at the worker's own files): every component is opened beneath the
+/// root without following symlinks.
 fn snapshot(action: &RunningAction, path: &str) -> Result<PathBuf> {
-    let full = action.working_dir.join(path);
-    let not_yet = || Error::not_found(format!("the running action has not written {} yet", remote_apis::quote(path)));
-    let real = match std::fs::canonicalize(&full) {
-        Ok(r) => r,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_yet()),
-        Err(e) => return Err(Error::io(full.display(), e)),
-    };
-    let root = std::fs::canonicalize(&action.root).map_err(|e| Error::io(action.root.display(), e))?;
-    let meta = std::fs::metadata(&real).map_err(|e| Error::io(real.display(), e))?;
-    if !real.starts_with(&root) || !meta.is_file() {
-        return Err(Error::new(
+    let parts = remote_apis::merkle::resolve_output_path(&action.working_directory, path)
+        .map_err(|e| Error::invalid(format!("output path: {}", e.0)))?;
+    let refused = || {
+        Error::new(
             tonic::Code::FailedPrecondition,
-            format!("{} is not a regular file in the action's input root", remote_apis::quote(path)),
-        ));
+            format!("{} is not a regular file reached without symlinks", remote_apis::quote(path)),
+        )
+    };
+    let mut source = match open_beneath(&action.root, &parts) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::not_found(format!(
+                "the running action has not written {} yet",
+                remote_apis::quote(path)
+            )));
+        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => return Err(refused()),
+        Err(e) => return Err(Error::io(format!("output {}", remote_apis::quote(path)), e)),
+    };
+    if !source.metadata().map_err(|e| Error::io(path, e))?.is_file() {
+        return Err(refused());
     }
     let copy = action.dir.join(format!("peek-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::copy(&real, &copy).map_err(|e| Error::io(real.display(), e))?;
+    let copied = std::fs::File::create(&copy).and_then(|mut target| std::io::copy(&mut source, &mut target));
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&copy);
+        return Err(Error::io(copy.display(), e));
+    }
     Ok(copy)
+}
+
+/// Opens `root/parts...` for reading, one component at a time, following
+/// no symlink.
+fn open_beneath(root: &Path, parts: &[&str]) -> std::io::Result<std::fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut at = std::fs::File::open(root)?;
+    let Some((last, parents)) = parts.split_last() else { return Err(std::io::Error::from_raw_os_error(libc::EISDIR)) };
+    let open = |dir: &std::fs::File, name: &str, flags: libc::c_int| -> std::io::Result<std::fs::File> {
+        let name = std::ffi::CString::new(name).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: openat on a descriptor we own with a NUL-terminated name;
+        // the returned descriptor is owned by the File.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and is owned by nothing else.
+        Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+    };
+    for part in parents {
+        at = open(&at, part, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    }
+    open(&at, last, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY)
 }
 
 #[cfg(test)]
@@ -211,5 +248,32 @@ mod tests {
         assert_eq!(c.1, big);
         // Batched: a handful of messages, not one per write or per byte.
         assert!(c.2 >= 4 && c.2 <= 8, "{} messages", c.2);
+    }
+
+    #[test]
+    fn a_running_output_is_copied_but_never_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, outside) = (dir.path().join("root"), dir.path().join("outside"));
+        std::fs::create_dir_all(root.join("work/out")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"worker's own").unwrap();
+        std::fs::write(root.join("work/out/lib.rmeta"), b"meta").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("work/link")).unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), root.join("work/file-link")).unwrap();
+        let action = RunningAction {
+            instance: InstanceName::default(),
+            function: DigestFunction::Sha256,
+            dir: dir.path().to_path_buf(),
+            root,
+            working_directory: "work".into(),
+            declared: Vec::new(),
+        };
+        let copy = snapshot(&action, "out/lib.rmeta").unwrap();
+        assert_eq!(std::fs::read(&copy).unwrap(), b"meta");
+        assert_eq!(snapshot(&action, "out/absent").unwrap_err().code, tonic::Code::NotFound);
+        for through in ["link/secret", "file-link", "out"] {
+            let e = snapshot(&action, through).unwrap_err();
+            assert_eq!(e.code, tonic::Code::FailedPrecondition, "{through}: {}", e.message);
+        }
     }
 }

@@ -245,7 +245,7 @@ impl Executor {
         meta.input_fetch_start_timestamp = Some(timestamp(SystemTime::now()));
         let working_dir = self.prepare_inputs(task, &root, cancel).await.map_err(|e| (None, e))?;
         meta.input_fetch_completed_timestamp = Some(timestamp(SystemTime::now()));
-        self.running.lock().insert(task.id.clone(), self.running_action(task, dir, &root, &working_dir));
+        self.running.lock().insert(task.id.clone(), self.running_action(task, dir, &root));
 
         let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
         let env: Vec<(String, String)> =
@@ -310,7 +310,7 @@ impl Executor {
             .map_err(|e| Error::internal(e.to_string()))?
     }
 
-    fn running_action(&self, task: &Task, dir: &Path, root: &Path, working_dir: &Path) -> live::RunningAction {
+    fn running_action(&self, task: &Task, dir: &Path, root: &Path) -> live::RunningAction {
         #[allow(deprecated)]
         let old = task.command.output_files.iter().chain(task.command.output_directories.iter());
         live::RunningAction {
@@ -318,7 +318,7 @@ impl Executor {
             function: task.action_digest.function,
             dir: dir.to_path_buf(),
             root: root.to_path_buf(),
-            working_dir: working_dir.to_path_buf(),
+            working_directory: task.command.working_directory.clone(),
             declared: task.command.output_paths.iter().chain(old).cloned().collect(),
         }
     }
