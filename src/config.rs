@@ -337,6 +337,13 @@ pub struct ExecutionSection {
     pub max_tree_depth: usize,
     pub max_tree_directories: u64,
     pub max_tree_files: u64,
+    /// Bytes kept of each live stdout/stderr stream of a running action
+    /// (REAPI LogStream); a reader further behind gets OUT_OF_RANGE.
+    pub log_stream_window: bytesize::ByteSize,
+    /// How long the live streams of a finished action stay readable; after
+    /// it, NOT_FOUND (the output is in the ActionResult).
+    #[serde(with = "humantime_serde")]
+    pub log_stream_grace: Duration,
 }
 
 impl ExecutionSection {
@@ -364,6 +371,8 @@ impl Default for ExecutionSection {
             max_tree_depth: crate::worker::TreeLimits::default().max_depth,
             max_tree_directories: crate::worker::TreeLimits::default().max_directories,
             max_tree_files: crate::worker::TreeLimits::default().max_files,
+            log_stream_window: bytesize::ByteSize(crate::execution::logstream::DEFAULT_WINDOW),
+            log_stream_grace: crate::execution::logstream::DEFAULT_GRACE,
         }
     }
 }

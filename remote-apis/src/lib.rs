@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod digest;
+pub mod logstream;
 pub mod merkle;
 pub mod resource;
 pub mod wrapper_state;

@@ -20,8 +20,8 @@ use crate::quote;
 
 /// Segments an instance name may not contain, because resource names use
 /// them as keywords.
-const RESERVED: [&str; 7] =
-    ["blobs", "uploads", "compressed-blobs", "actions", "actionResults", "operations", "capabilities"];
+const RESERVED: [&str; 8] =
+    ["blobs", "uploads", "compressed-blobs", "actions", "actionResults", "operations", "capabilities", "logstreams"];
 
 /// An instance name: a namespace chosen by the client. It may be empty or
 /// contain slashes (`projects/p/instances/i`).
@@ -186,7 +186,7 @@ impl WriteResource {
     }
 }
 
-fn instance_prefix(instance: &InstanceName) -> String {
+pub(crate) fn instance_prefix(instance: &InstanceName) -> String {
     if instance.as_str().is_empty() { String::new() } else { format!("{instance}/") }
 }
 
@@ -203,7 +203,7 @@ fn blob_part(compressor: Compressor, digest: &Digest) -> String {
     s
 }
 
-fn instance_of(name: &str, segments: &[&str]) -> Result<InstanceName, ParseError> {
+pub(crate) fn instance_of(name: &str, segments: &[&str]) -> Result<InstanceName, ParseError> {
     let instance = segments.join("/");
     let why = match segments.iter().any(|s| s.is_empty()) {
         true => Some("has an empty path segment".to_string()),

@@ -38,6 +38,9 @@ pub struct ByteStreamService {
     store: Store,
     uploads: Arc<Mutex<Sessions<Upload>>>,
     auth: Arc<Auth>,
+    /// What running actions produce (see `remote_apis::logstream`); `None`
+    /// on a server that runs none.
+    live: Option<Arc<crate::execution::live::LiveReads>>,
 }
 
 struct Upload {
@@ -53,7 +56,33 @@ impl ByteStreamService {
     /// most `max_parked_per_client` from one client address.
     pub fn new(store: Store, resume_window: Duration, max_parked: usize, max_parked_per_client: usize) -> Self {
         let limits = ParkLimits { total: max_parked, per_client: max_parked_per_client, window: resume_window };
-        ByteStreamService { store, uploads: Arc::new(Mutex::new(Sessions::new(limits))), auth: Auth::open() }
+        ByteStreamService {
+            store,
+            uploads: Arc::new(Mutex::new(Sessions::new(limits))),
+            auth: Auth::open(),
+            live: None,
+        }
+    }
+
+    /// Serves the live names of running actions through `live`.
+    pub fn with_live(self, live: Arc<crate::execution::live::LiveReads>) -> Self {
+        ByteStreamService { live: Some(live), ..self }
+    }
+
+    /// A read of a live name (a stream or a running output), already
+    /// parsed: the same grant as blobs of its instance (cas-read).
+    async fn read_live(
+        &self,
+        request: &Request<ReadRequest>,
+        name: remote_apis::logstream::LiveName,
+    ) -> Result<ReadStream, Status> {
+        self.auth.context(request, name.instance(), None, Grant::CasRead)?;
+        let (offset, limit) = read_range(request.get_ref())?;
+        let Some(live) = &self.live else {
+            return Err(Error::not_found("this server runs no actions: it has no live output").into());
+        };
+        let stream = live.read(&name, offset, limit).await?;
+        Ok(stream.map_ok(|data| ReadResponse { data: data.into() }).map_err(Status::from).boxed())
     }
 
     /// The server's policy (the default allows every call).
@@ -267,11 +296,26 @@ impl Upload {
 
 type ReadStream = BoxStream<'static, Result<ReadResponse, Status>>;
 
+/// A read's offset and limit (`None`: to the end), refused when negative.
+fn read_range(req: &ReadRequest) -> Result<(u64, Option<u64>)> {
+    if req.read_offset < 0 {
+        return Err(Error::new(Code::OutOfRange, format!("read_offset {} is negative", req.read_offset)));
+    }
+    if req.read_limit < 0 {
+        return Err(Error::bad_field("read_limit", format!("{} is negative", req.read_limit)));
+    }
+    Ok((req.read_offset as u64, (req.read_limit > 0).then_some(req.read_limit as u64)))
+}
+
 #[tonic::async_trait]
 impl ByteStream for ByteStreamService {
     type ReadStream = ReadStream;
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
+        if let Some(live) = remote_apis::logstream::parse(&request.get_ref().resource_name) {
+            let name = live.map_err(|e| Error::bad_field("resource_name", e.0))?;
+            return self.read_live(&request, name).await.map(Response::new);
+        }
         let resource = ReadResource::parse_with(&request.get_ref().resource_name, |i| self.default_function(i))
             .map_err(|e| Error::bad_field("resource_name", e.0))?;
         self.auth.context(&request, &resource.instance, Some(resource.digest.function), Grant::CasRead)?;

@@ -423,7 +423,6 @@ mod tests {
             ms: 1,
             saved_ms: saved,
             exit: 0,
-            tool: String::new(),
         }
     }
 

@@ -23,6 +23,7 @@ use remote_apis::reapi::{
 };
 use remote_apis::{Digest, DigestFunction, InstanceName};
 
+use super::follow::{Follower, Sink};
 use super::rpc_error;
 use crate::execution::platform::parse_property;
 
@@ -136,15 +137,14 @@ pub async fn run(args: RunArgs, server: &str, options: &ClientOptions, instance:
     let (action_digest, action_bytes) = merkle::encode(function, &action);
     upload(&cas, &tree, vec![(command_digest, command_bytes), (action_digest, action_bytes)]).await?;
 
-    let (_, response) = execute(channel, &instance, action_digest, args.no_cache, false).await?;
+    let mut live = [Follower::idle(Sink::Stdout), Follower::idle(Sink::Stderr)];
+    let response = execute_live(channel, &instance, action_digest, args.no_cache, &mut live).await?;
+    let [live_out, live_err] = live;
     let result = finished_result(&response)?;
     let stdout = read_output(&cas, result.stdout_digest.as_ref(), &result.stdout_raw, function).await?;
     let stderr = read_output(&cas, result.stderr_digest.as_ref(), &result.stderr_raw, function).await?;
-    {
-        use std::io::Write;
-        std::io::stdout().write_all(&stdout)?;
-        std::io::stderr().write_all(&stderr)?;
-    }
+    live_out.finish(&stdout).await?;
+    live_err.finish(&stderr).await?;
     download_outputs(&cas, &result, function).await?;
     if let Some(status) = response.status.as_ref().filter(|s| s.code != 0) {
         eprintln!("error: {:?}: {}", tonic::Code::from_i32(status.code), status.message);
@@ -197,6 +197,28 @@ async fn execute(
         }
         if let Some(response) = response_of(&op)? {
             return Ok((op.name, response));
+        }
+    }
+    bail!("the server ended the operation stream before the action finished")
+}
+
+/// Executes, printing the command's output live (see [`super::follow`])
+/// as soon as the operation announces its streams; returns the response.
+async fn execute_live(
+    channel: Transport,
+    instance: &InstanceName,
+    action: Digest,
+    skip_cache: bool,
+    live: &mut [Follower; 2],
+) -> anyhow::Result<ExecuteResponse> {
+    let mut stream = start_execute(channel.clone(), instance, action, skip_cache).await?;
+    while let Some(op) = stream.message().await.map_err(|s| rpc_error("Execute", s))? {
+        if let Some(m) = op.metadata.as_ref().and_then(|m| ExecuteOperationMetadata::decode(m.value.as_slice()).ok()) {
+            live[0].start(&channel, &m.stdout_stream_name);
+            live[1].start(&channel, &m.stderr_stream_name);
+        }
+        if let Some(response) = response_of(&op)? {
+            return Ok(response);
         }
     }
     bail!("the server ended the operation stream before the action finished")

@@ -5,6 +5,7 @@ mod asset;
 mod cargo;
 mod cas;
 mod exec;
+mod follow;
 mod jobs;
 mod legacy;
 mod logging;

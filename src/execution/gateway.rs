@@ -2,6 +2,7 @@
 //! remote worker. The stream's end (or keepalive silence, see
 //! [`Scheduler::sweep`]) means the worker is gone and its actions re-queue.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -9,7 +10,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use futures::{Stream, StreamExt};
 use prost::Message;
 use remote_apis::reapi::ExecuteResponse;
-use tokio::sync::mpsc;
+use remote_apis::{Digest, DigestFunction};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -81,10 +83,12 @@ impl WorkerGateway for GatewayService {
             sandbox: hello.sandbox.chars().take(MAX_NAME_LEN).collect(),
         };
         let (tx, rx) = mpsc::unbounded_channel::<WorkerCommand>();
+        let pending = Pending::default();
         // A name in use is refused: no connection evicts another worker.
         let id = self.scheduler.register_worker(info, &hello.incarnation, tx).await?;
         let scheduler = self.scheduler.clone();
         let closing = self.closing.clone();
+        let answers = pending.clone();
         tokio::spawn(async move {
             let reason = loop {
                 let next = tokio::select! {
@@ -94,7 +98,7 @@ impl WorkerGateway for GatewayService {
                 match next {
                     Ok(Some(msg)) => {
                         scheduler.worker_alive(id).await;
-                        if let Err(e) = handle(&scheduler, id, &name, msg).await {
+                        if let Err(e) = handle(&scheduler, id, &name, &answers, msg).await {
                             break e;
                         }
                     }
@@ -109,15 +113,52 @@ impl WorkerGateway for GatewayService {
                 keepalive_interval_ms: self.keepalive_interval.as_millis() as u64,
             })),
         };
-        let commands = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(|c| Ok(to_proto(c)));
+        let commands = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |c| Ok(to_proto(c, &pending)));
         let closing = self.closing.clone().cancelled_owned();
         let stream = futures::stream::once(async { Ok(welcome) }).chain(commands).take_until(closing);
         Ok(Response::new(Box::pin(stream)))
     }
 }
 
-async fn handle(scheduler: &Arc<Scheduler>, id: u64, name: &str, msg: WorkerMessage) -> Result<(), String> {
+/// Output reads sent to one worker and not answered yet, by request id.
+/// Dropped with the session: a waiting reader then hears the worker is gone.
+#[derive(Clone, Default)]
+struct Pending(Arc<parking_lot::Mutex<(u64, HashMap<u64, Reply>)>>);
+
+type Reply = (DigestFunction, oneshot::Sender<crate::error::Result<Digest>>);
+
+impl Pending {
+    fn add(&self, reply: Reply) -> u64 {
+        let mut p = self.0.lock();
+        p.0 += 1;
+        let id = p.0;
+        p.1.insert(id, reply);
+        id
+    }
+
+    fn answer(&self, answer: proto::OutputRead) {
+        let Some((function, reply)) = self.0.lock().1.remove(&answer.request_id) else { return };
+        let result = if answer.code != 0 {
+            Err(Error::new(tonic::Code::from_i32(answer.code), answer.message))
+        } else {
+            remote_apis::reapi::Digest::decode(answer.digest.as_slice())
+                .map_err(|e| Error::internal(format!("the worker sent an undecodable digest: {e}")))
+                .and_then(|d| Digest::from_proto(function, &d).map_err(Error::from))
+        };
+        let _ = reply.send(result);
+    }
+}
+
+async fn handle(
+    scheduler: &Arc<Scheduler>,
+    id: u64,
+    name: &str,
+    pending: &Pending,
+    msg: WorkerMessage,
+) -> Result<(), String> {
     match msg.message {
+        Some(worker_message::Message::Output(o)) => scheduler.logs().append(id, &o.task_id, &o.stdout, &o.stderr),
+        Some(worker_message::Message::OutputRead(r)) => pending.answer(r),
         Some(worker_message::Message::Keepalive(_)) => {}
         Some(worker_message::Message::Started(s)) => scheduler.started(id, &s.task_id),
         Some(worker_message::Message::Finished(f)) => {
@@ -137,7 +178,7 @@ async fn handle(scheduler: &Arc<Scheduler>, id: u64, name: &str, msg: WorkerMess
     Ok(())
 }
 
-fn to_proto(command: WorkerCommand) -> SchedulerMessage {
+fn to_proto(command: WorkerCommand, pending: &Pending) -> SchedulerMessage {
     let message = match command {
         WorkerCommand::Assign(task) => scheduler_message::Message::Assign(proto::Assign {
             task_id: task.id.clone(),
@@ -150,6 +191,11 @@ fn to_proto(command: WorkerCommand) -> SchedulerMessage {
             queued_unix_ms: task.queued_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64,
         }),
         WorkerCommand::Cancel(task_id) => scheduler_message::Message::Cancel(proto::Cancel { task_id }),
+        WorkerCommand::ReadOutput(r) => scheduler_message::Message::ReadOutput(proto::ReadOutput {
+            request_id: pending.add((r.function, r.reply)),
+            task_id: r.task,
+            path: r.path,
+        }),
     };
     SchedulerMessage { message: Some(message) }
 }

@@ -4,6 +4,8 @@
 
 pub mod failed;
 pub mod gateway;
+pub mod live;
+pub mod logstream;
 pub mod platform;
 pub mod scheduler;
 pub mod service;

@@ -28,6 +28,7 @@ use remote_apis::{Digest, InstanceName, rpc};
 use tokio::sync::{mpsc, watch};
 
 use super::failed::{FailedIndex, FailedRun, MAX_FAILED_RUNS};
+use super::logstream::LogStreams;
 use super::platform::Platform;
 use super::state::{self, Cancelled, Deleted, NewOp, Outcome, SchedulerState, Submitted, now_millis};
 use super::validate::Checked;
@@ -38,7 +39,8 @@ use crate::worker::Task;
 
 use records::*;
 pub use types::{
-    Counters, OpView, QueueView, SchedulerConfig, Status, Submission, WorkerCommand, WorkerInfo, WorkerView,
+    Counters, OpView, OutputRequest, QueueView, SchedulerConfig, Status, Submission, WorkerCommand, WorkerInfo,
+    WorkerView,
 };
 
 pub type OpWatch = watch::Receiver<Arc<OpView>>;
@@ -78,6 +80,8 @@ pub struct Scheduler {
     failed: Mutex<FailedIndex>,
     /// The last status and queues, for readers that cannot wait (metrics).
     snapshot: Mutex<Arc<(Status, Vec<QueueView>)>>,
+    /// Live stdout/stderr of the tasks of this replica's workers.
+    logs: Arc<LogStreams>,
 }
 
 impl Scheduler {
@@ -97,6 +101,7 @@ impl Scheduler {
     ) -> Self {
         let failed = Mutex::new(FailedIndex::new(config.failed_retention, MAX_FAILED_RUNS));
         let snapshot = Mutex::new(Arc::new((Status::default(), Vec::new())));
+        let logs = Arc::new(LogStreams::new(config.log_window, config.log_grace));
         Scheduler {
             state,
             replica,
@@ -107,6 +112,7 @@ impl Scheduler {
             config,
             failed,
             snapshot,
+            logs,
         }
     }
 
@@ -209,7 +215,7 @@ impl Scheduler {
     }
 
     pub async fn get(&self, name: &str) -> Result<Option<OpView>> {
-        Ok(self.state.get(name).await?.as_ref().and_then(to_view))
+        Ok(self.state.get(name).await?.as_ref().and_then(to_view).map(|v| self.with_streams(v)))
     }
 
     /// Operations, oldest first.
@@ -224,7 +230,7 @@ impl Scheduler {
             return;
         }
         let view = match self.state.get(name).await {
-            Ok(record) => record.as_ref().and_then(to_view),
+            Ok(record) => record.as_ref().and_then(to_view).map(|v| self.with_streams(v)),
             Err(e) => {
                 tracing::warn!(error = %e, "re-reading an operation");
                 return;
@@ -261,6 +267,7 @@ impl Scheduler {
             Cancelled::Detached | Cancelled::AlreadyDone => {}
             Cancelled::Cancelled { running } => {
                 if let Some((worker, task)) = running {
+                    self.logs.finalize(&task);
                     self.tell_worker(worker, WorkerCommand::Cancel(task));
                 }
                 self.record_completion(name, &response).await;
@@ -321,6 +328,7 @@ impl Scheduler {
         if let Some(handle) = starting {
             let _ = handle.await;
         }
+        self.logs.finalize(task);
         let succeeded = response.status.as_ref().is_none_or(|s| s.code == 0)
             && response.result.as_ref().is_some_and(|r| r.exit_code == 0);
         let op = match self.state.take_task(worker, task, succeeded).await {
@@ -470,7 +478,11 @@ impl Scheduler {
             self.finish(&op.name, response, Outcome { executed: false, failed: true }).await;
             return;
         };
+        // Open before the worker can write (or a client read) them.
+        self.logs.open(&task.id, &task.instance, worker, &op.name);
+        let task_id = task.id.clone();
         if !self.tell_worker(worker, WorkerCommand::Assign(Arc::new(task))) {
+            self.logs.finalize(&task_id);
             // The connection is gone: its loss re-queues the action.
             self.local.lock().workers.remove(&worker);
             self.drop_worker(worker, "its connection is gone").await;
@@ -490,6 +502,7 @@ pub fn unknown_operation(name: &str) -> Error {
     Error::not_found(format!("operation {} is unknown or expired", remote_apis::quote(name)))
 }
 
+mod live;
 mod records;
 mod types;
 mod views;

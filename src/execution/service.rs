@@ -174,12 +174,17 @@ pub fn operation_stream(watch: OpWatch, from_latest: bool, keepalive: Duration) 
 /// The google.longrunning form. Problems while running are in the
 /// ExecuteResponse's status; `Operation.error` is never used.
 pub fn to_operation(view: &OpView, stage: Stage, last: bool) -> Operation {
-    let metadata = ExecuteOperationMetadata {
+    let mut metadata = ExecuteOperationMetadata {
         stage: stage as i32,
         action_digest: Some(view.action_digest.to_proto()),
         digest_function: view.action_digest.function.to_proto() as i32,
         ..Default::default()
     };
+    if let (Stage::Executing | Stage::Completed, Some(task)) = (stage, &view.task) {
+        use remote_apis::logstream::{StreamKind, stream_name};
+        metadata.stdout_stream_name = stream_name(&view.instance, task, StreamKind::Stdout);
+        metadata.stderr_stream_name = stream_name(&view.instance, task, StreamKind::Stderr);
+    }
     let response = if last { view.response.as_ref() } else { None };
     Operation {
         name: view.name.clone(),

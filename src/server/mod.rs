@@ -165,7 +165,8 @@ pub async fn serve(
             config.max_parked_uploads,
             config.max_parked_uploads_per_client,
         )
-        .with_auth(auth.clone()),
+        .with_auth(auth.clone())
+        .with_live(Arc::new(crate::execution::live::LiveReads::new(execution.clone(), cas.clone()))),
     );
     // Parked uploads go when their resume window ends, even if no new
     // upload arrives to sweep them.
@@ -390,6 +391,8 @@ async fn start_execution(
         unmatched_timeout: e.unmatched_timeout,
         status_url,
         failed_retention: e.failed_retention,
+        log_window: e.log_stream_window.as_u64(),
+        log_grace: e.log_stream_grace,
     };
     let scheduler = Arc::new(open_scheduler(config, results, cas, scheduler_config).await?);
     if !matches!(config.scheduler_state, crate::config::SchedulerState::Memory) {

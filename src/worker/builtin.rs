@@ -8,8 +8,22 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::Executor;
+use super::{Executor, OutputSink};
+use crate::execution::logstream::LogStreams;
 use crate::execution::scheduler::{Scheduler, WorkerCommand, WorkerInfo};
+
+/// A built-in task's output goes straight into the scheduler's streams.
+struct Streams {
+    logs: Arc<LogStreams>,
+    worker: u64,
+    task: String,
+}
+
+impl OutputSink for Streams {
+    fn output(&self, stdout: bytes::Bytes, stderr: bytes::Bytes) {
+        self.logs.append(self.worker, &self.task, &stdout, &stderr);
+    }
+}
 
 /// Registers the built-in worker and serves it until `stop` is cancelled.
 /// Running actions are cancelled on stop, and this returns once they have
@@ -37,9 +51,18 @@ pub async fn run(scheduler: Arc<Scheduler>, executor: Arc<Executor>, info: Worke
                 running.lock().insert(task.id.clone(), cancel.clone());
                 let (scheduler, executor, running) = (scheduler.clone(), executor.clone(), running.clone());
                 tokio::spawn(async move {
-                    let response = executor.execute(&task, || scheduler.started(id, &task.id), cancel).await;
+                    let sink = Streams { logs: scheduler.logs().clone(), worker: id, task: task.id.clone() };
+                    let started = || scheduler.started(id, &task.id);
+                    let response = executor.execute(&task, started, &sink, cancel).await;
                     running.lock().remove(&task.id);
                     scheduler.finished(id, &task.id, response).await;
+                });
+            }
+            Some(WorkerCommand::ReadOutput(request)) => {
+                let executor = executor.clone();
+                tokio::spawn(async move {
+                    let answer = executor.read_running_output(&request.task, &request.path).await;
+                    let _ = request.reply.send(answer);
                 });
             }
             Some(WorkerCommand::Cancel(task)) => {

@@ -11,6 +11,7 @@ mod cache;
 pub mod cas;
 mod inputs;
 pub mod isolation;
+pub mod live;
 mod outputs;
 pub mod remote;
 pub mod runner;
@@ -29,6 +30,7 @@ use cache::LocalCache;
 use cas::ExecCas;
 pub use inputs::DirectoryCache;
 use isolation::FilePolicy;
+pub use live::{NoOutput, OutputSink};
 pub use outputs::OutputLimits;
 use outputs::Upload;
 use runner::{Ending, Runner};
@@ -68,6 +70,9 @@ pub struct Executor {
     output_limits: OutputLimits,
     /// Runs each command (plain, or in a sandbox; see [`runner`]).
     runner: Arc<dyn Runner>,
+    /// Actions past their input fetch and not yet collected, by task id:
+    /// what a read of a running output needs.
+    running: parking_lot::Mutex<std::collections::HashMap<String, live::RunningAction>>,
     /// Held for the executor's life: one worker per work directory.
     _lock: std::fs::File,
 }
@@ -102,6 +107,7 @@ impl Executor {
             files: FilePolicy::default(),
             output_limits: OutputLimits::default(),
             runner,
+            running: Default::default(),
             _lock: lock,
         }
         .with_file_policy(files)
@@ -185,9 +191,16 @@ impl Executor {
     }
 
     /// Runs `task`. `started` is called once the worker begins (the
-    /// operation is EXECUTING). Never fails: problems are the response's
-    /// status, with the partial result when there is one.
-    pub async fn execute(&self, task: &Task, started: impl FnOnce(), cancel: CancellationToken) -> ExecuteResponse {
+    /// operation is EXECUTING); `output` gets stdout and stderr while the
+    /// command runs (see [`live`]). Never fails: problems are the
+    /// response's status, with the partial result when there is one.
+    pub async fn execute(
+        &self,
+        task: &Task,
+        started: impl FnOnce(),
+        output: &dyn OutputSink,
+        cancel: CancellationToken,
+    ) -> ExecuteResponse {
         let mut meta = ExecutedActionMetadata {
             worker: self.name.clone(),
             queued_timestamp: Some(timestamp(task.queued_at)),
@@ -196,7 +209,8 @@ impl Executor {
         };
         started();
         let dir = self.exec_dir.join(&task.id);
-        let outcome = self.run_in(task, &dir, &mut meta, &cancel).await;
+        let outcome = self.run_in(task, &dir, &mut meta, output, &cancel).await;
+        self.running.lock().remove(&task.id);
         let (work_dir, cleanup) = (self.exec_dir.parent().unwrap_or(&self.exec_dir).to_path_buf(), dir.clone());
         let _ = tokio::task::spawn_blocking(move || set_aside(&work_dir, &cleanup)).await;
         meta.worker_completed_timestamp = Some(timestamp(SystemTime::now()));
@@ -221,6 +235,7 @@ impl Executor {
         task: &Task,
         dir: &Path,
         meta: &mut ExecutedActionMetadata,
+        output: &dyn OutputSink,
         cancel: &CancellationToken,
     ) -> std::result::Result<(ActionResult, Ending), (Option<ActionResult>, Error)> {
         let root = dir.join("root");
@@ -230,6 +245,7 @@ impl Executor {
         meta.input_fetch_start_timestamp = Some(timestamp(SystemTime::now()));
         let working_dir = self.prepare_inputs(task, &root, cancel).await.map_err(|e| (None, e))?;
         meta.input_fetch_completed_timestamp = Some(timestamp(SystemTime::now()));
+        self.running.lock().insert(task.id.clone(), self.running_action(task, dir, &root));
 
         let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
         let env: Vec<(String, String)> =
@@ -246,7 +262,14 @@ impl Executor {
             timeout: task.timeout,
             settings: &settings,
         };
-        let ending = self.runner.run(spec, cancel).await.map_err(|e| {
+        let done = CancellationToken::new();
+        let running = async {
+            let ending = self.runner.run(spec, cancel).await;
+            done.cancel();
+            ending
+        };
+        let (ending, ()) = tokio::join!(running, live::follow(&stdout, &stderr, output, &done));
+        let ending = ending.map_err(|e| {
             if let Some(f) = runner::RunFailure::of(&e) {
                 return (None, Error::new(f.code, f.message.clone()));
             }
@@ -285,6 +308,30 @@ impl Executor {
         tokio::task::spawn_blocking(move || outputs::prepare(&root, &command, &limits, files))
             .await
             .map_err(|e| Error::internal(e.to_string()))?
+    }
+
+    fn running_action(&self, task: &Task, dir: &Path, root: &Path) -> live::RunningAction {
+        #[allow(deprecated)]
+        let old = task.command.output_files.iter().chain(task.command.output_directories.iter());
+        live::RunningAction {
+            instance: task.instance.clone(),
+            function: task.action_digest.function,
+            dir: dir.to_path_buf(),
+            root: root.to_path_buf(),
+            working_directory: task.command.working_directory.clone(),
+            declared: task.command.output_paths.iter().chain(old).cloned().collect(),
+        }
+    }
+
+    /// Uploads the current content of `path`, a declared output of the
+    /// running task `task`, to the CAS and returns its digest: NOT_FOUND
+    /// when the task does not run here (any more) or has not written it yet.
+    pub async fn read_running_output(&self, task: &str, path: &str) -> Result<Digest> {
+        let action = self.running.lock().get(task).cloned();
+        let Some(action) = action else {
+            return Err(Error::not_found(format!("task {task} is not running on worker {}", self.name)));
+        };
+        live::upload_output(self.cas.as_ref(), &action, path).await
     }
 
     async fn upload_outputs(

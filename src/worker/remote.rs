@@ -243,6 +243,7 @@ async fn serve_session(
                 // the Drain, or undrained by an admin): the drain waits for it.
                 start(task, executor, out_tx, ends.stop, running);
             }
+            Some(scheduler_message::Message::ReadOutput(r)) => read_output(r, executor, out_tx),
             Some(scheduler_message::Message::Cancel(c)) => {
                 if let Some(token) = running.tasks.lock().get(&c.task_id) {
                     token.cancel();
@@ -285,7 +286,8 @@ fn start(
         let started_tx = tx.clone();
         let id = task.id.clone();
         let started = move || send(&started_tx, worker_message::Message::Started(proto::Started { task_id: id }));
-        let response = executor.execute(&task, started, cancel).await;
+        let sink = Streams { tx: tx.clone(), task: task.id.clone() };
+        let response = executor.execute(&task, started, &sink, cancel).await;
         if !stop.is_cancelled() {
             let finished = proto::Finished { task_id: task.id.clone(), execute_response: response.encode_to_vec() };
             send(&tx, worker_message::Message::Finished(finished));
@@ -294,6 +296,34 @@ fn start(
         // every result in the stream.
         running.tasks.lock().remove(&task.id);
         running.ended.notify_one();
+    });
+}
+
+/// A task's live output goes to the scheduler in `Output` messages, one per
+/// batch (see [`super::live`]), on the stream that later carries its
+/// `Finished`, so the scheduler has every byte before the end.
+struct Streams {
+    tx: mpsc::UnboundedSender<WorkerMessage>,
+    task: String,
+}
+
+impl super::OutputSink for Streams {
+    fn output(&self, stdout: bytes::Bytes, stderr: bytes::Bytes) {
+        let output = proto::Output { task_id: self.task.clone(), stdout: stdout.into(), stderr: stderr.into() };
+        send(&self.tx, worker_message::Message::Output(output));
+    }
+}
+
+/// Uploads a running task's output for the scheduler and answers it.
+fn read_output(request: proto::ReadOutput, executor: &Arc<Executor>, out_tx: &mpsc::UnboundedSender<WorkerMessage>) {
+    let (executor, tx) = (executor.clone(), out_tx.clone());
+    tokio::spawn(async move {
+        let mut answer = proto::OutputRead { request_id: request.request_id, ..Default::default() };
+        match executor.read_running_output(&request.task_id, &request.path).await {
+            Ok(digest) => answer.digest = digest.to_proto().encode_to_vec(),
+            Err(e) => (answer.code, answer.message) = (e.code as i32, e.message),
+        }
+        send(&tx, worker_message::Message::OutputRead(answer));
     });
 }
 

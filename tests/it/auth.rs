@@ -708,3 +708,37 @@ async fn bazel_with_a_bearer_token() {
     // Results the server cached itself although the token has no ac-write.
     assert_eq!(external_runners(&warm), ["remote cache hit"], "warm: {warm:?}");
 }
+
+/// Live names (streams, running outputs) need what blobs of their instance
+/// need: cas-read. Executing alone does not let a caller read them.
+#[tokio::test(flavor = "multi_thread")]
+async fn live_output_needs_cas_read() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = token_file_text(&[("runner", &["execute"], ""), ("reader", &["cas-read"], "")]);
+    let server = start(dir.path(), &tokens, &["cas-write"], |f| f.worker.capacity = Some(1)).await;
+    let (runner, reader) = (token_of("runner"), token_of("reader"));
+    let act = Act { output_paths: vec!["out"], do_not_cache: true, ..Act::sh("echo live > out; sleep 1") };
+    let digest = act.upload(&server).await;
+    let mut exec = ExecutionClient::new(server.channel.clone());
+    let mut stream = exec.execute(authed(request(digest), Some(&runner))).await.unwrap().into_inner();
+    let mut names = None;
+    while let Some(op) = stream.message().await.unwrap() {
+        let meta = ExecuteOperationMetadataForAuth::decode(op.metadata.unwrap().value.as_slice()).unwrap();
+        if names.is_none() && !meta.stdout_stream_name.is_empty() {
+            names = Some((op.name.clone(), meta.stdout_stream_name));
+        }
+    }
+    let (op, stdout) = names.expect("the operation announced its streams");
+    let output = remote_apis::logstream::running_output_name("", &op, "out");
+    for name in [stdout.as_str(), output.as_str()] {
+        let req = |token: &str| {
+            authed(ReadRequest { resource_name: name.to_string(), read_offset: 0, read_limit: 0 }, Some(token))
+        };
+        let mut client = ByteStreamClient::new(server.channel.clone());
+        assert_code(client.read(req(&runner)).await, Code::PermissionDenied);
+        assert!(client.read(req(&reader)).await.is_ok(), "{name}");
+    }
+}
+
+use remote_apis::reapi::ExecuteOperationMetadata as ExecuteOperationMetadataForAuth;

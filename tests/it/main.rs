@@ -27,6 +27,7 @@ mod http;
 mod instances;
 mod legacy;
 mod logs;
+mod logstream;
 mod metrics;
 mod pages;
 mod replicas;

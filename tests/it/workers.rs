@@ -30,7 +30,7 @@ impl Worker {
 }
 
 /// Waits until the scheduler lists `n` workers.
-async fn wait_for_workers(server: &TestServer, n: usize) {
+pub async fn wait_for_workers(server: &TestServer, n: usize) {
     use cargo_distbuild::admin::proto::{ListWorkersRequest, admin_client::AdminClient};
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

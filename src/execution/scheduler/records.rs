@@ -95,6 +95,7 @@ pub(super) fn to_view(op: &OpRecord) -> Option<OpView> {
         worker: op.worker.clone(),
         queued_at: to_time(op.queued_at),
         owners: op.owners.iter().map(|o| owner_of(o)).collect(),
+        task: op.running.as_ref().map(|(_, task)| task.clone()),
     })
 }
 

@@ -21,6 +21,8 @@ fn config() -> SchedulerConfig {
         unmatched_timeout: Duration::from_secs(60),
         status_url: None,
         failed_retention: Duration::from_secs(60),
+        log_window: 1 << 20,
+        log_grace: Duration::from_secs(60),
     }
 }
 

@@ -23,6 +23,8 @@ fn scheduler_with(max_attempts: u32, unmatched_timeout: Duration) -> Scheduler {
             unmatched_timeout,
             status_url: None,
             failed_retention: Duration::from_secs(60),
+            log_window: 1 << 20,
+            log_grace: Duration::from_secs(60),
         },
     )
 }

@@ -24,6 +24,10 @@ pub struct SchedulerConfig {
     pub status_url: Option<String>,
     /// How long failed runs stay findable (see [`Scheduler::failed_result`]).
     pub failed_retention: Duration,
+    /// Bytes kept of each live stdout/stderr stream (see [`LogStreams`]).
+    pub log_window: u64,
+    /// How long a finished task's streams stay readable.
+    pub log_grace: Duration,
 }
 
 /// What the scheduler tells a worker.
@@ -31,6 +35,20 @@ pub struct SchedulerConfig {
 pub enum WorkerCommand {
     Assign(Arc<Task>),
     Cancel(String),
+    /// Upload the current content of a declared output of a running task
+    /// to the CAS and answer its digest.
+    ReadOutput(OutputRequest),
+}
+
+/// See [`WorkerCommand::ReadOutput`].
+#[derive(Debug)]
+pub struct OutputRequest {
+    pub task: String,
+    /// As declared in the Command (relative to the working directory).
+    pub path: String,
+    /// The action's digest function: the answer's.
+    pub function: remote_apis::DigestFunction,
+    pub reply: tokio::sync::oneshot::Sender<Result<Digest>>,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +92,9 @@ pub struct OpView {
     /// Who asked for it: the creator, and callers from other principals
     /// whose identical action merged into it. Only they (and admins) see it.
     pub owners: Vec<Principal>,
+    /// The task whose live streams the operation announces: the running
+    /// one, else (on the replica that held it) the last one.
+    pub task: Option<String>,
 }
 
 impl OpView {

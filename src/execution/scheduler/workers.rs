@@ -86,6 +86,7 @@ impl Scheduler {
     /// Removes a worker from the state (of any replica); its actions are
     /// re-queued or, out of attempts, failed. Does not dispatch.
     pub(super) async fn drop_worker(&self, id: u64, reason: &str) {
+        self.logs.finalize_worker(id);
         let removed = match self.state.remove_worker(id, self.config.max_attempts, now_millis()).await {
             Ok(Some(removed)) => removed,
             Ok(None) => return,
