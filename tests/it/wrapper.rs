@@ -350,3 +350,52 @@ async fn dependents_start_at_the_rmeta() {
     assert!(overlap, "serde_json started only after serde's cache hit was delivered");
     server.stop().await.unwrap();
 }
+
+/// Pipelining for remote compiles: the `.rmeta` of a crate compiled by a
+/// worker reaches cargo (read from the running action, at rustc's
+/// notification in the live stderr) before the remote compile ends, and
+/// its dependents start while it still runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_compiles_hand_cargo_the_rmeta_early() {
+    wrapper_binary();
+    let root = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(Backend::Filesystem, |_| {}).await;
+    let url = server.url();
+    let trace = root.path().join("trace");
+    let mut dev = Machine::new(root.path(), "dev", None);
+    dev.env.push(("DISTBUILD_TRACE".to_string(), trace.to_string_lossy().into_owned()));
+    // serde's wrapper lingers after handing cargo the .rmeta, so that the
+    // second assertion does not depend on how fast the worker is; the
+    // trace's order is what shows the early delivery.
+    dev.env.push(("DISTBUILD_TEST_PAUSE_AFTER_RMETA".to_string(), "serde=3000".to_string()));
+    let dir = root.path().join("ws");
+    copy_tree(&fixture(), &dir);
+    ok("cargo fetch", &dev.cargo(&dir, &["fetch"]).await);
+    ok("remote build", &dev.distbuild(&dir, &["build", "-p", "app"], Some(&url)).await);
+    let records = read_records(&dev.stats(), 0);
+    let serde: Vec<&Record> = of(&records, "serde").into_iter().filter(|r| r.exit == 0).collect();
+    assert!(serde.iter().any(|r| r.outcome == "remote"), "{serde:?}");
+
+    // In serde's wrapper: the .rmeta went to cargo, then Execute returned.
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let early = text
+        .lines()
+        .find(|l| l.ends_with("rmeta of serde delivered early"))
+        .unwrap_or_else(|| panic!("serde's .rmeta was not delivered early:\n{text}"));
+    let pid = early.split_whitespace().next().unwrap();
+    let mine: Vec<&str> = text.lines().filter(|l| l.split_whitespace().next() == Some(pid)).collect();
+    let at = |what: &str| mine.iter().position(|l| l.ends_with(what)).unwrap_or_else(|| panic!("{what}: {mine:?}"));
+    assert!(at("rmeta of serde delivered early") < at("executed"), "{mine:?}");
+
+    // And serde_json's compile started before serde's wrapper was done.
+    let json = of(&records, "serde_json");
+    let serde_end = serde.iter().map(|r| r.end_us).max().unwrap();
+    let json_start = json.iter().map(|r| r.start_us).min().unwrap();
+    assert!(json_start < serde_end, "serde_json started after serde's remote compile was delivered");
+
+    // The binary works as a plain build's does.
+    let bin = dir.join("target/debug/app");
+    let out = std::process::Command::new(&bin).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    server.stop().await.unwrap();
+}

@@ -9,6 +9,7 @@
 //! REAPI side.
 
 mod deliver;
+mod early;
 #[cfg(test)]
 mod tests;
 
@@ -146,7 +147,7 @@ async fn serve<S: Server>(job: &Job<'_>, p: &Prepared, remote: &S, started: Inst
     let found = remote.lookup(digest).await;
     trace.phase("looked up");
     match found {
-        Ok(Some(result)) if result.exit_code == 0 => match deliver::materialize(remote, job, p, &result).await {
+        Ok(Some(result)) if result.exit_code == 0 => match deliver::materialize(remote, job, p, &result, false).await {
             Ok(code) => {
                 settings.mark_up();
                 let saved = deliver::original_ms(&result) - started.elapsed().as_millis() as i64;
@@ -180,10 +181,13 @@ async fn serve<S: Server>(job: &Job<'_>, p: &Prepared, remote: &S, started: Inst
         return unavailable(job, p, &e);
     }
     trace.phase("uploaded");
-    let executed = remote.execute(digest, settings.queue_timeout).await;
+    let (executed, early) = early::execute(remote, job, p).await;
     trace.phase("executed");
     match executed {
-        Ok(resp) => executed_here(remote, job, p, resp.result.unwrap_or_default()).await,
+        Ok(resp) => executed_here(remote, job, p, resp.result.unwrap_or_default(), early).await,
+        // The `.rmeta` and stderr up to its notification reached cargo:
+        // only a local run can finish the compile now.
+        Err(_) if early => job.finish_here(p, LocalReason::RemoteFailed),
         // No worker can run it (none offers the platform, none connected,
         // or the queue is too long): compile here and share the result.
         Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::DeadlineExceeded) => {
@@ -207,7 +211,11 @@ async fn executed_here<S: Server>(
     job: &Job<'_>,
     p: &Prepared,
     result: remote_apis::reapi::ActionResult,
+    early: bool,
 ) -> Outcome {
+    if result.exit_code != 0 && early {
+        return job.finish_here(p, LocalReason::RemoteFailed);
+    }
     if result.exit_code != 0 {
         if let Ok((stdout, stderr)) = remote.streams(&result).await
             && negative::trusted(result.exit_code, &stderr, p.links)
@@ -221,7 +229,7 @@ async fn executed_here<S: Server>(
         // tool): the local run is the verdict, and is shared.
         return run_and_store(remote, job, p, LocalReason::RemoteFailed).await;
     }
-    let written = deliver::materialize(remote, job, p, &result).await;
+    let written = deliver::materialize(remote, job, p, &result, early).await;
     job.trace.phase("materialized");
     match written {
         Ok(code) => Outcome { code, outcome: "remote", reason: None, stored: false, saved_ms: 0 },

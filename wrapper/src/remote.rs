@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::channel::oneshot;
 use prost::Message;
+use remote_apis::bytestream::ReadRequest;
+use remote_apis::bytestream::byte_stream_client::ByteStreamClient;
 use remote_apis::client::{CasClient, ClientOptions, Transport, error_chain};
 use remote_apis::merkle::BuiltTree;
 use remote_apis::reapi::action_cache_client::ActionCacheClient;
@@ -37,6 +40,32 @@ pub trait Server {
     async fn upload(&self, built: &BuiltAction, toolchain: &BuiltTree) -> Result<(), Status>;
     /// Executes and waits; a non-OK status of the response is an error.
     async fn execute(&self, action: Digest, queue_timeout: Duration) -> Result<ExecuteResponse, Status>;
+    /// As [`Server::execute`], and once the operation runs, sends its name
+    /// and its stderr stream name (LogStream) on `running` (dropped unsent
+    /// when the server announces no stream): cargo's pipelining reads the
+    /// live stderr for rustc's metadata notification.
+    async fn execute_live(
+        &self,
+        action: Digest,
+        queue_timeout: Duration,
+        running: oneshot::Sender<Running>,
+    ) -> Result<ExecuteResponse, Status> {
+        drop(running);
+        self.execute(action, queue_timeout).await
+    }
+    /// Reads a live stream (ByteStream Read of a LogStream name) from its
+    /// start, each chunk to `each`, until the stream ends or `each` says
+    /// stop (returns false).
+    async fn read_live(&self, name: &str, each: &mut dyn FnMut(&[u8]) -> bool) -> Result<(), Status> {
+        let _ = (name, each);
+        Err(Status::unimplemented("no live streams"))
+    }
+    /// The current content of `path` (one of the Command's output paths) of
+    /// the running operation `operation` (distbuild's running outputs).
+    async fn read_running_output(&self, operation: &str, path: &str) -> Result<Bytes, Status> {
+        let _ = (operation, path);
+        Err(Status::unimplemented("no running outputs"))
+    }
     async fn read_blob(&self, digest: Digest) -> Result<Bytes, Status>;
     /// stdout and stderr of a result, inlined or fetched.
     async fn streams(&self, result: &ActionResult) -> Result<(Bytes, Bytes), Status>;
@@ -45,6 +74,13 @@ pub trait Server {
     async fn upload_files(&self, files: &[(Digest, PathBuf)]) -> Result<(), Status>;
     async fn upload_blobs(&self, blobs: Vec<(Digest, Bytes)>) -> Result<(), Status>;
     async fn store_result(&self, action: Digest, result: ActionResult) -> Result<(), Status>;
+}
+
+/// A remote execution that started: its operation and its stderr stream.
+#[derive(Debug, Clone)]
+pub struct Running {
+    pub operation: String,
+    pub stderr_stream: String,
 }
 
 #[derive(Clone)]
@@ -140,54 +176,42 @@ impl Server for Remote {
     /// Executes the Action and waits for its result. `queue_timeout` bounds
     /// how long it may wait for a worker before the caller runs it locally.
     async fn execute(&self, action: Digest, queue_timeout: Duration) -> Result<ExecuteResponse, Status> {
-        let req = ExecuteRequest {
-            instance_name: self.instance.to_string(),
-            action_digest: Some(action.to_proto()),
-            digest_function: self.function.to_proto() as i32,
-            ..Default::default()
-        };
-        let mut stream = ExecutionClient::new(self.channel.clone())
+        self.execute_watching(action, queue_timeout, None).await
+    }
+
+    async fn execute_live(
+        &self,
+        action: Digest,
+        queue_timeout: Duration,
+        running: oneshot::Sender<Running>,
+    ) -> Result<ExecuteResponse, Status> {
+        self.execute_watching(action, queue_timeout, Some(running)).await
+    }
+
+    async fn read_live(&self, name: &str, each: &mut dyn FnMut(&[u8]) -> bool) -> Result<(), Status> {
+        let req = ReadRequest { resource_name: name.to_string(), read_offset: 0, read_limit: 0 };
+        let mut stream = ByteStreamClient::new(self.channel.clone()).read(req).await?.into_inner();
+        while let Some(msg) = stream.message().await? {
+            if !each(&msg.data) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_running_output(&self, operation: &str, path: &str) -> Result<Bytes, Status> {
+        let name = remote_apis::logstream::running_output_name(self.instance.as_str(), operation, path);
+        let req = ReadRequest { resource_name: name, read_offset: 0, read_limit: 0 };
+        let mut stream = ByteStreamClient::new(self.channel.clone())
             .max_decoding_message_size(64 << 20)
-            .execute(req)
+            .read(req)
             .await?
             .into_inner();
-        let mut executing = false;
-        let mut done = None;
-        loop {
-            let next = if executing {
-                stream.message().await
-            } else {
-                match tokio::time::timeout(queue_timeout, stream.message()).await {
-                    Ok(m) => m,
-                    Err(_) => return Err(Status::deadline_exceeded(format!("queued for over {queue_timeout:?}"))),
-                }
-            };
-            // Read to the end of the stream even after the done Operation:
-            // dropping streams early makes h2 reset them.
-            let Some(op) = next? else { break };
-            let stage = op
-                .metadata
-                .as_ref()
-                .and_then(|m| ExecuteOperationMetadata::decode(m.value.as_slice()).ok())
-                .map(|m| m.stage);
-            executing |= matches!(stage, Some(s) if s >= Stage::Executing as i32);
-            if op.done {
-                done = Some(op);
-            }
+        let mut data = Vec::new();
+        while let Some(msg) = stream.message().await? {
+            data.extend_from_slice(&msg.data);
         }
-        use remote_apis::longrunning::operation::Result as OpResult;
-        match done.and_then(|op| op.result) {
-            Some(OpResult::Response(any)) => {
-                let resp = ExecuteResponse::decode(any.value.as_slice())
-                    .map_err(|e| Status::internal(format!("decoding the ExecuteResponse: {e}")))?;
-                match &resp.status {
-                    Some(s) if s.code != 0 => Err(Status::new(Code::from_i32(s.code), s.message.clone())),
-                    _ => Ok(resp),
-                }
-            }
-            Some(OpResult::Error(s)) => Err(Status::new(Code::from_i32(s.code), s.message)),
-            None => Err(Status::unavailable("the Execute stream ended without a result")),
-        }
+        Ok(data.into())
     }
 
     /// A small blob, whole.
@@ -267,5 +291,68 @@ impl Server for Remote {
         };
         ActionCacheClient::new(self.channel.clone()).update_action_result(req).await?;
         Ok(())
+    }
+}
+
+impl Remote {
+    /// Executes the Action and waits for its result. `queue_timeout` bounds
+    /// how long it may wait for a worker before the caller runs it locally.
+    /// `running` gets the operation's name and stderr stream once it runs.
+    async fn execute_watching(
+        &self,
+        action: Digest,
+        queue_timeout: Duration,
+        mut running: Option<oneshot::Sender<Running>>,
+    ) -> Result<ExecuteResponse, Status> {
+        let req = ExecuteRequest {
+            instance_name: self.instance.to_string(),
+            action_digest: Some(action.to_proto()),
+            digest_function: self.function.to_proto() as i32,
+            ..Default::default()
+        };
+        let mut stream = ExecutionClient::new(self.channel.clone())
+            .max_decoding_message_size(64 << 20)
+            .execute(req)
+            .await?
+            .into_inner();
+        let mut executing = false;
+        let mut done = None;
+        loop {
+            let next = if executing {
+                stream.message().await
+            } else {
+                match tokio::time::timeout(queue_timeout, stream.message()).await {
+                    Ok(m) => m,
+                    Err(_) => return Err(Status::deadline_exceeded(format!("queued for over {queue_timeout:?}"))),
+                }
+            };
+            // Read to the end of the stream even after the done Operation:
+            // dropping streams early makes h2 reset them.
+            let Some(op) = next? else { break };
+            let meta = op.metadata.as_ref().and_then(|m| ExecuteOperationMetadata::decode(m.value.as_slice()).ok());
+            let stage = meta.as_ref().map(|m| m.stage);
+            if let Some(m) = meta.filter(|m| m.stage == Stage::Executing as i32 && !m.stderr_stream_name.is_empty())
+                && let Some(tx) = running.take()
+            {
+                let _ = tx.send(Running { operation: op.name.clone(), stderr_stream: m.stderr_stream_name });
+            }
+            executing |= matches!(stage, Some(s) if s >= Stage::Executing as i32);
+            if op.done {
+                done = Some(op);
+            }
+        }
+        use remote_apis::longrunning::operation::Result as OpResult;
+        match done.and_then(|op| op.result) {
+            Some(OpResult::Response(any)) => {
+                let resp = ExecuteResponse::decode(any.value.as_slice())
+                    .map_err(|e| Status::internal(format!("decoding the ExecuteResponse: {e}")))?;
+                match &resp.status {
+                    Some(s) if s.code != 0 => Err(Status::new(Code::from_i32(s.code), s.message.clone())),
+                    _ => Ok(resp),
+                }
+            }
+            Some(OpResult::Error(s)) => Err(Status::new(Code::from_i32(s.code), s.message)),
+            None => Err(Status::unavailable("the Execute stream ended without a result")),
+        }
     }
 }

@@ -57,11 +57,29 @@ pub(super) fn original_ms(result: &ActionResult) -> i64 {
 /// output, `.rmeta` first. Everything that can refuse the result (a
 /// missing output, a registry crate's dep-info that does not agree with
 /// this machine) is checked before anything reaches cargo.
+///
+/// With `head_delivered`, the `.rmeta` and stderr up to its notification
+/// already reached cargo while the compile ran (`early.rs`): they are not
+/// delivered again, and any failure is [`Failed::AfterHead`].
 pub(super) async fn materialize<S: Server>(
     remote: &S,
     job: &Job<'_>,
     p: &Prepared,
     result: &ActionResult,
+    head_delivered: bool,
+) -> Result<i32, Failed> {
+    match deliver(remote, job, p, result, head_delivered).await {
+        Err(Failed::Before(_)) if head_delivered => Err(Failed::AfterHead),
+        other => other,
+    }
+}
+
+async fn deliver<S: Server>(
+    remote: &S,
+    job: &Job<'_>,
+    p: &Prepared,
+    result: &ActionResult,
+    head_delivered: bool,
 ) -> Result<i32, Failed> {
     let Job { caches, c, console, .. } = job;
     let (stdout, stderr) = remote.streams(result).await?;
@@ -70,7 +88,15 @@ pub(super) async fn materialize<S: Server>(
     let stderr = pipeline::localize_all(&stderr, &local_outputs);
     let head = pipeline::after_metadata(&stderr).unwrap_or(0);
     let rmeta = outputs.iter().position(|o| o.dest.extension().is_some_and(|e| e == "rmeta"));
-    if let Some(i) = rmeta.filter(|_| head > 0) {
+    if head_delivered {
+        // In place already, unless the result's differs from what the
+        // running operation had written.
+        if let Some(i) = rmeta
+            && caches.digest(&outputs[i].dest).is_ok_and(|d| d.digest == outputs[i].digest)
+        {
+            outputs.remove(i);
+        }
+    } else if let Some(i) = rmeta.filter(|_| head > 0) {
         let o = outputs.remove(i);
         remote.download_to(o.digest, &o.dest, o.executable).await?;
         caches.record(&o.dest, o.digest);
@@ -78,7 +104,7 @@ pub(super) async fn materialize<S: Server>(
         console.stderr(&stderr[..head]);
         pipeline::test_pause(&c.crate_name);
     }
-    let head = if rmeta.is_some() { head } else { 0 };
+    let head = if rmeta.is_some() || head_delivered { head } else { 0 };
     let rest = async {
         for o in &outputs {
             remote.download_to(o.digest, &o.dest, o.executable).await?;
@@ -161,24 +187,6 @@ async fn remote_depinfo<S: Server>(
         return Err(tonic::Status::failed_precondition(format!("the crate read {f}, which is not in its key")));
     }
     Ok(crate::immutable::local_depinfo(&text, &p.roots, &p.env, &p.local_outputs(c)))
-}
-
-/// The seam for remote pipelining: the running action's stderr (REAPI
-/// LogStream) showed the metadata notification `line`, and `rmeta` holds
-/// the `.rmeta` read from the running action. Writes it and the sidecar,
-/// then prints the line with this machine's path, so cargo starts the
-/// dependents now. The caller feeds live stderr through
-/// [`pipeline::LiveLines`], prints the other lines as they come, and at the
-/// end replays only what [`pipeline::LiveLines::passed`] did not cover.
-#[allow(dead_code)]
-pub(super) fn deliver_rmeta_early(job: &Job<'_>, p: &Prepared, line: &[u8], rmeta: &[u8]) -> std::io::Result<()> {
-    let outputs = p.local_outputs(job.c);
-    let dest = pipeline::rmeta_of(&outputs)
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "the compile emits no .rmeta"))?;
-    local::write_atomic(dest, rmeta)?;
-    inputs::write_sidecar(job.c, &p.out_dir, &p.closure);
-    job.console.stderr(&pipeline::localize(line, &outputs));
-    Ok(())
 }
 
 /// Stores the result of a local run that succeeded.
