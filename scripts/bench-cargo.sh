@@ -92,7 +92,7 @@ case $PROFILE in
     *) echo "PROFILE is release or debug" >&2; exit 2 ;;
 esac
 echo "== building cargo-distbuild, distbuild-rustc and the delay line ($PROFILE)"
-cargo build "${PROFILE_FLAG[@]}" --quiet --bin cargo-distbuild --bin distbuild-rustc --example delay_proxy
+cargo build "${PROFILE_FLAG[@]}" --quiet --bin cargo-distbuild --bin distbuild-rustc --bin distbuild-cc --example delay_proxy
 DB=$BIN/cargo-distbuild
 PROXY=$BIN/examples/delay_proxy
 # The subject's builds use their own target directories.
