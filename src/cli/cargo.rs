@@ -74,8 +74,15 @@ pub async fn cargo(command: &str, args: Vec<String>, ctx: Session) -> anyhow::Re
     }
     match cc_wrapper_path(&wrapper) {
         Some(cc) => {
-            for (var, value) in cc_env(&cc, std::env::vars()) {
-                cmd.env(var, value);
+            let shims = remote_apis::wrapper_state::default_cache_dir().join("cc-shims");
+            for (var, words) in cc_env(&cc, &shims, std::env::vars()) {
+                match shim(&shims, &words) {
+                    Ok(path) => cmd.env(var, path),
+                    Err(e) => {
+                        eprintln!("warning: distbuild: {var} stays unwrapped (C compiles run locally): {e:#}");
+                        &mut cmd
+                    }
+                };
             }
         }
         None => eprintln!("warning: distbuild: no distbuild-cc beside {}; C compiles run locally", wrapper.display()),
@@ -167,33 +174,67 @@ fn cc_wrapper_path(rustc_wrapper: &Path) -> Option<PathBuf> {
 }
 
 /// The compiler variables that route C and C++ through `distbuild-cc`,
-/// keeping the user's compiler: `CC` and `CXX` (default `cc`, `c++`), and
-/// the forms the cc crate reads first when the user set them (`CC_<target>`
-/// in both spellings, `TARGET_CC`, `HOST_CC`, the same for `CXX`);
-/// `CC_KNOWN_WRAPPER_CUSTOM` tells cc-rs the first word is a wrapper (as
-/// with `CC="sccache cc"`), so it still sees which compiler it uses.
-fn cc_env(cc: &Path, env: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
-    let wrap = |v: &str| format!("{} {}", cc.display(), v.trim());
+/// keeping the user's compiler, each with the command it stands for
+/// (`distbuild-cc`, then the user's words as cc-rs splits them): `CC` and
+/// `CXX` (default `cc`, `c++`), and the forms the cc crate reads first when
+/// the user set them (`CC_<target>` in both spellings, `TARGET_CC`,
+/// `HOST_CC`, the same for `CXX`). Values that are already one of our
+/// shims (a nested `cargo distbuild`) are left alone.
+fn cc_env(cc: &Path, shims: &Path, env: impl Iterator<Item = (String, String)>) -> Vec<(String, Vec<String>)> {
+    let wrap = |v: &str| {
+        let mut words = vec![cc.to_string_lossy().into_owned()];
+        words.extend(v.split_whitespace().map(str::to_string));
+        words
+    };
     let env: Vec<(String, String)> = env.collect();
     let get = |n: &str| env.iter().find(|(k, v)| k == n && !v.trim().is_empty()).map(|(_, v)| v.as_str());
-    let mut out = vec![
-        ("CC".to_string(), wrap(get("CC").unwrap_or("cc"))),
-        ("CXX".to_string(), wrap(get("CXX").unwrap_or("c++"))),
-    ];
-    let wrapped = cc.to_string_lossy().to_string();
+    let ours = |v: &str| Path::new(v.trim()).starts_with(shims);
+    let mut out = Vec::new();
+    for (var, default) in [("CC", "cc"), ("CXX", "c++")] {
+        let v = get(var).unwrap_or(default);
+        if !ours(v) {
+            out.push((var.to_string(), wrap(v)));
+        }
+    }
     for (k, v) in &env {
         let per_target = ["CC_", "CXX_"]
             .iter()
             .any(|p| k.strip_prefix(p).is_some_and(|t| t.chars().any(|c| c.is_ascii_lowercase())));
         let named = matches!(k.as_str(), "TARGET_CC" | "HOST_CC" | "TARGET_CXX" | "HOST_CXX");
-        if (per_target || named) && !v.trim().is_empty() && !v.starts_with(&wrapped) {
+        if (per_target || named) && !v.trim().is_empty() && !ours(v) {
             out.push((k.clone(), wrap(v)));
         }
     }
-    if get("CC_KNOWN_WRAPPER_CUSTOM").is_none() {
-        out.push(("CC_KNOWN_WRAPPER_CUSTOM".to_string(), "distbuild-cc".to_string()));
-    }
     out
+}
+
+/// A one-path stand-in for the command `words`: a script that execs it,
+/// named like the user's compiler (`cc`, `gcc`, `clang++`...), in a
+/// directory of `dir` named by the command's hash. `CC` must be one path:
+/// cc-rs and cmake split a value with spaces, but build scripts that run
+/// `$CC` as a program (`Command::new(env::var("CC"))`) cannot, and the
+/// wrapper must never fail a build that works without it.
+fn shim(dir: &Path, words: &[String]) -> anyhow::Result<PathBuf> {
+    use sha2::Digest;
+    use std::os::unix::fs::PermissionsExt;
+    let quoted: Vec<String> = words.iter().map(|w| format!("'{}'", w.replace('\'', "'\\''"))).collect();
+    let script = format!("#!/bin/sh\nexec {} \"$@\"\n", quoted.join(" "));
+    let hash = hex::encode(&sha2::Sha256::digest(script.as_bytes())[..8]);
+    let name = words.get(1).and_then(|c| Path::new(c).file_name()).map(|n| n.to_string_lossy().into_owned());
+    let path = dir.join(hash).join(name.unwrap_or_else(|| "cc".to_string()));
+    if path.to_string_lossy().contains(char::is_whitespace) {
+        bail!("{} has whitespace, which cc-rs would split", path.display());
+    }
+    if std::fs::read_to_string(&path).is_ok_and(|s| s == script) {
+        return Ok(path);
+    }
+    let parent = path.parent().context("shim directory")?;
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = parent.join(format!(".tmp-{}", std::process::id()));
+    std::fs::write(&tmp, &script).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(path)
 }
 
 /// `distbuild-rustc`: beside this binary (how `cargo install` and
@@ -362,11 +403,17 @@ async fn local_server() -> anyhow::Result<String> {
     cmd.args(["server", "--listen", &listen]).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     {
         use std::os::unix::process::CommandExt;
-        // SAFETY: setsid is async-signal-safe; the server outlives this
-        // process and must not get the terminal's Ctrl-C.
+        // SAFETY: setsid and close_range are async-signal-safe system
+        // calls. The server outlives this process: it must not get the
+        // terminal's Ctrl-C, nor keep descriptors it inherited open (a
+        // caller's lock file or output pipe would stay held for as long as
+        // the server runs: `flock L cargo distbuild build` never released
+        // L). CLOSE_RANGE_CLOEXEC (4) closes them at exec, so std's own
+        // exec-error pipe still works; kernels before 5.11 ignore it.
         unsafe {
             cmd.pre_exec(|| {
                 libc::setsid();
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 4u32);
                 Ok(())
             })
         };
@@ -472,19 +519,35 @@ mod tests {
             ("CC_x86_64-unknown-linux-gnu", "gcc-12"),
             ("CC_ENABLE_DEBUG_OUTPUT", "1"),
             ("HOST_CXX", "g++"),
+            ("TARGET_CC", "/s/cc-shims/0123/cc"),
             ("PATH", "/bin"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
-        let mut got = cc_env(Path::new("/b/distbuild-cc"), env.into_iter());
+        let mut got = cc_env(Path::new("/b/distbuild-cc"), Path::new("/s/cc-shims"), env.into_iter());
         got.sort();
-        let want = [
-            ("CC", "/b/distbuild-cc clang -m64"),
-            ("CC_KNOWN_WRAPPER_CUSTOM", "distbuild-cc"),
-            ("CC_x86_64-unknown-linux-gnu", "/b/distbuild-cc gcc-12"),
-            ("CXX", "/b/distbuild-cc c++"),
-            ("HOST_CXX", "/b/distbuild-cc g++"),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let w = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let want = vec![
+            ("CC".to_string(), w(&["/b/distbuild-cc", "clang", "-m64"])),
+            ("CC_x86_64-unknown-linux-gnu".to_string(), w(&["/b/distbuild-cc", "gcc-12"])),
+            ("CXX".to_string(), w(&["/b/distbuild-cc", "c++"])),
+            ("HOST_CXX".to_string(), w(&["/b/distbuild-cc", "g++"])),
+        ];
         assert_eq!(got, want);
+    }
+
+    /// A shim is one path that runs the whole command, arguments with
+    /// quotes and spaces included, and is reused when it exists.
+    #[test]
+    fn a_shim_runs_the_command_it_stands_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let words: Vec<String> = ["/bin/echo", "it's", "a b"].map(str::to_string).to_vec();
+        let path = shim(dir.path(), &words).unwrap();
+        assert_eq!(path.file_name().unwrap(), "it's");
+        let out = std::process::Command::new(&path).arg("$HOME").output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's a b $HOME\n");
+        let again = shim(dir.path(), &words).unwrap();
+        assert_eq!(path, again);
+        let cc: Vec<String> = ["/b/distbuild-cc", "/usr/bin/gcc-12", "-m64"].map(str::to_string).to_vec();
+        assert_eq!(shim(dir.path(), &cc).unwrap().file_name().unwrap(), "gcc-12");
     }
 }

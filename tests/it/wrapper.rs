@@ -147,12 +147,13 @@ async fn cargo_builds_are_cached_executed_and_location_independent() {
         assert_eq!(r.outcome, "remote", "{} ran {} ({:?})", r.krate, r.outcome, r.reason);
     }
     let c_compiles: Vec<&&Record> = cold.iter().filter(|r| r.tool == "cc").collect();
-    assert_eq!(c_compiles.len(), 1, "cnative's answer.c: {c_compiles:?}");
-    assert_eq!(c_compiles[0].krate, "answer.c");
+    // cnative's answer.c, and cc-rs's own flag checks (flag_check.c).
+    assert!(c_compiles.iter().any(|r| r.krate == "answer.c"), "cnative's answer.c: {c_compiles:?}");
     let summary = text(&out.stderr);
     let rustc_count = records.iter().filter(|r| !r.krate.is_empty() && r.tool.is_empty()).count();
     assert!(summary.contains(&format!("distbuild: {rustc_count} rustc invocations")), "{summary}");
-    assert!(summary.contains("; 1 C compiles: 0 cache hits, 1 remote, 0 local;"), "{summary}");
+    let n = c_compiles.len();
+    assert!(summary.contains(&format!("; {n} C compiles: 0 cache hits, {n} remote, 0 local;")), "{summary}");
 
     // Tests build (test harnesses link) and pass.
     let out = a.distbuild(&a_dir, &["test"], Some(&url)).await;

@@ -1,4 +1,5 @@
-//! `distbuild-cc`: `cargo distbuild` sets `CC="distbuild-cc cc"` (and CXX,
+//! `distbuild-cc`: `cargo distbuild` points `CC` at a shim that runs
+//! `distbuild-cc cc` (and CXX,
 //! and the per-target forms) so that the C and C++ that build scripts
 //! compile are cached and executed remotely. Anything but one compile-only
 //! invocation runs the real compiler here; a server problem never fails a

@@ -1,5 +1,5 @@
 //! The C/C++ compiler wrapper (`distbuild-cc`): build scripts compile C
-//! through the `cc` crate (or cmake) with `CC="distbuild-cc cc"`, and each
+//! through the `cc` crate (or cmake) with `CC` = a shim running `distbuild-cc cc`, and each
 //! compile-only invocation becomes a cached, remotely executable Action, as
 //! each rustc invocation does. It reuses the rustc wrapper's settings,
 //! `Remote`, hash caches, roots and local runs.

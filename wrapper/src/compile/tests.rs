@@ -80,6 +80,10 @@ struct Memory {
     executes: Mutex<VecDeque<Result<ExecuteResponse, Status>>>,
     executed: Mutex<usize>,
     down: Option<tonic::Code>,
+    /// A running operation's live stderr and `.rmeta` (LogStream and
+    /// running outputs), for remote pipelining.
+    live: Option<(Vec<u8>, Bytes)>,
+    rmeta_read: std::sync::atomic::AtomicBool,
 }
 
 impl Memory {
@@ -108,6 +112,46 @@ impl Server for Memory {
         self.check()?;
         *self.executed.lock().unwrap() += 1;
         self.executes.lock().unwrap().pop_front().unwrap_or_else(|| Err(Status::internal("no scripted answer")))
+    }
+    async fn execute_live(
+        &self,
+        action: Digest,
+        timeout: Duration,
+        running: futures::channel::oneshot::Sender<crate::remote::Running>,
+    ) -> Result<ExecuteResponse, Status> {
+        use std::sync::atomic::Ordering;
+        if self.live.is_some() {
+            let op = crate::remote::Running {
+                operation: "operations/1".into(),
+                stderr_stream: "logstreams/1/stderr".into(),
+            };
+            let _ = running.send(op);
+            // The operation runs until its .rmeta was read, and a moment
+            // more (the wrapper's reads interleave with this stream).
+            while !self.rmeta_read.load(Ordering::SeqCst) {
+                tokio::task::yield_now().await;
+            }
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        }
+        self.execute(action, timeout).await
+    }
+    async fn read_live(&self, _: &str, each: &mut dyn FnMut(&[u8]) -> bool) -> Result<(), Status> {
+        let (stderr, _) = self.live.as_ref().ok_or_else(|| Status::not_found("no stream"))?;
+        for line in stderr.split_inclusive(|b| *b == b'\n') {
+            tokio::task::yield_now().await;
+            if !each(line) {
+                break;
+            }
+        }
+        Ok(())
+    }
+    async fn read_running_output(&self, operation: &str, path: &str) -> Result<Bytes, Status> {
+        assert_eq!(operation, "operations/1");
+        assert!(path.ends_with(".rmeta"), "{path}");
+        self.rmeta_read.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(self.live.as_ref().ok_or_else(|| Status::not_found("no operation"))?.1.clone())
     }
     async fn read_blob(&self, digest: Digest) -> Result<Bytes, Status> {
         self.cas.lock().unwrap().get(&digest).cloned().ok_or_else(|| Status::not_found("blob"))
@@ -476,4 +520,49 @@ async fn a_hit_that_fails_after_the_rmeta_is_finished_here_without_repeating_it(
     assert_eq!(script.runs.lock().unwrap().len(), 1);
     assert_eq!(console.stderr_bytes(), [WARNING, &here, WARNING].concat(), "the notification reaches cargo once");
     assert_eq!(std::fs::read(&f.rlib).unwrap(), format!("compiled {}", f.rlib.display()).as_bytes());
+}
+
+#[tokio::test]
+async fn a_remote_compile_hands_cargo_the_rmeta_while_it_runs() {
+    let f = fixture("early");
+    let elsewhere = metadata_line("/worker/exec/ws/target/debug/deps/libearly-1.rmeta");
+    let stderr = [WARNING, &elsewhere, WARNING].concat();
+    let server = Memory { live: Some((stderr.clone(), Bytes::from_static(b"the rmeta"))), ..Default::default() };
+    let result = f.remote_result(&server, &stderr);
+    server.executes.lock().unwrap().push_back(executed(result));
+    let (script, console) = (f.script(0, b""), f.console());
+    let o = f.serve(&server, &script, &console).await;
+    assert_eq!((o.code, o.outcome), (0, "remote"));
+    assert!(server.rmeta_read.load(std::sync::atomic::Ordering::SeqCst), "the .rmeta was read from the running action");
+    let here = metadata_line(&f.rmeta.to_string_lossy());
+    assert_eq!(console.stderr_bytes(), [WARNING, &here, WARNING].concat(), "every line once, the local path named");
+    let writes = console.stderr.lock().unwrap();
+    let (first, rmeta_then, rlib_then) = writes[0].clone();
+    assert_eq!(first, [WARNING, &here].concat(), "the head goes to cargo in one write, before the result");
+    assert!(rmeta_then && !rlib_then, "the .rmeta is in place and the .rlib not yet when cargo reads the notification");
+    assert!(f.rmeta.with_extension("dbdeps").is_file(), "the sidecar is written first");
+    assert_eq!(std::fs::read(&f.rlib).unwrap(), b"the rlib");
+}
+
+#[tokio::test]
+async fn a_remote_failure_after_the_early_rmeta_finishes_here_without_repeating_the_head() {
+    let f = fixture("earlyfail");
+    let elsewhere = metadata_line("/worker/exec/ws/target/debug/deps/libearlyfail-1.rmeta");
+    let stderr = [WARNING, &elsewhere].concat();
+    let server = Memory { live: Some((stderr.clone(), Bytes::from_static(b"the rmeta"))), ..Default::default() };
+    let mut result = f.remote_result(&server, &stderr);
+    result.exit_code = 101; // not rustc's verdict: may be the worker's
+    result.output_files.clear();
+    server.executes.lock().unwrap().push_back(executed(result));
+    let here = metadata_line(&f.rmeta.to_string_lossy());
+    let local_tail = b"{\"$message_type\":\"diagnostic\",\"level\":\"warning\",\"message\":\"late\"}\n";
+    let (script, console) = (f.script(0, &[WARNING, &here, local_tail].concat()), f.console());
+    let o = f.serve(&server, &script, &console).await;
+    assert_eq!((o.code, o.reason), (0, Some(LocalReason::RemoteFailed)));
+    assert_eq!(script.runs.lock().unwrap().len(), 1, "finished here");
+    assert_eq!(
+        console.stderr_bytes(),
+        [WARNING, &here, local_tail].concat(),
+        "the head once (from the running action), then the local run's rest"
+    );
 }
