@@ -150,7 +150,7 @@ async fn serve<S: Server>(job: &Job<'_>, p: &Prepared, remote: &S, started: Inst
         Ok(Some(result)) if result.exit_code == 0 => match deliver::materialize(remote, job, p, &result, false).await {
             Ok(code) => {
                 settings.mark_up();
-                let saved = deliver::original_ms(&result) - started.elapsed().as_millis() as i64;
+                let saved = crate::remote::execution_ms(&result) - started.elapsed().as_millis() as i64;
                 return Outcome { code, outcome: "hit", reason: None, stored: false, saved_ms: saved };
             }
             // Part of the result reached cargo (the `.rmeta` and its

@@ -49,23 +49,14 @@ pub trait Server {
         action: Digest,
         queue_timeout: Duration,
         running: oneshot::Sender<Running>,
-    ) -> Result<ExecuteResponse, Status> {
-        drop(running);
-        self.execute(action, queue_timeout).await
-    }
+    ) -> Result<ExecuteResponse, Status>;
     /// Reads a live stream (ByteStream Read of a LogStream name) from its
     /// start, each chunk to `each`, until the stream ends or `each` says
     /// stop (returns false).
-    async fn read_live(&self, name: &str, each: &mut dyn FnMut(&[u8]) -> bool) -> Result<(), Status> {
-        let _ = (name, each);
-        Err(Status::unimplemented("no live streams"))
-    }
+    async fn read_live(&self, name: &str, each: &mut dyn FnMut(&[u8]) -> bool) -> Result<(), Status>;
     /// The current content of `path` (one of the Command's output paths) of
     /// the running operation `operation` (distbuild's running outputs).
-    async fn read_running_output(&self, operation: &str, path: &str) -> Result<Bytes, Status> {
-        let _ = (operation, path);
-        Err(Status::unimplemented("no running outputs"))
-    }
+    async fn read_running_output(&self, operation: &str, path: &str) -> Result<Bytes, Status>;
     async fn read_blob(&self, digest: Digest) -> Result<Bytes, Status>;
     /// stdout and stderr of a result, inlined or fetched.
     async fn streams(&self, result: &ActionResult) -> Result<(Bytes, Bytes), Status>;
@@ -354,5 +345,20 @@ impl Remote {
             Some(OpResult::Error(s)) => Err(Status::new(Code::from_i32(s.code), s.message)),
             None => Err(Status::unavailable("the Execute stream ended without a result")),
         }
+    }
+}
+
+/// How long the execution that produced `result` took on its worker, in
+/// milliseconds (0 when the result does not say): what a hit saved.
+pub fn execution_ms(result: &ActionResult) -> i64 {
+    let m = result.execution_metadata.as_ref();
+    let ms =
+        |t: Option<&remote_apis::protobuf::Timestamp>| t.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
+    match (
+        ms(m.and_then(|m| m.worker_start_timestamp.as_ref())),
+        ms(m.and_then(|m| m.worker_completed_timestamp.as_ref())),
+    ) {
+        (Some(a), Some(b)) if b >= a => b - a,
+        _ => 0,
     }
 }

@@ -86,7 +86,7 @@ async fn serve(job: &Job<'_>, p: &Prepared, started: std::time::Instant) -> CcOu
         Ok(Some(result)) if result.exit_code == 0 => {
             if let Ok(code) = materialize(&remote, job, p, &result).await {
                 settings.mark_up();
-                let saved = original_ms(&result) - started.elapsed().as_millis() as i64;
+                let saved = crate::remote::execution_ms(&result) - started.elapsed().as_millis() as i64;
                 return CcOutcome { code, outcome: "hit", reason: None, stored: false, saved_ms: saved };
             }
         }
@@ -136,19 +136,6 @@ fn unavailable(job: &Job<'_>, e: &tonic::Status) -> CcOutcome {
         );
     }
     job.plain(CcReason::ServerUnavailable)
-}
-
-fn original_ms(result: &ActionResult) -> i64 {
-    let m = result.execution_metadata.as_ref();
-    let ms =
-        |t: Option<&remote_apis::protobuf::Timestamp>| t.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
-    match (
-        ms(m.and_then(|m| m.worker_start_timestamp.as_ref())),
-        ms(m.and_then(|m| m.worker_completed_timestamp.as_ref())),
-    ) {
-        (Some(a), Some(b)) if b >= a => b - a,
-        _ => 0,
-    }
 }
 
 /// Writes the `.d` file `-MD`/`-MMD` asked for.

@@ -39,20 +39,6 @@ struct Output {
     executable: bool,
 }
 
-/// How long the execution that produced `result` took.
-pub(super) fn original_ms(result: &ActionResult) -> i64 {
-    let m = result.execution_metadata.as_ref();
-    let ms =
-        |t: Option<&remote_apis::protobuf::Timestamp>| t.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
-    match (
-        ms(m.and_then(|m| m.worker_start_timestamp.as_ref())),
-        ms(m.and_then(|m| m.worker_completed_timestamp.as_ref())),
-    ) {
-        (Some(a), Some(b)) if b >= a => b - a,
-        _ => 0,
-    }
-}
-
 /// Writes a result's outputs where cargo expects them and replays rustc's
 /// output, `.rmeta` first. Everything that can refuse the result (a
 /// missing output, a registry crate's dep-info that does not agree with
